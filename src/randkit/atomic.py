@@ -1,0 +1,97 @@
+"""Atomic file writes: temp file in the same folder, fsync, os.replace.
+
+A reader (or a resumed run) sees either the old file or the new one, never a partial one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from safetensors.torch import save as safetensors_bytes
+
+TEMP_MARK = ".tmp-"
+
+# Fault injection for the kill-during-write test: "NAME:K" makes the process SIGKILL itself
+# halfway through writing the K-th file called NAME (after half its bytes reached the disk).
+_CRASH_ENV = "RANDKIT_CRASH_DURING_WRITE"
+_write_counts: dict[str, int] = {}
+
+
+def _maybe_crash(path: Path, handle: Any, data: bytes) -> None:
+    spec = os.environ.get(_CRASH_ENV)
+    if not spec:
+        return
+    name, _, nth = spec.rpartition(":")
+    if name != path.name:
+        return
+    _write_counts[name] = _write_counts.get(name, 0) + 1
+    if _write_counts[name] == int(nth):
+        handle.write(data[: len(data) // 2])
+        handle.flush()
+        os.fsync(handle.fileno())
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f".{path.name}{TEMP_MARK}{os.getpid()}")
+    try:
+        with open(temp, "wb") as handle:
+            _maybe_crash(path, handle, data)
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            temp.unlink()
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    # The rename itself is durable only once the directory entry is flushed.
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def write_text(path: str | Path, text: str) -> None:
+    write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def write_yaml(path: str | Path, obj: Any) -> None:
+    write_text(path, yaml.safe_dump(obj, sort_keys=False))
+
+
+def write_safetensors(
+    path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+) -> None:
+    """Save tensors as safetensors, atomically. Tensors are copied to contiguous CPU memory."""
+    plain = {name: t.detach().to("cpu").contiguous().clone() for name, t in tensors.items()}
+    write_bytes(path, safetensors_bytes(plain, metadata=metadata))
+
+
+def remove_stale_temps(folder: str | Path) -> None:
+    """Delete temp files left by a process killed mid-write."""
+    folder = Path(folder)
+    if folder.is_dir():
+        for stale in folder.glob(f".*{TEMP_MARK}*"):
+            with contextlib.suppress(FileNotFoundError):
+                stale.unlink()

@@ -1,0 +1,86 @@
+"""The ``randkit`` command."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+import randkit
+from randkit.errors import UserError
+
+app = typer.Typer(
+    name="randkit",
+    help="Randomness as a controlled resource: training, cross-validation, deployment.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+_out = Console(highlight=False)
+
+
+@app.command()
+def version() -> None:
+    """Print the versions of randkit and PyTorch."""
+    import torch
+
+    _out.print(f"randkit {randkit.__version__} (torch {torch.__version__})")
+
+
+@app.command()
+def train(
+    config: Annotated[Path, typer.Argument(help="Experiment YAML file.")],
+    out: Annotated[Path | None, typer.Option(help="Run directory [default: runs/<config>]")] = None,
+    seed: Annotated[int | None, typer.Option(help="Override the root seed.")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Override train.epochs.")] = None,
+    restart: Annotated[bool, typer.Option(help="Discard a checkpoint in --out.")] = False,
+    quiet: Annotated[bool, typer.Option(help="No progress bar, no summary.")] = False,
+) -> None:
+    """Train a model; the same command with the same --out resumes after a crash."""
+    from randkit.config import load_config
+    from randkit.train import train_run
+
+    overrides: dict[str, object] = {}
+    if seed is not None:
+        overrides["seed"] = seed
+    if epochs is not None:
+        overrides["train.epochs"] = epochs
+    cfg = load_config(config, overrides)
+    out = out or Path("runs") / config.stem
+    result = train_run(cfg, out, restart=restart, quiet=quiet)
+    if not quiet:
+        test = result.metrics["test"]
+        if result.resumed_from_step is not None:
+            _out.print(f"resumed from step {result.resumed_from_step}")
+        _out.print(f"test accuracy {test['accuracy']:.4f}  loss {test['loss']:.4f}  "
+                   f"macro-F1 {test['macro_f1']:.4f}  ->  {out}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: user errors become one line on stderr and exit code 2."""
+    try:
+        app(args=argv, standalone_mode=False)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except typer.Abort:
+        print("aborted", file=sys.stderr)
+        return 130
+    except typer.TyperException as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":
+            print(exc.format_message())  # a bare `randkit` shows the help
+            return 0
+        # Usage errors (unknown option, missing argument) as one line, like the others.
+        print(f"error: {exc.format_message()}", file=sys.stderr)
+        return 2
+    except typer.Exit as exc:
+        return exc.exit_code
+    return 0
+
+
+def run() -> None:
+    sys.exit(main())

@@ -1,0 +1,230 @@
+"""The experiment schema (pydantic) and YAML loading with one-line errors.
+
+An error names the dotted path and the value: ``train.lr: must be > 0, got -1``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from randkit.errors import UserError
+from randkit.streams import SOURCES
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Strict):
+    """Where the examples come from and how the held-out test part is cut."""
+
+    kind: Literal["digits", "image_folder", "csv_text", "npz"] = "digits"
+    path: Path | None = None
+    test_fraction: float = Field(0.2, gt=0, lt=1)
+    val_fraction: float = Field(0.0, ge=0, lt=1)
+    # image folders
+    image_size: tuple[int, int] = (32, 32)
+    grayscale: bool = False
+    cache_dir: Path | None = None
+    # CSV text
+    text_column: str = "text"
+    label_column: str = "label"
+    max_length: int = Field(64, gt=0)
+    max_vocab: int = Field(20000, gt=2)
+    min_freq: int = Field(1, gt=0)
+
+    @field_validator("image_size")
+    @classmethod
+    def _positive_size(cls, size: tuple[int, int]) -> tuple[int, int]:
+        if min(size) < 1:
+            raise ValueError(f"must be two positive integers, got {list(size)}")
+        return size
+
+    @model_validator(mode="after")
+    def _path_needed(self) -> DataConfig:
+        if self.kind != "digits" and self.path is None:
+            raise ValueError(f"data.path: required when data.kind is {self.kind!r}")
+        return self
+
+
+class ModelConfig(_Strict):
+    """A model from the registry (``mlp``, ``cnn``, ``resnet``, ``text``) or
+    ``package.module:factory``; ``args`` are its keyword arguments."""
+
+    name: str = "cnn"
+    args: dict[str, Any] = Field(default_factory=dict)
+
+
+class EarlyStoppingConfig(_Strict):
+    metric: Literal["loss", "accuracy", "macro_f1"] = "loss"
+    patience: int = Field(5, gt=0)
+    min_delta: float = Field(0.0, ge=0)
+
+
+class TrainConfig(_Strict):
+    epochs: int = Field(20, gt=0)
+    batch_size: int = Field(64, gt=0)
+    optimizer: Literal["sgd", "adam", "adamw"] = "adam"
+    lr: float = Field(1e-3, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = False
+    weight_decay: float = Field(0.0, ge=0)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    schedule: Literal["constant", "step", "cosine", "onecycle"] = "constant"
+    step_epochs: int = Field(10, gt=0)
+    step_gamma: float = Field(0.1, gt=0, le=1)
+    warmup_epochs: float = Field(0.0, ge=0)
+    grad_clip: float | None = Field(None, gt=0)
+    early_stopping: EarlyStoppingConfig | None = None
+    checkpoint_every: int = Field(0, ge=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @model_validator(mode="after")
+    def _warmup_fits(self) -> TrainConfig:
+        if self.warmup_epochs >= self.epochs:
+            raise ValueError(
+                f"train.warmup_epochs: must be < train.epochs ({self.epochs}), "
+                f"got {self.warmup_epochs}"
+            )
+        if self.nesterov and self.optimizer == "sgd" and self.momentum == 0:
+            raise ValueError("train.nesterov: needs train.momentum > 0, got momentum 0")
+        return self
+
+
+class RandomizeConfig(_Strict):
+    """Placeholder: training-time randomization (augmentation, noise) arrives with issue #3."""
+
+
+class CVConfig(_Strict):
+    """Placeholder: cross-validation plans arrive with issue #4."""
+
+
+class DeployConfig(_Strict):
+    """Placeholder: randomized deployment settings arrive with issue #5."""
+
+
+class ExperimentConfig(_Strict):
+    seed: int = Field(0, ge=0, lt=2**63)
+    seeds: dict[str, int] = Field(default_factory=dict)
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    randomize: RandomizeConfig = Field(default_factory=RandomizeConfig)
+    cv: CVConfig = Field(default_factory=CVConfig)
+    deploy: DeployConfig = Field(default_factory=DeployConfig)
+
+    @field_validator("seeds")
+    @classmethod
+    def _known_sources(cls, seeds: dict[str, int]) -> dict[str, int]:
+        for source, seed in seeds.items():
+            if source not in SOURCES:
+                raise ValueError(
+                    f"seeds.{source}: unknown random source; expected one of {', '.join(SOURCES)}"
+                )
+            if isinstance(seed, bool) or not 0 <= seed < 2**63:
+                raise ValueError(f"seeds.{source}: must be an integer in [0, 2**63), got {seed}")
+        return seeds
+
+    @model_validator(mode="after")
+    def _early_stopping_needs_val(self) -> ExperimentConfig:
+        if self.train.early_stopping is not None and self.data.val_fraction == 0:
+            raise ValueError("train.early_stopping: needs data.val_fraction > 0, got 0")
+        return self
+
+    def resolved(self) -> dict[str, Any]:
+        """The full config with every default filled in, as plain JSON-able data."""
+        return self.model_dump(mode="json")
+
+    def fingerprint(self) -> str:
+        """A hash of the resolved config: a checkpoint resumes only under the same one."""
+        canonical = json.dumps(self.resolved(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+_TEMPLATES = {
+    "greater_than": "must be > {gt}",
+    "greater_than_equal": "must be >= {ge}",
+    "less_than": "must be < {lt}",
+    "less_than_equal": "must be <= {le}",
+    "extra_forbidden": "unknown field",
+    "missing": "required field is missing",
+    "literal_error": "must be one of {expected}",
+    "int_parsing": "must be an integer",
+    "int_type": "must be an integer",
+    "int_from_float": "must be an integer",
+    "float_parsing": "must be a number",
+    "float_type": "must be a number",
+    "bool_parsing": "must be true or false",
+    "bool_type": "must be true or false",
+    "string_type": "must be a string",
+    "dict_type": "must be a mapping",
+    "model_type": "must be a mapping",
+    "model_attributes_type": "must be a mapping",
+    "tuple_type": "must be a list",
+    "list_type": "must be a list",
+    "too_short": "must have {min_length} items",
+    "too_long": "must have {max_length} items",
+    "path_type": "must be a path",
+}
+
+
+def _format_error(error: dict[str, Any]) -> str:
+    path = ".".join(str(part) for part in error["loc"])
+    value = error.get("input")
+    if error["type"] in ("value_error", "assertion_error"):
+        message = str(error["ctx"]["error"])
+        # Model-level checks already name their field; field-level ones need the path.
+        return message if ": " in message and message.split(":")[0].count(".") else (
+            f"{path}: {message}"
+        )
+    template = _TEMPLATES.get(error["type"])
+    ctx = {k: int(v) if isinstance(v, float) and v.is_integer() else v
+           for k, v in error.get("ctx", {}).items()}
+    message = template.format(**ctx) if template else error["msg"]
+    if error["type"] in ("extra_forbidden", "missing"):
+        return f"{path}: {message}" + ("" if error["type"] == "missing" else f" (value {value!r})")
+    return f"{path}: {message}, got {value!r}"
+
+
+def validate_config(raw: Any, origin: str = "config") -> ExperimentConfig:
+    """Validate plain data (as loaded from YAML) into an ``ExperimentConfig``."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise UserError(origin, f"must be a YAML mapping, got {type(raw).__name__}")
+    try:
+        return ExperimentConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise UserError("", _format_error(exc.errors()[0])) from None
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
+    """Read a YAML experiment, apply dotted ``overrides`` (``{"train.epochs": 3}``), validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError("config", f"file not found: {str(path)!r}")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        where = getattr(exc, "problem_mark", None)
+        line = f" at line {where.line + 1}" if where is not None else ""
+        raise UserError("config", f"{str(path)!r} is not valid YAML{line}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise UserError("config", f"{str(path)!r} must hold a YAML mapping")
+    for dotted, value in (overrides or {}).items():
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise UserError(dotted, f"cannot set inside a non-mapping, got {node!r}")
+        node[leaf] = value
+    return validate_config(raw, origin=str(path))

@@ -1,0 +1,32 @@
+"""Data sets: built-in digits, image folders, CSV text, ``.npz`` arrays."""
+
+from __future__ import annotations
+
+from randkit.config import DataConfig
+from randkit.data.arrays import load_digits_data, load_npz
+from randkit.data.base import LabeledData, Prepared, TensorData, featurize, prepare
+from randkit.data.images import load_image_folder
+from randkit.data.text import Vocabulary, load_csv_text
+from randkit.streams import Streams
+
+__all__ = ["LabeledData", "Prepared", "TensorData", "Vocabulary", "featurize", "load_data",
+           "load_and_prepare", "prepare"]
+
+
+def load_data(cfg: DataConfig) -> LabeledData:
+    """Load the whole data set the config names (no split yet)."""
+    if cfg.kind == "digits":
+        return load_digits_data()
+    assert cfg.path is not None
+    if cfg.kind == "npz":
+        return load_npz(cfg.path)
+    if cfg.kind == "image_folder":
+        return load_image_folder(cfg.path, cfg.image_size, cfg.grayscale, cfg.cache_dir)
+    return load_csv_text(cfg.path, cfg.text_column, cfg.label_column)
+
+
+def load_and_prepare(cfg: DataConfig, streams: Streams) -> Prepared:
+    """Load, split off test (and validation) from stream ``split``, fit preprocessing."""
+    text_options = {"max_length": cfg.max_length, "max_vocab": cfg.max_vocab,
+                    "min_freq": cfg.min_freq}
+    return prepare(load_data(cfg), cfg.test_fraction, cfg.val_fraction, streams, text_options)

@@ -1,0 +1,55 @@
+"""Built-in digits and ``.npz`` arrays."""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from randkit.data.base import LabeledData
+from randkit.errors import UserError
+
+
+def load_digits_data() -> LabeledData:
+    """scikit-learn's digits: 1,797 8x8 grey images, 10 classes, scaled to [0, 1]."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    images = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    targets = torch.tensor(bunch.target, dtype=torch.long)
+    return LabeledData(images, targets, [str(c) for c in bunch.target_names], "image")
+
+
+def load_npz(path: Path) -> LabeledData:
+    """``x``: ``(N, D)`` vectors, ``(N, H, W)`` or ``(N, C, H, W)`` images; ``y``: labels."""
+    if not path.is_file():
+        raise UserError("data.path", f"npz file not found: {str(path)!r}")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            missing = [k for k in ("x", "y") if k not in archive.files]
+            if missing:
+                raise UserError("data.path", f"{str(path)!r} lacks array {missing[0]!r} "
+                                             f"(has: {', '.join(archive.files) or 'none'})")
+            x, y = archive["x"], archive["y"]
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+        raise UserError("data.path", f"cannot read npz {str(path)!r}: {exc}") from None
+    if x.dtype.kind not in "fiub":
+        raise UserError("data.path", f"x in {str(path)!r} must be numeric, got dtype {x.dtype}")
+    if x.ndim not in (2, 3, 4) or len(x) != len(y) or y.ndim != 1:
+        raise UserError("data.path", f"x must be (N, D), (N, H, W) or (N, C, H, W) and y (N,); "
+                                     f"got x {x.shape} and y {y.shape}")
+    x = x.astype(np.float32)
+    bad = ~np.isfinite(x)
+    if bad.any():
+        row = int(np.argwhere(bad)[0][0])
+        raise UserError("data.path", f"x in {str(path)!r} holds NaN or Inf (first at row {row})")
+    if y.dtype.kind == "f" and not np.isfinite(y).all():
+        raise UserError("data.path", f"y in {str(path)!r} holds NaN or Inf")
+    classes, targets = np.unique(y, return_inverse=True)
+    if x.ndim == 3:
+        x = x[:, None]
+    kind = "vector" if x.ndim == 2 else "image"
+    return LabeledData(torch.from_numpy(x), torch.from_numpy(targets.astype(np.int64)),
+                       [str(c) for c in classes], kind)

@@ -1,0 +1,84 @@
+"""CSV text classification: reading, a word tokenizer and a train-only vocabulary."""
+
+from __future__ import annotations
+
+import csv
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from randkit.data.base import LabeledData
+from randkit.errors import UserError
+
+PAD, UNK = "<pad>", "<unk>"
+_WORD = re.compile(r"\w+", re.UNICODE)
+
+
+def tokenize(text: str) -> list[str]:
+    """Lower-cased word tokens."""
+    return _WORD.findall(text.lower())
+
+
+@dataclass
+class Vocabulary:
+    """Token to id; id 0 pads, id 1 stands for unknown words."""
+
+    tokens: list[str]
+    max_length: int
+
+    @classmethod
+    def fit(cls, texts: list[str], max_length: int = 64, max_vocab: int = 20000,
+            min_freq: int = 1) -> Vocabulary:
+        counts = Counter(token for text in texts for token in tokenize(text))
+        # Ties broken by the token itself, so the vocabulary does not depend on row order.
+        ranked = sorted((t for t, c in counts.items() if c >= min_freq), key=lambda t: (-counts[t], t))
+        return cls([PAD, UNK, *ranked[: max_vocab - 2]], max_length)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def encode(self, texts: list[str]) -> torch.Tensor:
+        """``(N, max_length)`` int64 ids, truncated and padded with 0."""
+        index = {token: i for i, token in enumerate(self.tokens)}
+        ids = torch.zeros(len(texts), self.max_length, dtype=torch.long)
+        for row, text in enumerate(texts):
+            encoded = [index.get(t, 1) for t in tokenize(text)[: self.max_length]]
+            ids[row, : len(encoded)] = torch.tensor(encoded, dtype=torch.long)
+        return ids
+
+    def to_json(self) -> dict[str, Any]:
+        return {"tokens": self.tokens, "max_length": self.max_length}
+
+
+def load_csv_text(path: Path, text_column: str, label_column: str) -> LabeledData:
+    if not path.is_file():
+        raise UserError("data.path", f"CSV file not found: {str(path)!r}")
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            columns = reader.fieldnames or []
+            for column, field in ((text_column, "data.text_column"),
+                                  (label_column, "data.label_column")):
+                if column not in columns:
+                    raise UserError(field, f"column {column!r} not in {str(path)!r} "
+                                           f"(columns: {', '.join(columns) or 'none'})")
+            rows = list(reader)
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise UserError("data.path", f"cannot read CSV {str(path)!r}: {exc}") from None
+    texts, labels = [], []
+    for line, row in enumerate(rows, start=2):
+        label = (row.get(label_column) or "").strip()
+        if not label:
+            raise UserError("data.label_column", f"empty label on line {line} of {str(path)!r}")
+        texts.append(row.get(text_column) or "")
+        labels.append(label)
+    if not rows:
+        raise UserError("data.path", f"no rows in {str(path)!r}")
+    classes = sorted(set(labels))
+    lookup = {c: i for i, c in enumerate(classes)}
+    targets = torch.tensor([lookup[label] for label in labels], dtype=torch.long)
+    return LabeledData(texts, targets, classes, "text")

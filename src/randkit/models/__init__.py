@@ -1,0 +1,106 @@
+"""Model registry: zoo names or ``package.module:factory``; weights from stream ``init``."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from randkit.config import ModelConfig
+from randkit.data import Prepared
+from randkit.errors import UserError
+from randkit.models import zoo
+from randkit.streams import Streams
+
+REGISTRY: dict[str, Callable[..., nn.Module]] = {
+    "mlp": zoo.mlp,
+    "cnn": zoo.cnn,
+    "resnet": zoo.resnet,
+    "text": zoo.text,
+}
+
+
+class Standardize(nn.Module):
+    """``(x - mean) / std`` with the training part's statistics kept as buffers, so a saved
+    model carries its own preprocessing."""
+
+    def __init__(self, mean: torch.Tensor, std: torch.Tensor, kind: str) -> None:
+        super().__init__()
+        shape = (1, -1, 1, 1) if kind == "image" else (1, -1)
+        self.register_buffer("mean", mean.reshape(shape).clone())
+        self.register_buffer("std", std.reshape(shape).clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+class Classifier(nn.Module):
+    """The network behind its input standardization."""
+
+    def __init__(self, net: nn.Module, standardize: nn.Module | None = None) -> None:
+        super().__init__()
+        self.standardize = standardize if standardize is not None else nn.Identity()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(self.standardize(x))
+
+
+def resolve_factory(name: str) -> Callable[..., nn.Module]:
+    if name in REGISTRY:
+        return REGISTRY[name]
+    if ":" not in name:
+        raise UserError("model.name", f"unknown model {name!r}; expected one of "
+                                      f"{', '.join(REGISTRY)} or 'package.module:factory'")
+    module_name, _, attr = name.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise UserError("model.name", f"cannot import {name!r}: {exc}") from None
+    if not callable(factory):
+        raise UserError("model.name", f"{name!r} is not callable")
+    return factory
+
+
+def _call_factory(cfg: ModelConfig, spec: dict[str, Any]) -> nn.Module:
+    factory = resolve_factory(cfg.name)
+    params = inspect.signature(factory).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    for key, value in cfg.args.items():
+        if key in spec:
+            raise UserError(f"model.args.{key}", f"is set from the data, got {value!r}")
+        if key not in params and not takes_any:
+            raise UserError(f"model.args.{key}", f"unknown argument of model {cfg.name!r} "
+                                                 f"(value {value!r})")
+    given = {k: v for k, v in spec.items() if k in params or takes_any}
+    try:
+        model = factory(**given, **cfg.args)
+    except (TypeError, ValueError) as exc:
+        raise UserError("model.args", f"model {cfg.name!r} rejected {cfg.args}: {exc}") from None
+    if not isinstance(model, nn.Module):
+        raise UserError("model.name", f"{cfg.name!r} returned {type(model).__name__}, "
+                                      "not a torch.nn.Module")
+    return model
+
+
+def build_model(cfg: ModelConfig, prepared: Prepared, streams: Streams,
+                **coords: int | str) -> Classifier:
+    """Build the model; every initial weight comes from stream ``init`` at ``coords``.
+
+    Modules initialize themselves from torch's global RNG (``reset_parameters``), so the
+    construction runs with that RNG seeded from the stream and restored afterwards.
+    """
+    spec: dict[str, Any] = {"num_classes": len(prepared.classes),
+                            "in_shape": list(prepared.input_shape)}
+    if prepared.vocab_size is not None:
+        spec["vocab_size"] = prepared.vocab_size
+    with streams.fork_global("init", **coords):
+        net = _call_factory(cfg, spec)
+    standardize = None
+    if prepared.mean is not None and prepared.std is not None:
+        standardize = Standardize(prepared.mean, prepared.std, prepared.kind)
+    return Classifier(net, standardize)

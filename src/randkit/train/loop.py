@@ -1,0 +1,175 @@
+"""The training loop: order from stream ``order``, dropout from stream ``dropout``, resumable
+at any step from a checkpoint because every random draw is keyed by (epoch, step)."""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from randkit.config import TrainConfig
+from randkit.data import TensorData
+from randkit.streams import Streams
+from randkit.train.checkpoint import optimizer_from_flat, strip_prefix
+from randkit.train.metrics import evaluate
+from randkit.train.optim import make_optimizer, make_scheduler
+
+
+@dataclass
+class LoopState:
+    """Where the loop is and what it has seen: all plain JSON, restored on resume."""
+
+    epoch: int = 0  # epochs finished
+    step_in_epoch: int = 0  # batches of the current epoch already done
+    global_step: int = 0
+    loss_sum: float = 0.0
+    correct: int = 0
+    seen: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_value: float | None = None
+    best_epoch: int | None = None
+    bad_epochs: int = 0
+    stopped_early: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+ProgressHook = Callable[[LoopState, float], None]
+CheckpointHook = Callable[["Trainer"], None]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        from randkit.errors import UserError
+
+        raise UserError("train.device", "'cuda' asked for but no CUDA device is available")
+    return torch.device(name)
+
+
+class Trainer:
+    """Trains one model on one split. ``coords`` (e.g. fold, repeat) key every stream."""
+
+    def __init__(self, model: nn.Module, train: TensorData, val: TensorData | None,
+                 num_classes: int, cfg: TrainConfig, streams: Streams,
+                 device: torch.device, **coords: int) -> None:
+        self.cfg = cfg
+        self.streams = streams
+        self.coords = coords
+        self.device = device
+        self.model = model.to(device)
+        self.train_data = train
+        self.val_data = val
+        self.num_classes = num_classes
+        self.steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
+        self.optimizer = make_optimizer(self.model, cfg)
+        self.scheduler = make_scheduler(self.optimizer, cfg, self.steps_per_epoch)
+        self.state = LoopState()
+        self.best_weights: dict[str, torch.Tensor] | None = None
+
+    @property
+    def total_steps(self) -> int:
+        return self.cfg.epochs * self.steps_per_epoch
+
+    @property
+    def finished(self) -> bool:
+        return self.state.stopped_early or self.state.epoch >= self.cfg.epochs
+
+    # -- checkpoint state -------------------------------------------------------------
+    def snapshot(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Extra tensors and JSON state to checkpoint (model and optimizer are saved by the
+        caller)."""
+        extra = {f"best.{k}": v for k, v in (self.best_weights or {}).items()}
+        scheduler = self.scheduler.state_dict() if self.scheduler is not None else None
+        return extra, {"loop": self.state.to_json(), "scheduler": scheduler}
+
+    def restore(self, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
+        self.model.load_state_dict(strip_prefix(tensors, "model."))
+        optimizer_from_flat(self.optimizer, tensors, state["optimizer"])
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        best = strip_prefix(tensors, "best.")
+        self.best_weights = best or None
+        self.state = LoopState(**state["loop"])
+
+    # -- the loop -----------------------------------------------------------------------
+    def fit(self, on_step: ProgressHook | None = None,
+            on_checkpoint: CheckpointHook | None = None) -> None:
+        cfg, state = self.cfg, self.state
+        x, y = self.train_data.x, self.train_data.y
+        self.model.train()
+        while not self.finished:
+            order = torch.randperm(len(y), generator=self.streams.torch(
+                "order", epoch=state.epoch, **self.coords))
+            for batch in range(state.step_in_epoch, self.steps_per_epoch):
+                index = order[batch * cfg.batch_size : (batch + 1) * cfg.batch_size]
+                loss, correct = self._step(x[index].to(self.device), y[index].to(self.device))
+                state.loss_sum += loss * len(index)
+                state.correct += correct
+                state.seen += len(index)
+                state.step_in_epoch = batch + 1
+                state.global_step += 1
+                if on_step is not None:
+                    on_step(state, loss)
+                if cfg.checkpoint_every and state.global_step % cfg.checkpoint_every == 0:
+                    if state.step_in_epoch < self.steps_per_epoch and on_checkpoint:
+                        on_checkpoint(self)
+            self._end_epoch()
+            if on_checkpoint is not None:
+                on_checkpoint(self)
+        if self.best_weights is not None:
+            self.model.load_state_dict(self.best_weights)
+
+    def _step(self, xb: torch.Tensor, yb: torch.Tensor) -> tuple[float, int]:
+        # nn.Dropout and friends draw from torch's global RNG: feed it from stream `dropout`.
+        with self.streams.fork_global("dropout", device=self.device,
+                                      step=self.state.global_step, **self.coords):
+            logits = self.model(xb)
+            loss = F.cross_entropy(logits, yb, label_smoothing=self.cfg.label_smoothing)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+        if self.cfg.grad_clip is not None:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        return float(loss.detach()), int((logits.argmax(1) == yb).sum())
+
+    def _end_epoch(self) -> None:
+        state = self.state
+        record: dict[str, float] = {
+            "epoch": state.epoch + 1,
+            "lr": float(self.optimizer.param_groups[0]["lr"]),
+            "train_loss": state.loss_sum / max(1, state.seen),
+            "train_accuracy": state.correct / max(1, state.seen),
+        }
+        if self.val_data is not None:
+            scores = evaluate(self.model, self.val_data, self.num_classes, self.device)
+            record.update({f"val_{k}": v for k, v in scores.items()})
+            if self.cfg.early_stopping is not None:
+                self._early_stopping(scores)
+        state.history.append(record)
+        state.epoch += 1
+        state.step_in_epoch = 0
+        state.loss_sum, state.correct, state.seen = 0.0, 0, 0
+
+    def _early_stopping(self, scores: dict[str, float]) -> None:
+        rule, state = self.cfg.early_stopping, self.state
+        assert rule is not None
+        # Loss improves downwards, accuracy and F1 upwards; compare on one signed scale.
+        value = -scores[rule.metric] if rule.metric == "loss" else scores[rule.metric]
+        if state.best_value is None or value > state.best_value + rule.min_delta:
+            state.best_value, state.best_epoch, state.bad_epochs = value, state.epoch + 1, 0
+            self.best_weights = copy.deepcopy(
+                {k: v.detach().cpu() for k, v in self.model.state_dict().items()})
+        else:
+            state.bad_epochs += 1
+            state.stopped_early = state.bad_epochs >= rule.patience
