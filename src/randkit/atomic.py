@@ -80,12 +80,30 @@ def write_yaml(path: str | Path, obj: Any) -> None:
     write_text(path, yaml.safe_dump(obj, sort_keys=False))
 
 
+METADATA_KEY = "randkit"
+
+
 def write_safetensors(
-    path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+    path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any] | None = None
 ) -> None:
-    """Save tensors as safetensors, atomically. Tensors are copied to contiguous CPU memory."""
+    """Save tensors as safetensors, atomically. Tensors are copied to contiguous CPU memory.
+
+    ``metadata`` is stored as one JSON string under the key ``randkit``: safetensors keeps
+    metadata in a hash map whose order varies between processes, and a single key keeps the
+    file's bytes reproducible.
+    """
     plain = {name: t.detach().to("cpu").contiguous().clone() for name, t in tensors.items()}
-    write_bytes(path, safetensors_bytes(plain, metadata=metadata))
+    header = {METADATA_KEY: json.dumps(metadata, sort_keys=True)} if metadata else None
+    write_bytes(path, safetensors_bytes(plain, metadata=header))
+
+
+def read_safetensors_metadata(path: str | Path) -> dict[str, Any]:
+    """The metadata written by ``write_safetensors``."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        raw = (handle.metadata() or {}).get(METADATA_KEY)
+    return json.loads(raw) if raw else {}
 
 
 def remove_stale_temps(folder: str | Path) -> None:

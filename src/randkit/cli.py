@@ -56,8 +56,10 @@ def train(
         test = result.metrics["test"]
         if result.resumed_from_step is not None:
             _out.print(f"resumed from step {result.resumed_from_step}")
-        _out.print(f"test accuracy {test['accuracy']:.4f}  loss {test['loss']:.4f}  "
-                   f"macro-F1 {test['macro_f1']:.4f}  ->  {out}")
+        _out.print(
+            f"test accuracy {test['accuracy']:.4f}  loss {test['loss']:.4f}  "
+            f"macro-F1 {test['macro_f1']:.4f}  ->  {out}"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -180,12 +180,16 @@ def _format_error(error: dict[str, Any]) -> str:
     if error["type"] in ("value_error", "assertion_error"):
         message = str(error["ctx"]["error"])
         # Model-level checks already name their field; field-level ones need the path.
-        return message if ": " in message and message.split(":")[0].count(".") else (
-            f"{path}: {message}"
+        return (
+            message
+            if ": " in message and message.split(":")[0].count(".")
+            else (f"{path}: {message}")
         )
     template = _TEMPLATES.get(error["type"])
-    ctx = {k: int(v) if isinstance(v, float) and v.is_integer() else v
-           for k, v in error.get("ctx", {}).items()}
+    ctx = {
+        k: int(v) if isinstance(v, float) and v.is_integer() else v
+        for k, v in error.get("ctx", {}).items()
+    }
     message = template.format(**ctx) if template else error["msg"]
     if error["type"] in ("extra_forbidden", "missing"):
         return f"{path}: {message}" + ("" if error["type"] == "missing" else f" (value {value!r})")

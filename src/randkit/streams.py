@@ -47,7 +47,8 @@ def check_source(source: str) -> str:
 
 
 def check_seed(seed: object, what: str = "seed") -> int:
-    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or not 0 <= seed <= _SEED_MAX:
+    integer = isinstance(seed, int | np.integer) and not isinstance(seed, bool)
+    if not integer or not 0 <= seed <= _SEED_MAX:
         raise ValueError(f"{what} must be an integer in [0, 2**63 - 1], got {seed!r}")
     return int(seed)
 
@@ -142,7 +143,7 @@ class GlobalRNGChanged(AssertionError):
 def _global_states() -> dict[str, object]:
     states: dict[str, object] = {
         "torch": torch.get_rng_state(),
-        "numpy": np.random.get_state(),
+        "numpy": np.random.get_state(),  # noqa: NPY002  (reading the legacy state is the point)
         "python": random.getstate(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -175,7 +176,7 @@ def global_rng_guard() -> Iterator[None]:
         raise GlobalRNGChanged(f"global RNG state changed inside the guard: {', '.join(changed)}")
 
 
-class deterministic:  # noqa: N801  (reads as a function call: ``deterministic()``)
+class deterministic:
     """Switch PyTorch to deterministic algorithms.
 
     Calling ``deterministic()`` switches them on; used as ``with deterministic(): ...`` the

@@ -9,8 +9,16 @@ from randkit.data.images import load_image_folder
 from randkit.data.text import Vocabulary, load_csv_text
 from randkit.streams import Streams
 
-__all__ = ["LabeledData", "Prepared", "TensorData", "Vocabulary", "featurize", "load_data",
-           "load_and_prepare", "prepare"]
+__all__ = [
+    "LabeledData",
+    "Prepared",
+    "TensorData",
+    "Vocabulary",
+    "featurize",
+    "load_and_prepare",
+    "load_data",
+    "prepare",
+]
 
 
 def load_data(cfg: DataConfig) -> LabeledData:
@@ -27,6 +35,9 @@ def load_data(cfg: DataConfig) -> LabeledData:
 
 def load_and_prepare(cfg: DataConfig, streams: Streams) -> Prepared:
     """Load, split off test (and validation) from stream ``split``, fit preprocessing."""
-    text_options = {"max_length": cfg.max_length, "max_vocab": cfg.max_vocab,
-                    "min_freq": cfg.min_freq}
+    text_options = {
+        "max_length": cfg.max_length,
+        "max_vocab": cfg.max_vocab,
+        "min_freq": cfg.min_freq,
+    }
     return prepare(load_data(cfg), cfg.test_fraction, cfg.val_fraction, streams, text_options)

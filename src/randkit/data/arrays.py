@@ -30,16 +30,22 @@ def load_npz(path: Path) -> LabeledData:
         with np.load(path, allow_pickle=False) as archive:
             missing = [k for k in ("x", "y") if k not in archive.files]
             if missing:
-                raise UserError("data.path", f"{str(path)!r} lacks array {missing[0]!r} "
-                                             f"(has: {', '.join(archive.files) or 'none'})")
+                raise UserError(
+                    "data.path",
+                    f"{str(path)!r} lacks array {missing[0]!r} "
+                    f"(has: {', '.join(archive.files) or 'none'})",
+                )
             x, y = archive["x"], archive["y"]
     except (OSError, ValueError, zipfile.BadZipFile) as exc:
         raise UserError("data.path", f"cannot read npz {str(path)!r}: {exc}") from None
     if x.dtype.kind not in "fiub":
         raise UserError("data.path", f"x in {str(path)!r} must be numeric, got dtype {x.dtype}")
     if x.ndim not in (2, 3, 4) or len(x) != len(y) or y.ndim != 1:
-        raise UserError("data.path", f"x must be (N, D), (N, H, W) or (N, C, H, W) and y (N,); "
-                                     f"got x {x.shape} and y {y.shape}")
+        raise UserError(
+            "data.path",
+            f"x must be (N, D), (N, H, W) or (N, C, H, W) and y (N,); "
+            f"got x {x.shape} and y {y.shape}",
+        )
     x = x.astype(np.float32)
     bad = ~np.isfinite(x)
     if bad.any():
@@ -51,5 +57,9 @@ def load_npz(path: Path) -> LabeledData:
     if x.ndim == 3:
         x = x[:, None]
     kind = "vector" if x.ndim == 2 else "image"
-    return LabeledData(torch.from_numpy(x), torch.from_numpy(targets.astype(np.int64)),
-                       [str(c) for c in classes], kind)
+    return LabeledData(
+        torch.from_numpy(x),
+        torch.from_numpy(targets.astype(np.int64)),
+        [str(c) for c in classes],
+        kind,
+    )

@@ -91,8 +91,13 @@ def feature_stats(x: torch.Tensor, kind: Kind) -> tuple[torch.Tensor, torch.Tens
     return mean, std
 
 
-def prepare(data: LabeledData, test_fraction: float, val_fraction: float,
-            streams: Streams, text_options: dict[str, Any] | None = None) -> Prepared:
+def prepare(
+    data: LabeledData,
+    test_fraction: float,
+    val_fraction: float,
+    streams: Streams,
+    text_options: dict[str, Any] | None = None,
+) -> Prepared:
     """Cut test (and optional validation) parts from stream ``split``; fit preprocessing on
     the training part only."""
     targets = data.targets.numpy()
@@ -109,8 +114,13 @@ def prepare(data: LabeledData, test_fraction: float, val_fraction: float,
     return featurize(data, train_idx, val_idx, test_idx, text_options or {})
 
 
-def featurize(data: LabeledData, train_idx: np.ndarray, val_idx: np.ndarray | None,
-              test_idx: np.ndarray, text_options: dict[str, Any]) -> Prepared:
+def featurize(
+    data: LabeledData,
+    train_idx: np.ndarray,
+    val_idx: np.ndarray | None,
+    test_idx: np.ndarray,
+    text_options: dict[str, Any],
+) -> Prepared:
     """Turn index sets into tensors; anything learned from data is learned from ``train_idx``."""
     y = data.targets
 
@@ -128,15 +138,26 @@ def featurize(data: LabeledData, train_idx: np.ndarray, val_idx: np.ndarray | No
         vocab = Vocabulary.fit([texts[i] for i in train_idx], **text_options)
         x = vocab.encode(texts)
         return Prepared(
-            train=part(x, train_idx), val=part(x, val_idx), test=part(x, test_idx),
-            classes=data.classes, kind="text", input_shape=list(x.shape[1:]),
-            vocab_size=len(vocab), preprocessing={"vocabulary": vocab.to_json()},
+            train=part(x, train_idx),
+            val=part(x, val_idx),
+            test=part(x, test_idx),
+            classes=data.classes,
+            kind="text",
+            input_shape=list(x.shape[1:]),
+            vocab_size=len(vocab),
+            preprocessing={"vocabulary": vocab.to_json()},
         )
     x = data.inputs
     assert isinstance(x, torch.Tensor)
     train = part(x, train_idx)
     mean, std = feature_stats(train.x, data.kind)
     return Prepared(
-        train=train, val=part(x, val_idx), test=part(x, test_idx), classes=data.classes,
-        kind=data.kind, input_shape=list(x.shape[1:]), mean=mean, std=std,
+        train=train,
+        val=part(x, val_idx),
+        test=part(x, test_idx),
+        classes=data.classes,
+        kind=data.kind,
+        input_shape=list(x.shape[1:]),
+        mean=mean,
+        std=std,
     )

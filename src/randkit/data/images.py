@@ -32,8 +32,11 @@ def _listing(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
         raise UserError("data.path", f"no class sub-folders in {str(root)!r}")
     files: list[tuple[Path, int]] = []
     for label, name in enumerate(classes):
-        found = sorted(p for p in (root / name).rglob("*")
-                       if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+        found = sorted(
+            p
+            for p in (root / name).rglob("*")
+            if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+        )
         if not found:
             raise UserError("data.path", f"class folder {str(root / name)!r} holds no images")
         files += [(p, label) for p in found]
@@ -52,27 +55,39 @@ def _decode(path: Path, size: tuple[int, int], grayscale: bool) -> np.ndarray:
     return array[None] if grayscale else array.transpose(2, 0, 1)
 
 
-def load_image_folder(root: Path, size: tuple[int, int], grayscale: bool,
-                      cache_dir: Path | None = None) -> LabeledData:
+def load_image_folder(
+    root: Path, size: tuple[int, int], grayscale: bool, cache_dir: Path | None = None
+) -> LabeledData:
     classes, files = _listing(root)
     # The cache key covers every file's name, size and mtime, so an edit invalidates it.
-    digest = hashlib.sha256(json.dumps(
-        [str(root.resolve()), list(size), grayscale,
-         [(str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns) for p, _ in files]]
-    ).encode()).hexdigest()[:24]
+    digest = hashlib.sha256(
+        json.dumps(
+            [
+                str(root.resolve()),
+                list(size),
+                grayscale,
+                [
+                    (str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns)
+                    for p, _ in files
+                ],
+            ]
+        ).encode()
+    ).hexdigest()[:24]
     cache = (cache_dir or default_cache_dir()) / f"images-{digest}.safetensors"
     if cache.is_file():
         try:
             tensors = load_file(cache)
-            return LabeledData(tensors["images"].float() / 255.0, tensors["targets"], classes,
-                               "image")
+            return LabeledData(
+                tensors["images"].float() / 255.0, tensors["targets"], classes, "image"
+            )
         except (SafetensorError, KeyError, OSError):
             pass  # a damaged cache is rebuilt below
     images = torch.from_numpy(np.stack([_decode(p, size, grayscale) for p, _ in files]))
     targets = torch.tensor([label for _, label in files], dtype=torch.long)
     try:
-        atomic.write_safetensors(cache, {"images": images, "targets": targets},
-                                 {"classes": json.dumps(classes)})
+        atomic.write_safetensors(
+            cache, {"images": images, "targets": targets}, {"classes": json.dumps(classes)}
+        )
     except OSError:
         pass  # caching is an optimization; a read-only home must not stop training
     return LabeledData(images.float() / 255.0, targets, classes, "image")

@@ -31,11 +31,13 @@ class Vocabulary:
     max_length: int
 
     @classmethod
-    def fit(cls, texts: list[str], max_length: int = 64, max_vocab: int = 20000,
-            min_freq: int = 1) -> Vocabulary:
+    def fit(
+        cls, texts: list[str], max_length: int = 64, max_vocab: int = 20000, min_freq: int = 1
+    ) -> Vocabulary:
         counts = Counter(token for text in texts for token in tokenize(text))
         # Ties broken by the token itself, so the vocabulary does not depend on row order.
-        ranked = sorted((t for t, c in counts.items() if c >= min_freq), key=lambda t: (-counts[t], t))
+        kept = (t for t, c in counts.items() if c >= min_freq)
+        ranked = sorted(kept, key=lambda t: (-counts[t], t))
         return cls([PAD, UNK, *ranked[: max_vocab - 2]], max_length)
 
     def __len__(self) -> int:
@@ -61,11 +63,16 @@ def load_csv_text(path: Path, text_column: str, label_column: str) -> LabeledDat
         with open(path, newline="", encoding="utf-8") as handle:
             reader = csv.DictReader(handle)
             columns = reader.fieldnames or []
-            for column, field in ((text_column, "data.text_column"),
-                                  (label_column, "data.label_column")):
+            for column, field in (
+                (text_column, "data.text_column"),
+                (label_column, "data.label_column"),
+            ):
                 if column not in columns:
-                    raise UserError(field, f"column {column!r} not in {str(path)!r} "
-                                           f"(columns: {', '.join(columns) or 'none'})")
+                    raise UserError(
+                        field,
+                        f"column {column!r} not in {str(path)!r} "
+                        f"(columns: {', '.join(columns) or 'none'})",
+                    )
             rows = list(reader)
     except (UnicodeDecodeError, csv.Error) as exc:
         raise UserError("data.path", f"cannot read CSV {str(path)!r}: {exc}") from None

@@ -54,8 +54,11 @@ def resolve_factory(name: str) -> Callable[..., nn.Module]:
     if name in REGISTRY:
         return REGISTRY[name]
     if ":" not in name:
-        raise UserError("model.name", f"unknown model {name!r}; expected one of "
-                                      f"{', '.join(REGISTRY)} or 'package.module:factory'")
+        raise UserError(
+            "model.name",
+            f"unknown model {name!r}; expected one of "
+            f"{', '.join(REGISTRY)} or 'package.module:factory'",
+        )
     module_name, _, attr = name.partition(":")
     try:
         factory = getattr(importlib.import_module(module_name), attr)
@@ -74,28 +77,33 @@ def _call_factory(cfg: ModelConfig, spec: dict[str, Any]) -> nn.Module:
         if key in spec:
             raise UserError(f"model.args.{key}", f"is set from the data, got {value!r}")
         if key not in params and not takes_any:
-            raise UserError(f"model.args.{key}", f"unknown argument of model {cfg.name!r} "
-                                                 f"(value {value!r})")
+            raise UserError(
+                f"model.args.{key}", f"unknown argument of model {cfg.name!r} (value {value!r})"
+            )
     given = {k: v for k, v in spec.items() if k in params or takes_any}
     try:
         model = factory(**given, **cfg.args)
     except (TypeError, ValueError) as exc:
         raise UserError("model.args", f"model {cfg.name!r} rejected {cfg.args}: {exc}") from None
     if not isinstance(model, nn.Module):
-        raise UserError("model.name", f"{cfg.name!r} returned {type(model).__name__}, "
-                                      "not a torch.nn.Module")
+        raise UserError(
+            "model.name", f"{cfg.name!r} returned {type(model).__name__}, not a torch.nn.Module"
+        )
     return model
 
 
-def build_model(cfg: ModelConfig, prepared: Prepared, streams: Streams,
-                **coords: int | str) -> Classifier:
+def build_model(
+    cfg: ModelConfig, prepared: Prepared, streams: Streams, **coords: int | str
+) -> Classifier:
     """Build the model; every initial weight comes from stream ``init`` at ``coords``.
 
     Modules initialize themselves from torch's global RNG (``reset_parameters``), so the
     construction runs with that RNG seeded from the stream and restored afterwards.
     """
-    spec: dict[str, Any] = {"num_classes": len(prepared.classes),
-                            "in_shape": list(prepared.input_shape)}
+    spec: dict[str, Any] = {
+        "num_classes": len(prepared.classes),
+        "in_shape": list(prepared.input_shape),
+    }
     if prepared.vocab_size is not None:
         spec["vocab_size"] = prepared.vocab_size
     with streams.fork_global("init", **coords):

@@ -9,8 +9,12 @@ import torch
 from torch import nn
 
 
-def mlp(in_shape: Sequence[int], num_classes: int, hidden: Sequence[int] = (256, 128),
-        dropout: float = 0.0) -> nn.Module:
+def mlp(
+    in_shape: Sequence[int],
+    num_classes: int,
+    hidden: Sequence[int] = (256, 128),
+    dropout: float = 0.0,
+) -> nn.Module:
     """Flatten, then ReLU layers of sizes ``hidden``."""
     layers: list[nn.Module] = [nn.Flatten()]
     width = math.prod(in_shape)
@@ -23,8 +27,14 @@ def mlp(in_shape: Sequence[int], num_classes: int, hidden: Sequence[int] = (256,
     return nn.Sequential(*layers)
 
 
-def cnn(in_shape: Sequence[int], num_classes: int, widths: Sequence[int] = (32, 64),
-        hidden: int = 128, dropout: float = 0.0, batchnorm: bool = False) -> nn.Module:
+def cnn(
+    in_shape: Sequence[int],
+    num_classes: int,
+    widths: Sequence[int] = (32, 64),
+    hidden: int = 128,
+    dropout: float = 0.0,
+    batchnorm: bool = False,
+) -> nn.Module:
     """3x3 conv blocks, each halving the resolution (while it is > 1), then an MLP head.
 
     No BatchNorm by default, so that many copies can be trained at once with ``vmap``.
@@ -56,8 +66,9 @@ class _BasicBlock(nn.Module):
         self.norm2 = _norm(norm, cout)
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
-                                          _norm(norm, cout))
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride, bias=False), _norm(norm, cout)
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = torch.relu(self.norm1(self.conv1(x)))
@@ -72,8 +83,9 @@ def _norm(kind: str, channels: int) -> nn.Module:
     return nn.Identity()
 
 
-def resnet(in_shape: Sequence[int], num_classes: int, depth: int = 20, width: int = 16,
-           norm: str = "batch") -> nn.Module:
+def resnet(
+    in_shape: Sequence[int], num_classes: int, depth: int = 20, width: int = 16, norm: str = "batch"
+) -> nn.Module:
     """ResNet for 32x32 images (He et al. 2016, sec. 4.2): depth = 6n + 2, three stages.
 
     ``norm`` is ``batch``, ``group`` (vmap-friendly) or ``none``.
@@ -83,8 +95,11 @@ def resnet(in_shape: Sequence[int], num_classes: int, depth: int = 20, width: in
     if norm not in ("batch", "group", "none"):
         raise ValueError(f"norm must be batch, group or none, got {norm!r}")
     blocks_per_stage = (depth - 2) // 6
-    layers: list[nn.Module] = [nn.Conv2d(in_shape[0], width, 3, 1, 1, bias=norm == "none"),
-                               _norm(norm, width), nn.ReLU()]
+    layers: list[nn.Module] = [
+        nn.Conv2d(in_shape[0], width, 3, 1, 1, bias=norm == "none"),
+        _norm(norm, width),
+        nn.ReLU(),
+    ]
     channels = width
     for stage, out in enumerate((width, 2 * width, 4 * width)):
         for block in range(blocks_per_stage):
@@ -95,11 +110,15 @@ def resnet(in_shape: Sequence[int], num_classes: int, depth: int = 20, width: in
     return nn.Sequential(*layers)
 
 
-def text(vocab_size: int, num_classes: int, embed_dim: int = 64, hidden: int = 64,
-         dropout: float = 0.0) -> nn.Module:
+def text(
+    vocab_size: int, num_classes: int, embed_dim: int = 64, hidden: int = 64, dropout: float = 0.0
+) -> nn.Module:
     """Mean of word embeddings (padding id 0 ignored), then a one-hidden-layer MLP."""
-    layers: list[nn.Module] = [_MeanEmbedding(vocab_size, embed_dim),
-                               nn.Linear(embed_dim, hidden), nn.ReLU()]
+    layers: list[nn.Module] = [
+        _MeanEmbedding(vocab_size, embed_dim),
+        nn.Linear(embed_dim, hidden),
+        nn.ReLU(),
+    ]
     if dropout > 0:
         layers.append(nn.Dropout(dropout))
     layers.append(nn.Linear(hidden, num_classes))

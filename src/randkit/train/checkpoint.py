@@ -18,8 +18,6 @@ from torch import nn
 from randkit import atomic
 from randkit.errors import UserError
 
-STATE_KEY = "randkit_state"
-
 
 def optimizer_to_flat(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
     """Split an optimizer state dict into tensors and JSON-able values."""
@@ -35,8 +33,9 @@ def optimizer_to_flat(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch
     return tensors, {"param_groups": full["param_groups"], "scalars": scalars}
 
 
-def optimizer_from_flat(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
-                        meta: dict) -> None:
+def optimizer_from_flat(
+    optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict
+) -> None:
     state: dict[int, dict[str, Any]] = {}
     for key, value in tensors.items():
         if key.startswith("optim."):
@@ -47,27 +46,35 @@ def optimizer_from_flat(optimizer: torch.optim.Optimizer, tensors: dict[str, tor
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
-def save_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    extra_tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
+def save_checkpoint(
+    path: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    extra_tensors: dict[str, torch.Tensor],
+    state: dict[str, Any],
+) -> None:
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     optim_tensors, optim_meta = optimizer_to_flat(optimizer)
     tensors.update(optim_tensors)
     tensors.update(extra_tensors)
     state = {**state, "optimizer": optim_meta}
-    atomic.write_safetensors(path, tensors, {STATE_KEY: json.dumps(state)})
+    atomic.write_safetensors(path, tensors, state)
 
 
 def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Tensors (on the CPU) and the JSON state of a checkpoint."""
     try:
         with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
-        return tensors, json.loads(metadata[STATE_KEY])
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+        state = atomic.read_safetensors_metadata(path)
+        if "loop" not in state:
+            raise KeyError("no training state in its metadata")
+        return tensors, state
     except (SafetensorError, OSError, KeyError, json.JSONDecodeError) as exc:
-        raise UserError("out", f"checkpoint {str(path)!r} is unreadable ({exc}); "
-                               "use --restart to start over") from None
+        raise UserError(
+            "out", f"checkpoint {str(path)!r} is unreadable ({exc}); use --restart to start over"
+        ) from None
 
 
 def strip_prefix(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}

@@ -58,9 +58,17 @@ def resolve_device(name: str) -> torch.device:
 class Trainer:
     """Trains one model on one split. ``coords`` (e.g. fold, repeat) key every stream."""
 
-    def __init__(self, model: nn.Module, train: TensorData, val: TensorData | None,
-                 num_classes: int, cfg: TrainConfig, streams: Streams,
-                 device: torch.device, **coords: int) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        train: TensorData,
+        val: TensorData | None,
+        num_classes: int,
+        cfg: TrainConfig,
+        streams: Streams,
+        device: torch.device,
+        **coords: int,
+    ) -> None:
         self.cfg = cfg
         self.streams = streams
         self.coords = coords
@@ -101,14 +109,14 @@ class Trainer:
         self.state = LoopState(**state["loop"])
 
     # -- the loop -----------------------------------------------------------------------
-    def fit(self, on_step: ProgressHook | None = None,
-            on_checkpoint: CheckpointHook | None = None) -> None:
+    def fit(
+        self, on_step: ProgressHook | None = None, on_checkpoint: CheckpointHook | None = None
+    ) -> None:
         cfg, state = self.cfg, self.state
         x, y = self.train_data.x, self.train_data.y
         self.model.train()
         while not self.finished:
-            order = torch.randperm(len(y), generator=self.streams.torch(
-                "order", epoch=state.epoch, **self.coords))
+            order = self.batch_order(state.epoch)
             for batch in range(state.step_in_epoch, self.steps_per_epoch):
                 index = order[batch * cfg.batch_size : (batch + 1) * cfg.batch_size]
                 loss, correct = self._step(x[index].to(self.device), y[index].to(self.device))
@@ -128,10 +136,16 @@ class Trainer:
         if self.best_weights is not None:
             self.model.load_state_dict(self.best_weights)
 
+    def batch_order(self, epoch: int) -> torch.Tensor:
+        """The permutation of the training examples for ``epoch``, from stream ``order``."""
+        generator = self.streams.torch("order", epoch=epoch, **self.coords)
+        return torch.randperm(len(self.train_data), generator=generator)
+
     def _step(self, xb: torch.Tensor, yb: torch.Tensor) -> tuple[float, int]:
         # nn.Dropout and friends draw from torch's global RNG: feed it from stream `dropout`.
-        with self.streams.fork_global("dropout", device=self.device,
-                                      step=self.state.global_step, **self.coords):
+        with self.streams.fork_global(
+            "dropout", device=self.device, step=self.state.global_step, **self.coords
+        ):
             logits = self.model(xb)
             loss = F.cross_entropy(logits, yb, label_smoothing=self.cfg.label_smoothing)
             self.optimizer.zero_grad(set_to_none=True)
@@ -169,7 +183,8 @@ class Trainer:
         if state.best_value is None or value > state.best_value + rule.min_delta:
             state.best_value, state.best_epoch, state.bad_epochs = value, state.epoch + 1, 0
             self.best_weights = copy.deepcopy(
-                {k: v.detach().cpu() for k, v in self.model.state_dict().items()})
+                {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+            )
         else:
             state.bad_epochs += 1
             state.stopped_early = state.bad_epochs >= rule.patience

@@ -11,31 +11,42 @@ from randkit.data import TensorData
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, x: torch.Tensor, device: torch.device,
-                   batch_size: int = 1024) -> torch.Tensor:
+def predict_logits(
+    model: nn.Module, x: torch.Tensor, device: torch.device, batch_size: int = 1024
+) -> torch.Tensor:
     """Logits for ``x`` in eval mode, batch by batch, returned on the CPU."""
     was_training = model.training
     model.eval()
     try:
-        parts = [model(x[i : i + batch_size].to(device)).float().cpu()
-                 for i in range(0, len(x), batch_size)]
+        parts = [
+            model(x[i : i + batch_size].to(device)).float().cpu()
+            for i in range(0, len(x), batch_size)
+        ]
     finally:
         model.train(was_training)
     return torch.cat(parts)
 
 
-def classification_metrics(logits: torch.Tensor, targets: torch.Tensor,
-                           num_classes: int) -> dict[str, float]:
+def classification_metrics(
+    logits: torch.Tensor, targets: torch.Tensor, num_classes: int
+) -> dict[str, float]:
     predicted = logits.argmax(dim=1)
     return {
         "loss": float(F.cross_entropy(logits, targets)),
         "accuracy": float((predicted == targets).float().mean()),
-        "macro_f1": float(f1_score(targets.numpy(), predicted.numpy(),
-                                   labels=list(range(num_classes)), average="macro",
-                                   zero_division=0)),
+        "macro_f1": float(
+            f1_score(
+                targets.numpy(),
+                predicted.numpy(),
+                labels=list(range(num_classes)),
+                average="macro",
+                zero_division=0,
+            )
+        ),
     }
 
 
-def evaluate(model: nn.Module, data: TensorData, num_classes: int,
-             device: torch.device) -> dict[str, float]:
+def evaluate(
+    model: nn.Module, data: TensorData, num_classes: int, device: torch.device
+) -> dict[str, float]:
     return classification_metrics(predict_logits(model, data.x, device), data.y, num_classes)

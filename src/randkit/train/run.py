@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,8 +23,14 @@ from randkit.train.loop import LoopState, Trainer, resolve_device
 from randkit.train.metrics import evaluate
 
 CHECKPOINT = "checkpoint.safetensors"
-RUN_FILES = ("config.yaml", CHECKPOINT, "state.json", "model.safetensors", "metrics.json",
-             "preprocessing.json")
+RUN_FILES = (
+    "config.yaml",
+    CHECKPOINT,
+    "state.json",
+    "model.safetensors",
+    "metrics.json",
+    "preprocessing.json",
+)
 
 
 @dataclass
@@ -51,14 +56,19 @@ def _prepare_out(out: Path, fingerprint: str, restart: bool) -> Path | None:
         return None
     if not checkpoint.is_file():
         if out.is_dir() and (out / "state.json").is_file():
-            raise UserError("out", f"{str(out)!r} holds a state.json but no checkpoint; "
-                                   "use --restart to start over")
+            raise UserError(
+                "out",
+                f"{str(out)!r} holds a state.json but no checkpoint; use --restart to start over",
+            )
         return None
     _, state = read_checkpoint(checkpoint)
     if state.get("config_hash") != fingerprint:
-        raise UserError("out", f"{str(out)!r} holds a checkpoint of a different config "
-                               f"(hash {state.get('config_hash')} != {fingerprint}); "
-                               "use --restart or another --out")
+        raise UserError(
+            "out",
+            f"{str(out)!r} holds a checkpoint of a different config "
+            f"(hash {state.get('config_hash')} != {fingerprint}); "
+            "use --restart or another --out",
+        )
     return checkpoint
 
 
@@ -66,8 +76,9 @@ def source_seeds(streams: Streams) -> dict[str, int]:
     return {source: streams.source_seed(source) for source in SOURCES}
 
 
-def train_run(cfg: ExperimentConfig, out: Path, restart: bool = False,
-              quiet: bool = False) -> RunResult:
+def train_run(
+    cfg: ExperimentConfig, out: Path, restart: bool = False, quiet: bool = False
+) -> RunResult:
     """Train (or resume) the experiment ``cfg`` in ``out``.
 
     Everything that can fail on the user's input (config, data, model arguments) fails
@@ -86,8 +97,9 @@ def train_run(cfg: ExperimentConfig, out: Path, restart: bool = False,
     if prepared.preprocessing:
         atomic.write_json(out / "preprocessing.json", prepared.preprocessing)
 
-    trainer = Trainer(model, prepared.train, prepared.val, len(prepared.classes), cfg.train,
-                      streams, device)
+    trainer = Trainer(
+        model, prepared.train, prepared.val, len(prepared.classes), cfg.train, streams, device
+    )
     resumed_step = None
     if resume_from is not None:
         tensors, state = read_checkpoint(resume_from)
@@ -97,12 +109,20 @@ def train_run(cfg: ExperimentConfig, out: Path, restart: bool = False,
 
     def checkpoint(t: Trainer) -> None:
         extra, snapshot = t.snapshot()
-        state = {"config_hash": fingerprint, "versions": _versions(),
-                 "step": t.state.global_step, "epoch": t.state.epoch,
-                 "total_steps": t.total_steps, "complete": False, **snapshot}
+        state = {
+            "config_hash": fingerprint,
+            "versions": _versions(),
+            "step": t.state.global_step,
+            "epoch": t.state.epoch,
+            "total_steps": t.total_steps,
+            "complete": False,
+            **snapshot,
+        }
         save_checkpoint(out / CHECKPOINT, t.model, t.optimizer, extra, state)
-        atomic.write_json(out / "state.json", {k: v for k, v in state.items() if k != "loop"}
-                          | {"history": t.state.history})
+        atomic.write_json(
+            out / "state.json",
+            {k: v for k, v in state.items() if k != "loop"} | {"history": t.state.history},
+        )
 
     with _progress(quiet, trainer) as on_step:
         trainer.fit(on_step=on_step, on_checkpoint=checkpoint)
@@ -111,8 +131,9 @@ def train_run(cfg: ExperimentConfig, out: Path, restart: bool = False,
     return RunResult(out, metrics, resumed_step)
 
 
-def _finish(out: Path, trainer: Trainer, prepared: Prepared, streams: Streams,
-            fingerprint: str) -> dict[str, Any]:
+def _finish(
+    out: Path, trainer: Trainer, prepared: Prepared, streams: Streams, fingerprint: str
+) -> dict[str, Any]:
     state: LoopState = trainer.state
     metrics: dict[str, Any] = {
         "test": evaluate(trainer.model, prepared.test, len(prepared.classes), trainer.device),
@@ -122,19 +143,31 @@ def _finish(out: Path, trainer: Trainer, prepared: Prepared, streams: Streams,
         "stopped_early": state.stopped_early,
         "best_epoch": state.best_epoch,
         "classes": prepared.classes,
-        "sizes": {"train": len(prepared.train), "test": len(prepared.test),
-                  "val": len(prepared.val) if prepared.val is not None else 0},
+        "sizes": {
+            "train": len(prepared.train),
+            "test": len(prepared.test),
+            "val": len(prepared.val) if prepared.val is not None else 0,
+        },
         "seeds": source_seeds(streams),
     }
-    atomic.write_safetensors(out / "model.safetensors", trainer.model.state_dict(),
-                             {"classes": json.dumps(prepared.classes),
-                              "input_shape": json.dumps(prepared.input_shape)})
+    atomic.write_safetensors(
+        out / "model.safetensors",
+        trainer.model.state_dict(),
+        {"classes": prepared.classes, "input_shape": prepared.input_shape},
+    )
     atomic.write_json(out / "metrics.json", metrics)
-    atomic.write_json(out / "state.json", {
-        "config_hash": fingerprint, "versions": _versions(), "step": state.global_step,
-        "epoch": state.epoch, "total_steps": trainer.total_steps, "complete": True,
-        "history": state.history,
-    })
+    atomic.write_json(
+        out / "state.json",
+        {
+            "config_hash": fingerprint,
+            "versions": _versions(),
+            "step": state.global_step,
+            "epoch": state.epoch,
+            "total_steps": trainer.total_steps,
+            "complete": True,
+            "history": state.history,
+        },
+    )
     return metrics
 
 
@@ -143,17 +176,30 @@ def _progress(quiet: bool, trainer: Trainer):  # type: ignore[no-untyped-def]
     if quiet:
         yield None
         return
-    columns = (TextColumn("[bold]train[/] {task.description}"), BarColumn(),
-               MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.4f}"),
-               TimeRemainingColumn())
+    columns = (
+        TextColumn("[bold]train[/] {task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}"),
+        TimeRemainingColumn(),
+    )
     with Progress(*columns, transient=False) as progress:
-        task = progress.add_task("", total=trainer.total_steps,
-                                 completed=trainer.state.global_step, loss=float("nan"))
+        task = progress.add_task(
+            "", total=trainer.total_steps, completed=trainer.state.global_step, loss=float("nan")
+        )
 
         def on_step(state: LoopState, loss: float) -> None:
-            progress.update(task, completed=state.global_step, loss=loss,
-                            description=f"epoch {state.epoch + 1}/{trainer.cfg.epochs}")
+            progress.update(
+                task,
+                completed=state.global_step,
+                loss=loss,
+                description=f"epoch {state.epoch + 1}/{trainer.cfg.epochs}",
+            )
 
         yield on_step
-        progress.update(task, completed=trainer.total_steps if not trainer.state.stopped_early
-                        else trainer.state.global_step)
+        progress.update(
+            task,
+            completed=trainer.total_steps
+            if not trainer.state.stopped_early
+            else trainer.state.global_step,
+        )

@@ -1,0 +1,3 @@
+from randkit.cli import run
+
+run()
