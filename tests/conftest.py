@@ -39,12 +39,18 @@ def merged(base: dict[str, Any], **sections: dict[str, Any] | Any) -> dict[str, 
     return out
 
 
-def run_cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None,
-            timeout: float = 300) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str, cwd: Path | None = None, env: dict[str, str] | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
     """``randkit ARGS`` in a fresh interpreter, as a user would run it."""
     return subprocess.run(
-        [sys.executable, "-m", "randkit", *args], capture_output=True, text=True, cwd=cwd,
-        env={**os.environ, **(env or {})}, timeout=timeout, check=False,
+        [sys.executable, "-m", "randkit", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+        timeout=timeout,
+        check=False,
     )
 
 

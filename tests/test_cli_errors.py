@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import FAST_EXPERIMENT, merged, run_cli, write_config
 from PIL import Image
 
+from conftest import FAST_EXPERIMENT, merged, run_cli, write_config
 from randkit.cli import main
 
 
@@ -47,59 +47,119 @@ def _csv(folder: Path) -> str:
 Case = tuple[Callable[[Path], dict], list[str], tuple[str, ...]]
 
 CASES: dict[str, Case] = {
-    "negative-lr": (lambda d: merged(FAST_EXPERIMENT, train={"lr": -1}), [],
-                    ("train.lr", "must be > 0", "-1")),
-    "unknown-field": (lambda d: merged(FAST_EXPERIMENT, train={"lrate": 0.1}), [],
-                      ("train.lrate", "unknown field", "0.1")),
-    "epochs-not-int": (lambda d: merged(FAST_EXPERIMENT, train={"epochs": "ten"}), [],
-                       ("train.epochs", "integer", "'ten'")),
-    "unknown-optimizer": (lambda d: merged(FAST_EXPERIMENT, train={"optimizer": "rmsprop"}),
-                          [], ("train.optimizer", "'rmsprop'")),
-    "unknown-seed-source": (lambda d: merged(FAST_EXPERIMENT, seeds={"shuffle": 1}), [],
-                            ("seeds.shuffle", "unknown random source")),
-    "unknown-data-kind": (lambda d: merged(FAST_EXPERIMENT, data={"kind": "parquet"}), [],
-                          ("data.kind", "'parquet'")),
-    "npz-without-path": (lambda d: merged(FAST_EXPERIMENT, data={"kind": "npz"}), [],
-                         ("data.path", "required", "'npz'")),
+    "negative-lr": (
+        lambda d: merged(FAST_EXPERIMENT, train={"lr": -1}),
+        [],
+        ("train.lr", "must be > 0", "-1"),
+    ),
+    "unknown-field": (
+        lambda d: merged(FAST_EXPERIMENT, train={"lrate": 0.1}),
+        [],
+        ("train.lrate", "unknown field", "0.1"),
+    ),
+    "epochs-not-int": (
+        lambda d: merged(FAST_EXPERIMENT, train={"epochs": "ten"}),
+        [],
+        ("train.epochs", "integer", "'ten'"),
+    ),
+    "unknown-optimizer": (
+        lambda d: merged(FAST_EXPERIMENT, train={"optimizer": "rmsprop"}),
+        [],
+        ("train.optimizer", "'rmsprop'"),
+    ),
+    "unknown-seed-source": (
+        lambda d: merged(FAST_EXPERIMENT, seeds={"shuffle": 1}),
+        [],
+        ("seeds.shuffle", "unknown random source"),
+    ),
+    "unknown-data-kind": (
+        lambda d: merged(FAST_EXPERIMENT, data={"kind": "parquet"}),
+        [],
+        ("data.kind", "'parquet'"),
+    ),
+    "npz-without-path": (
+        lambda d: merged(FAST_EXPERIMENT, data={"kind": "npz"}),
+        [],
+        ("data.path", "required", "'npz'"),
+    ),
     "npz-missing-file": (
         lambda d: merged(FAST_EXPERIMENT, data={"kind": "npz", "path": str(d / "no.npz")}),
-        [], ("data.path", "not found", "no.npz")),
-    "npz-nan": (lambda d: merged(FAST_EXPERIMENT, data={"kind": "npz", "path": _nan_npz(d)}),
-                [], ("data.path", "NaN", "row 13")),
+        [],
+        ("data.path", "not found", "no.npz"),
+    ),
+    "npz-nan": (
+        lambda d: merged(FAST_EXPERIMENT, data={"kind": "npz", "path": _nan_npz(d)}),
+        [],
+        ("data.path", "NaN", "row 13"),
+    ),
     "single-class": (
-        lambda d: merged(FAST_EXPERIMENT, data={"kind": "npz", "path": _npz(
-            d, np.ones((10, 3), np.float32), np.zeros(10, int))}),
-        [], ("data", "at least 2 classes", "1")),
+        lambda d: merged(
+            FAST_EXPERIMENT,
+            data={"kind": "npz", "path": _npz(d, np.ones((10, 3), np.float32), np.zeros(10, int))},
+        ),
+        [],
+        ("data", "at least 2 classes", "1"),
+    ),
     "missing-image-folder": (
-        lambda d: merged(FAST_EXPERIMENT, data={"kind": "image_folder",
-                                                "path": str(d / "nowhere")}),
-        [], ("data.path", "not found", "nowhere")),
+        lambda d: merged(
+            FAST_EXPERIMENT, data={"kind": "image_folder", "path": str(d / "nowhere")}
+        ),
+        [],
+        ("data.path", "not found", "nowhere"),
+    ),
     "empty-class": (
-        lambda d: merged(FAST_EXPERIMENT, data={"kind": "image_folder",
-                                                "path": _images(d, empty_class=True)}),
-        [], ("data.path", "holds no images", "dog")),
+        lambda d: merged(
+            FAST_EXPERIMENT, data={"kind": "image_folder", "path": _images(d, empty_class=True)}
+        ),
+        [],
+        ("data.path", "holds no images", "dog"),
+    ),
     "unreadable-image": (
-        lambda d: merged(FAST_EXPERIMENT, data={"kind": "image_folder",
-                                                "path": _images(d, broken=True)}),
-        [], ("data.path", "unreadable image", "broken.png")),
+        lambda d: merged(
+            FAST_EXPERIMENT, data={"kind": "image_folder", "path": _images(d, broken=True)}
+        ),
+        [],
+        ("data.path", "unreadable image", "broken.png"),
+    ),
     "missing-text-column": (
-        lambda d: merged(FAST_EXPERIMENT, data={"kind": "csv_text", "path": _csv(d)},
-                         model={"name": "text", "args": {}}),
-        [], ("data.text_column", "'text'", "review")),
-    "unknown-model": (lambda d: merged(FAST_EXPERIMENT, model={"name": "transformer"}), [],
-                      ("model.name", "'transformer'")),
+        lambda d: merged(
+            FAST_EXPERIMENT,
+            data={"kind": "csv_text", "path": _csv(d)},
+            model={"name": "text", "args": {}},
+        ),
+        [],
+        ("data.text_column", "'text'", "review"),
+    ),
+    "unknown-model": (
+        lambda d: merged(FAST_EXPERIMENT, model={"name": "transformer"}),
+        [],
+        ("model.name", "'transformer'"),
+    ),
     "unknown-model-arg": (
-        lambda d: merged(FAST_EXPERIMENT, model={"name": "mlp", "args": {"width": 3}}), [],
-        ("model.args.width", "unknown argument", "3")),
+        lambda d: merged(FAST_EXPERIMENT, model={"name": "mlp", "args": {"width": 3}}),
+        [],
+        ("model.args.width", "unknown argument", "3"),
+    ),
     "early-stopping-without-val": (
-        lambda d: merged(FAST_EXPERIMENT, train={"early_stopping": {"patience": 2}}), [],
-        ("train.early_stopping", "val_fraction")),
-    "epochs-flag-zero": (lambda d: FAST_EXPERIMENT, ["--epochs", "0"],
-                         ("train.epochs", "must be > 0", "0")),
-    "seed-flag-negative": (lambda d: FAST_EXPERIMENT, ["--seed", "-4"],
-                           ("seed", "must be >= 0", "-4")),
-    "test-fraction-one": (lambda d: merged(FAST_EXPERIMENT, data={"test_fraction": 1.0}), [],
-                          ("data.test_fraction", "must be < 1", "1.0")),
+        lambda d: merged(FAST_EXPERIMENT, train={"early_stopping": {"patience": 2}}),
+        [],
+        ("train.early_stopping", "val_fraction"),
+    ),
+    "epochs-flag-zero": (
+        lambda d: FAST_EXPERIMENT,
+        ["--epochs", "0"],
+        ("train.epochs", "must be > 0", "0"),
+    ),
+    "seed-flag-negative": (
+        lambda d: FAST_EXPERIMENT,
+        ["--seed", "-4"],
+        ("seed", "must be >= 0", "-4"),
+    ),
+    "test-fraction-one": (
+        lambda d: merged(FAST_EXPERIMENT, data={"test_fraction": 1.0}),
+        [],
+        ("data.test_fraction", "must be < 1", "1.0"),
+    ),
 }
 
 

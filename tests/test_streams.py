@@ -47,7 +47,7 @@ def test_seed_is_a_pure_function_of_its_inputs(root: int, epoch: int, step: int)
 
 
 def test_unknown_source_is_a_clear_error() -> None:
-    with pytest.raises(ValueError, match="unknown random source 'augmentation'.*split, init"):
+    with pytest.raises(ValueError, match=r"unknown random source 'augmentation'.*split, init"):
         Streams(0).torch("augmentation")
     with pytest.raises(ValueError, match="unknown random source 'bogus'"):
         Streams(0, {"bogus": 1})

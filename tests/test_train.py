@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST_EXPERIMENT, merged, run_cli, write_config
 from safetensors.torch import load_file
 
+from conftest import FAST_EXPERIMENT, merged, run_cli, write_config
 from randkit import Streams, global_rng_guard
 from randkit.config import TrainConfig, validate_config
 from randkit.data import load_and_prepare
 from randkit.models import build_model
 from randkit.train import Trainer, train_run
+from randkit.train.optim import make_optimizer, make_scheduler
 
 
 def _train(tmp_path: Path, name: str, **sections: object) -> Path:
@@ -31,8 +33,13 @@ def _weights(out: Path) -> dict[str, torch.Tensor]:
 
 def test_run_directory_holds_every_artifact(tmp_path: Path) -> None:
     out = _train(tmp_path, "run")
-    for name in ("config.yaml", "metrics.json", "model.safetensors", "state.json",
-                 "checkpoint.safetensors"):
+    for name in (
+        "config.yaml",
+        "metrics.json",
+        "model.safetensors",
+        "state.json",
+        "checkpoint.safetensors",
+    ):
         assert (out / name).is_file(), name
     metrics = json.loads((out / "metrics.json").read_text())
     assert 0.0 <= metrics["test"]["accuracy"] <= 1.0
@@ -58,8 +65,7 @@ def _trainer(root: int, seeds: dict[str, int]) -> Trainer:
     streams = Streams(cfg.seed, cfg.seeds)
     prepared = load_and_prepare(cfg.data, streams)
     model = build_model(cfg.model, prepared, streams)
-    return Trainer(model, prepared.train, prepared.val, 10, cfg.train, streams,
-                   torch.device("cpu"))
+    return Trainer(model, prepared.train, prepared.val, 10, cfg.train, streams, torch.device("cpu"))
 
 
 def test_pinning_a_source_fixes_only_what_it_drives() -> None:
@@ -79,9 +85,14 @@ def test_pinning_a_source_fixes_only_what_it_drives() -> None:
 
 
 def test_whole_run_leaves_global_rngs_untouched(tmp_path: Path) -> None:
-    cfg = validate_config(merged(FAST_EXPERIMENT, data={"val_fraction": 0.1},
-                                 model={"name": "cnn", "args": {"dropout": 0.3}},
-                                 train={"early_stopping": {"patience": 3}}))
+    cfg = validate_config(
+        merged(
+            FAST_EXPERIMENT,
+            data={"val_fraction": 0.1},
+            model={"name": "cnn", "args": {"dropout": 0.3}},
+            train={"early_stopping": {"patience": 3}},
+        )
+    )
     with global_rng_guard():
         train_run(cfg, tmp_path / "guarded", quiet=True)
 
@@ -98,13 +109,8 @@ def test_dropout_is_driven_by_its_stream(tmp_path: Path) -> None:
 
 def _lrs(schedule: str, **train: object) -> list[float]:
     cfg = TrainConfig(epochs=10, batch_size=1000, lr=0.1, schedule=schedule, **train)
-    model = torch.nn.Linear(2, 2)
-    trainer = Trainer.__new__(Trainer)  # only the optimizer and scheduler are exercised
-    from randkit.train.optim import make_optimizer, make_scheduler
-
-    optimizer = make_optimizer(model, cfg)
+    optimizer = make_optimizer(torch.nn.Linear(2, 2), cfg)
     scheduler = make_scheduler(optimizer, cfg, steps_per_epoch=10)
-    del trainer
     lrs = []
     for _ in range(100):
         lrs.append(optimizer.param_groups[0]["lr"])
@@ -120,7 +126,7 @@ def test_schedules_follow_their_shapes() -> None:
     assert step[0] == 0.1 and math.isclose(step[30], 0.05) and math.isclose(step[60], 0.025)
     cosine = _lrs("cosine")
     assert cosine[0] == 0.1 and cosine[-1] < 0.001
-    assert all(x >= y for x, y in zip(cosine, cosine[1:], strict=False))
+    assert all(x >= y for x, y in itertools.pairwise(cosine))
     warm = _lrs("cosine", warmup_epochs=2)
     assert math.isclose(warm[0], 0.001) and max(warm) == pytest.approx(0.1)
     assert warm.index(max(warm)) == 20
@@ -131,17 +137,30 @@ def test_schedules_follow_their_shapes() -> None:
 @pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw"])
 def test_optimizers_learn_digits(tmp_path: Path, optimizer: str) -> None:
     lr = {"sgd": 0.1, "adam": 0.01, "adamw": 0.01}[optimizer]
-    out = _train(tmp_path, optimizer,
-                 train={"optimizer": optimizer, "lr": lr, "epochs": 5, "label_smoothing": 0.1,
-                        "weight_decay": 1e-4, "schedule": "cosine"})
+    out = _train(
+        tmp_path,
+        optimizer,
+        train={
+            "optimizer": optimizer,
+            "lr": lr,
+            "epochs": 5,
+            "label_smoothing": 0.1,
+            "weight_decay": 1e-4,
+            "schedule": "cosine",
+        },
+    )
     assert json.loads((out / "metrics.json").read_text())["test"]["accuracy"] > 0.85
 
 
 def test_early_stopping_stops_and_keeps_the_best_weights(tmp_path: Path) -> None:
     # An impossible min_delta: only epoch 1 ever "improves", so training stops after
     # 1 + patience epochs and the kept weights are epoch 1's.
-    stopped = _train(tmp_path, "stopped", data={"val_fraction": 0.1},
-                     train={"epochs": 10, "early_stopping": {"patience": 2, "min_delta": 100}})
+    stopped = _train(
+        tmp_path,
+        "stopped",
+        data={"val_fraction": 0.1},
+        train={"epochs": 10, "early_stopping": {"patience": 2, "min_delta": 100}},
+    )
     metrics = json.loads((stopped / "metrics.json").read_text())
     assert metrics["stopped_early"] and metrics["epochs_run"] == 3 and metrics["best_epoch"] == 1
     one_epoch = _train(tmp_path, "one", data={"val_fraction": 0.1}, train={"epochs": 1})
@@ -168,8 +187,17 @@ def test_cli_train_prints_summary_and_quiet_silences(tmp_path: Path) -> None:
     config = write_config(tmp_path, FAST_EXPERIMENT)
     loud = run_cli("train", str(config), "--out", str(tmp_path / "loud"))
     assert loud.returncode == 0 and "test accuracy" in loud.stdout
-    quiet = run_cli("train", str(config), "--out", str(tmp_path / "quiet"), "--quiet",
-                    "--epochs", "1", "--seed", "9")
+    quiet = run_cli(
+        "train",
+        str(config),
+        "--out",
+        str(tmp_path / "quiet"),
+        "--quiet",
+        "--epochs",
+        "1",
+        "--seed",
+        "9",
+    )
     assert quiet.returncode == 0 and quiet.stdout == "" and quiet.stderr == ""
     resolved = (tmp_path / "quiet" / "config.yaml").read_text()
     assert "epochs: 1" in resolved and "seed: 9" in resolved
