@@ -27,16 +27,18 @@ from randkit.train import Trainer
 CONFIG = {
     "seed": 0,
     "model": {"name": "cnn", "args": {"widths": [32, 64], "hidden": 128, "dropout": 0.1}},
-    "train": {"epochs": 10, "batch_size": 64, "optimizer": "adamw", "lr": 0.003,
-              "device": "cpu"},
+    "train": {"epochs": 10, "batch_size": 64, "optimizer": "adamw", "lr": 0.003, "device": "cpu"},
 }
 
 
 def plain_pytorch(cfg: ExperimentConfig, prepared, model) -> float:  # type: ignore[no-untyped-def]
     """What a user writes by hand: DataLoader over a TensorDataset, shuffle with a generator."""
-    loader = DataLoader(TensorDataset(prepared.train.x, prepared.train.y),
-                        batch_size=cfg.train.batch_size, shuffle=True,
-                        generator=torch.Generator().manual_seed(0))
+    loader = DataLoader(
+        TensorDataset(prepared.train.x, prepared.train.y),
+        batch_size=cfg.train.batch_size,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(0),
+    )
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr)
     model.train()
     start = time.perf_counter()
@@ -50,8 +52,9 @@ def plain_pytorch(cfg: ExperimentConfig, prepared, model) -> float:  # type: ign
 
 
 def randkit_trainer(cfg: ExperimentConfig, prepared, model, streams) -> float:  # type: ignore[no-untyped-def]
-    trainer = Trainer(model, prepared.train, None, len(prepared.classes), cfg.train, streams,
-                      torch.device("cpu"))
+    trainer = Trainer(
+        model, prepared.train, None, len(prepared.classes), cfg.train, streams, torch.device("cpu")
+    )
     start = time.perf_counter()
     trainer.fit()
     return time.perf_counter() - start
@@ -70,18 +73,27 @@ def main() -> None:
     plain, ours = [], []
     for _ in range(args.repeats):  # interleaved, best of N, so drift hits both alike
         plain.append(plain_pytorch(cfg, prepared, build_model(cfg.model, prepared, streams)))
-        ours.append(randkit_trainer(cfg, prepared, build_model(cfg.model, prepared, streams),
-                                    streams))
+        ours.append(
+            randkit_trainer(cfg, prepared, build_model(cfg.model, prepared, streams), streams)
+        )
     plain_rate, our_rate = samples / min(plain), samples / min(ours)
     print(f"plain PyTorch DataLoader loop: {plain_rate:10.0f} samples/s")
     print(f"randkit Trainer:               {our_rate:10.0f} samples/s")
     print(f"ratio (randkit / plain):       {our_rate / plain_rate:10.2f}x")
-    print(json.dumps({
-        "benchmark": "train_loop", "ratio": round(our_rate / plain_rate, 3),
-        "randkit_samples_per_s": round(our_rate), "plain_samples_per_s": round(plain_rate),
-        "epochs": cfg.train.epochs, "threads": torch.get_num_threads(),
-        "machine": platform.machine(), "torch": torch.__version__,
-    }))
+    print(
+        json.dumps(
+            {
+                "benchmark": "train_loop",
+                "ratio": round(our_rate / plain_rate, 3),
+                "randkit_samples_per_s": round(our_rate),
+                "plain_samples_per_s": round(plain_rate),
+                "epochs": cfg.train.epochs,
+                "threads": torch.get_num_threads(),
+                "machine": platform.machine(),
+                "torch": torch.__version__,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

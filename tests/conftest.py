@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import tempfile
 import sys
 from pathlib import Path
 from typing import Any
@@ -11,8 +12,8 @@ from typing import Any
 import pytest
 import yaml
 
-# Keep tests on the CPU and away from the user's cache.
-os.environ.setdefault("RANDKIT_CACHE", str(Path(__file__).parent / ".cache"))
+# Keep tests away from the user's cache.
+os.environ.setdefault("RANDKIT_CACHE", tempfile.mkdtemp(prefix="randkit-test-cache-"))
 
 FAST_EXPERIMENT: dict[str, Any] = {
     "seed": 3,

@@ -23,7 +23,10 @@ def load_digits_data() -> LabeledData:
 
 
 def load_npz(path: Path) -> LabeledData:
-    """``x``: ``(N, D)`` vectors, ``(N, H, W)`` or ``(N, C, H, W)`` images; ``y``: labels."""
+    """``x``: ``(N, D)`` vectors, ``(N, H, W)`` or ``(N, C, H, W)`` images; ``y``: labels.
+
+    Values are used as they are (not rescaled to [0, 1]); the model standardizes them.
+    """
     if not path.is_file():
         raise UserError("data.path", f"npz file not found: {str(path)!r}")
     try:
@@ -40,7 +43,7 @@ def load_npz(path: Path) -> LabeledData:
         raise UserError("data.path", f"cannot read npz {str(path)!r}: {exc}") from None
     if x.dtype.kind not in "fiub":
         raise UserError("data.path", f"x in {str(path)!r} must be numeric, got dtype {x.dtype}")
-    if x.ndim not in (2, 3, 4) or len(x) != len(y) or y.ndim != 1:
+    if x.ndim not in (2, 3, 4) or y.ndim != 1 or len(x) != len(y):
         raise UserError(
             "data.path",
             f"x must be (N, D), (N, H, W) or (N, C, H, W) and y (N,); "

@@ -60,7 +60,7 @@ def load_csv_text(path: Path, text_column: str, label_column: str) -> LabeledDat
     if not path.is_file():
         raise UserError("data.path", f"CSV file not found: {str(path)!r}")
     try:
-        with open(path, newline="", encoding="utf-8") as handle:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
             reader = csv.DictReader(handle)
             columns = reader.fieldnames or []
             for column, field in (

@@ -62,8 +62,10 @@ def resolve_factory(name: str) -> Callable[..., nn.Module]:
     module_name, _, attr = name.partition(":")
     try:
         factory = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError, ValueError) as exc:
-        raise UserError("model.name", f"cannot import {name!r}: {exc}") from None
+    except Exception as exc:  # a user module may fail to import in any way
+        raise UserError(
+            "model.name", f"cannot import {name!r}: {type(exc).__name__}: {exc}"
+        ) from None
     if not callable(factory):
         raise UserError("model.name", f"{name!r} is not callable")
     return factory
@@ -71,7 +73,10 @@ def resolve_factory(name: str) -> Callable[..., nn.Module]:
 
 def _call_factory(cfg: ModelConfig, spec: dict[str, Any]) -> nn.Module:
     factory = resolve_factory(cfg.name)
-    params = inspect.signature(factory).parameters
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        raise UserError("model.name", f"{cfg.name!r} has no inspectable signature") from None
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     for key, value in cfg.args.items():
         if key in spec:
