@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -70,12 +70,13 @@ class EarlyStoppingConfig(_Strict):
 class TrainConfig(_Strict):
     epochs: int = Field(20, gt=0)
     batch_size: int = Field(64, gt=0)
-    optimizer: Literal["sgd", "adam", "adamw"] = "adam"
+    optimizer: Literal["sgd", "adam", "adamw", "zo-sgd"] = "adam"
     lr: float = Field(1e-3, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
     nesterov: bool = False
     weight_decay: float = Field(0.0, ge=0)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
+    zo_eps: float = Field(1e-3, gt=0)
     schedule: Literal["constant", "step", "cosine", "onecycle"] = "constant"
     step_epochs: int = Field(10, gt=0)
     step_gamma: float = Field(0.1, gt=0, le=1)
@@ -97,8 +98,103 @@ class TrainConfig(_Strict):
         return self
 
 
+Probability = Annotated[float, Field(ge=0, le=1)]
+Pair = tuple[float, float]
+
+
+class CropSpec(_Strict):
+    kind: Literal["crop"]
+    padding: int = Field(4, ge=0)
+    padding_mode: Literal["zeros", "reflect"] = "zeros"
+    p: Probability = 1.0
+
+
+class FlipSpec(_Strict):
+    kind: Literal["hflip", "vflip"]
+    p: Probability = 0.5
+
+
+class ResizedCropSpec(_Strict):
+    kind: Literal["resized_crop"]
+    scale: Pair = (0.08, 1.0)
+    ratio: Pair = (3 / 4, 4 / 3)
+    p: Probability = 1.0
+
+
+class AffineSpec(_Strict):
+    kind: Literal["affine"]
+    degrees: float = Field(0.0, ge=0, le=180)
+    translate: Pair = (0.0, 0.0)
+    scale: Pair = (1.0, 1.0)
+    p: Probability = 1.0
+
+
+class ColorSpec(_Strict):
+    kind: Literal["color"]
+    brightness: Probability = 0.0
+    contrast: Probability = 0.0
+    p: Probability = 1.0
+
+
+class ErasingSpec(_Strict):
+    kind: Literal["erasing"]
+    scale: Pair = (0.02, 0.33)
+    ratio: Pair = (0.3, 3.3)
+    value: float | Literal["random"] = 0.0
+    p: Probability = 0.5
+
+
+class MixSpec(_Strict):
+    kind: Literal["mixup", "cutmix"]
+    alpha: float = Field(1.0, gt=0)
+    p: Probability = 1.0
+
+
+TransformSpec = Annotated[
+    CropSpec | FlipSpec | ResizedCropSpec | AffineSpec | ColorSpec | ErasingSpec | MixSpec,
+    Field(discriminator="kind"),
+]
+
+
+class NoiseSpec(_Strict):
+    """Input noise; ``level`` is the std (gaussian, speckle), half-width (uniform), pixel
+    fraction (salt_pepper) or intensity per photon (poisson)."""
+
+    kind: Literal["gaussian", "uniform", "salt_pepper", "speckle", "poisson"] = "gaussian"
+    level: float = Field(0.1, ge=0)
+    p: Probability = 1.0
+    clip: bool = True
+
+
+class WeightNoiseSpec(_Strict):
+    std: float = Field(gt=0)
+    relative: bool = False
+
+
+class GradNoiseSpec(_Strict):
+    eta: float = Field(0.01, gt=0)
+    gamma: float = Field(0.55, ge=0)
+
+
 class RandomizeConfig(_Strict):
-    """Placeholder: training-time randomization (augmentation, noise) arrives with issue #3."""
+    """Training-time randomization; each part draws from its own stream per (epoch, step)."""
+
+    augment: list[TransformSpec] = Field(default_factory=list)
+    input_noise: NoiseSpec | None = None
+    init: (
+        Literal[
+            "kaiming_normal",
+            "kaiming_uniform",
+            "xavier_normal",
+            "xavier_uniform",
+            "orthogonal",
+            "trunc_normal",
+        ]
+        | None
+    ) = None
+    weight_noise: WeightNoiseSpec | None = None
+    drop_connect: float = Field(0.0, ge=0, lt=1)
+    grad_noise: GradNoiseSpec | None = None
 
 
 class CVConfig(_Strict):
@@ -135,6 +231,11 @@ class ExperimentConfig(_Strict):
     def _early_stopping_needs_val(self) -> ExperimentConfig:
         if self.train.early_stopping is not None and self.data.val_fraction == 0:
             raise ValueError("train.early_stopping: needs data.val_fraction > 0, got 0")
+        if self.data.kind == "csv_text" and (self.randomize.augment or self.randomize.input_noise):
+            raise ValueError(
+                "randomize: image augmentation and input noise need image or vector "
+                "data, got data.kind 'csv_text'"
+            )
         return self
 
     def resolved(self) -> dict[str, Any]:

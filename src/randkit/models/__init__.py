@@ -14,6 +14,7 @@ from randkit.config import ModelConfig
 from randkit.data import Prepared
 from randkit.errors import UserError
 from randkit.models import zoo
+from randkit.randomize.weights import initialize
 from randkit.streams import Streams
 
 REGISTRY: dict[str, Callable[..., nn.Module]] = {
@@ -98,12 +99,18 @@ def _call_factory(cfg: ModelConfig, spec: dict[str, Any]) -> nn.Module:
 
 
 def build_model(
-    cfg: ModelConfig, prepared: Prepared, streams: Streams, **coords: int | str
+    cfg: ModelConfig,
+    prepared: Prepared,
+    streams: Streams,
+    init: str | None = None,
+    **coords: int | str,
 ) -> Classifier:
     """Build the model; every initial weight comes from stream ``init`` at ``coords``.
 
     Modules initialize themselves from torch's global RNG (``reset_parameters``), so the
-    construction runs with that RNG seeded from the stream and restored afterwards.
+    construction runs with that RNG seeded from the stream and restored afterwards. A named
+    ``init`` scheme (``kaiming_normal``, ...) then re-draws Linear/Conv weights from the
+    stream through a generator.
     """
     spec: dict[str, Any] = {
         "num_classes": len(prepared.classes),
@@ -113,6 +120,8 @@ def build_model(
         spec["vocab_size"] = prepared.vocab_size
     with streams.fork_global("init", **coords):
         net = _call_factory(cfg, spec)
+    if init is not None:
+        initialize(net, init, streams.torch("init", scheme=init, **coords))
     standardize = None
     if prepared.mean is not None and prepared.std is not None:
         standardize = Standardize(prepared.mean, prepared.std, prepared.kind)

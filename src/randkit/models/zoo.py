@@ -8,6 +8,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from randkit.randomize.modules import Dropout, StochasticDepth
+
 
 def mlp(
     in_shape: Sequence[int],
@@ -21,7 +23,7 @@ def mlp(
     for size in hidden:
         layers += [nn.Linear(width, size), nn.ReLU()]
         if dropout > 0:
-            layers.append(nn.Dropout(dropout))
+            layers.append(Dropout(dropout))
         width = size
     layers.append(nn.Linear(width, num_classes))
     return nn.Sequential(*layers)
@@ -52,14 +54,15 @@ def cnn(
         channels = out
     layers += [nn.Flatten(), nn.Linear(channels * height * width, hidden), nn.ReLU()]
     if dropout > 0:
-        layers.append(nn.Dropout(dropout))
+        layers.append(Dropout(dropout))
     layers.append(nn.Linear(hidden, num_classes))
     return nn.Sequential(*layers)
 
 
 class _BasicBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int, norm: str) -> None:
+    def __init__(self, cin: int, cout: int, stride: int, norm: str, drop_path: float) -> None:
         super().__init__()
+        self.drop_path = StochasticDepth(drop_path)
         self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=norm == "none")
         self.norm1 = _norm(norm, cout)
         self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=norm == "none")
@@ -72,7 +75,7 @@ class _BasicBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = torch.relu(self.norm1(self.conv1(x)))
-        return torch.relu(self.norm2(self.conv2(out)) + self.shortcut(x))
+        return torch.relu(self.drop_path(self.norm2(self.conv2(out))) + self.shortcut(x))
 
 
 def _norm(kind: str, channels: int) -> nn.Module:
@@ -84,11 +87,17 @@ def _norm(kind: str, channels: int) -> nn.Module:
 
 
 def resnet(
-    in_shape: Sequence[int], num_classes: int, depth: int = 20, width: int = 16, norm: str = "batch"
+    in_shape: Sequence[int],
+    num_classes: int,
+    depth: int = 20,
+    width: int = 16,
+    norm: str = "batch",
+    drop_path: float = 0.0,
 ) -> nn.Module:
     """ResNet for 32x32 images (He et al. 2016, sec. 4.2): depth = 6n + 2, three stages.
 
-    ``norm`` is ``batch``, ``group`` (vmap-friendly) or ``none``.
+    ``norm`` is ``batch``, ``group`` (vmap-friendly) or ``none``; ``drop_path`` is the
+    stochastic-depth probability of every residual branch.
     """
     if (depth - 2) % 6 != 0 or depth < 8:
         raise ValueError(f"depth must be 6n + 2 (8, 14, 20, 32, ...), got {depth}")
@@ -104,7 +113,7 @@ def resnet(
     for stage, out in enumerate((width, 2 * width, 4 * width)):
         for block in range(blocks_per_stage):
             stride = 2 if stage > 0 and block == 0 else 1
-            layers.append(_BasicBlock(channels, out, stride, norm))
+            layers.append(_BasicBlock(channels, out, stride, norm, drop_path))
             channels = out
     layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, num_classes)]
     return nn.Sequential(*layers)
@@ -120,7 +129,7 @@ def text(
         nn.ReLU(),
     ]
     if dropout > 0:
-        layers.append(nn.Dropout(dropout))
+        layers.append(Dropout(dropout))
     layers.append(nn.Linear(hidden, num_classes))
     return nn.Sequential(*layers)
 

@@ -1,20 +1,24 @@
-"""The training loop: order from stream ``order``, dropout from stream ``dropout``, resumable
-at any step from a checkpoint because every random draw is keyed by (epoch, step)."""
+"""The training loop: order from stream ``order``, augmentation from ``augment``, input,
+weight and gradient noise from ``noise``, stochastic layers from ``dropout``. Every draw is
+keyed by (epoch, step), so the loop resumes bit-exactly at any step from a checkpoint."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
+from torch.func import functional_call
 from torch.nn import functional as F
 
 from randkit.config import TrainConfig
 from randkit.data import TensorData
+from randkit.randomize import Randomization, ZerothOrderSGD, perturbed_parameters, use_generator
 from randkit.streams import Streams
 from randkit.train.checkpoint import optimizer_from_flat, strip_prefix
 from randkit.train.metrics import evaluate
@@ -67,9 +71,11 @@ class Trainer:
         cfg: TrainConfig,
         streams: Streams,
         device: torch.device,
+        randomization: Randomization | None = None,
         **coords: int,
     ) -> None:
         self.cfg = cfg
+        self.randomization = randomization or Randomization()
         self.streams = streams
         self.coords = coords
         self.device = device
@@ -142,20 +148,82 @@ class Trainer:
         return torch.randperm(len(self.train_data), generator=generator)
 
     def _step(self, xb: torch.Tensor, yb: torch.Tensor) -> tuple[float, int]:
-        # nn.Dropout and friends draw from torch's global RNG: feed it from stream `dropout`.
-        with self.streams.fork_global(
-            "dropout", device=self.device, step=self.state.global_step, **self.coords
-        ):
-            logits = self.model(xb)
-            loss = F.cross_entropy(logits, yb, label_smoothing=self.cfg.label_smoothing)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-        if self.cfg.grad_clip is not None:
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
-        self.optimizer.step()
+        """One optimizer step. Every random draw is keyed by (epoch, step) and ``coords``."""
+        keys = {"epoch": self.state.epoch, "step": self.state.global_step, **self.coords}
+        xb, targets = self._randomize_inputs(xb, yb, keys)
+        if isinstance(self.optimizer, ZerothOrderSGD):
+            loss, logits = self._zeroth_order_step(xb, targets, keys)
+        else:
+            with self._stochastic_layers(keys):
+                logits = self._forward(xb, keys)
+                loss = F.cross_entropy(logits, targets, label_smoothing=self.cfg.label_smoothing)
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+            noise = self.randomization.grad_noise
+            if noise is not None:
+                grads = self.streams.torch("noise", device=self.device, what="gradient", **keys)
+                noise.add_(self.model.parameters(), self.state.global_step, grads)
+            if self.cfg.grad_clip is not None:
+                nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+            self.optimizer.step()
         if self.scheduler is not None:
             self.scheduler.step()
         return float(loss.detach()), int((logits.argmax(1) == yb).sum())
+
+    def _randomize_inputs(
+        self, xb: torch.Tensor, yb: torch.Tensor, keys: dict[str, int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        plan, targets = self.randomization, yb
+        if plan.augment is not None:
+            generator = self.streams.torch("augment", device=self.device, **keys)
+            params = plan.augment.draw(xb.shape, generator, self.device)
+            xb = plan.augment.apply(xb, params)
+            if plan.augment.mixes_labels:
+                targets = plan.augment.apply_targets(yb, params)
+        if plan.input_noise is not None:
+            generator = self.streams.torch("noise", device=self.device, what="input", **keys)
+            xb = plan.input_noise(xb, generator)
+        return xb, targets
+
+    @contextlib.contextmanager
+    def _stochastic_layers(self, keys: dict[str, int]) -> Iterator[None]:
+        # randkit's layers take the stream's generator; nn.Dropout and other global-RNG users
+        # get torch's global RNG seeded from the same source (another coordinate), restored
+        # afterwards.
+        generator = self.streams.torch("dropout", device=self.device, **keys)
+        with self.streams.fork_global("dropout", device=self.device, rng="global", **keys):
+            with use_generator(generator):
+                yield
+
+    def _forward(self, xb: torch.Tensor, keys: dict[str, int]) -> torch.Tensor:
+        plan = self.randomization
+        if not plan.perturbs_weights:
+            return self.model(xb)
+        generator = self.streams.torch("noise", device=self.device, what="weights", **keys)
+        weights = perturbed_parameters(
+            self.model,
+            generator,
+            plan.weight_noise_std,
+            plan.weight_noise_relative,
+            plan.drop_connect,
+        )
+        return functional_call(self.model, weights, (xb,))
+
+    def _zeroth_order_step(
+        self, xb: torch.Tensor, targets: torch.Tensor, keys: dict[str, int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        logits_seen: list[torch.Tensor] = []
+
+        def closure() -> torch.Tensor:
+            # Both evaluations see the same dropout masks and weight noise (same streams).
+            with self._stochastic_layers(keys):
+                logits = self._forward(xb, keys)
+            logits_seen.append(logits)
+            return F.cross_entropy(logits, targets, label_smoothing=self.cfg.label_smoothing)
+
+        seed = self.streams.seed("noise", what="zeroth_order", **keys)
+        loss = self.optimizer.step(closure, seed=seed)
+        return loss, logits_seen[0]
 
     def _end_epoch(self) -> None:
         state = self.state

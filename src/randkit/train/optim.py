@@ -7,6 +7,7 @@ from torch import nn
 from torch.optim import lr_scheduler
 
 from randkit.config import TrainConfig
+from randkit.randomize.zo import ZerothOrderSGD
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -19,6 +20,8 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
             nesterov=cfg.nesterov,
             weight_decay=cfg.weight_decay,
         )
+    if cfg.optimizer == "zo-sgd":
+        return ZerothOrderSGD(params, lr=cfg.lr, eps=cfg.zo_eps, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)

@@ -17,6 +17,7 @@ from randkit.config import ExperimentConfig
 from randkit.data import Prepared, load_and_prepare
 from randkit.errors import UserError
 from randkit.models import build_model
+from randkit.randomize import build_randomization
 from randkit.streams import SOURCES, Streams
 from randkit.train.checkpoint import read_checkpoint, save_checkpoint
 from randkit.train.loop import LoopState, Trainer, resolve_device
@@ -86,7 +87,8 @@ def train_run(
     """
     streams = Streams(cfg.seed, cfg.seeds)
     prepared = load_and_prepare(cfg.data, streams)
-    model = build_model(cfg.model, prepared, streams)
+    model = build_model(cfg.model, prepared, streams, init=cfg.randomize.init)
+    randomization = build_randomization(cfg.randomize, len(prepared.classes), prepared.input_shape)
     device = resolve_device(cfg.train.device)
     fingerprint = cfg.fingerprint()
     resume_from = _prepare_out(out, fingerprint, restart)
@@ -98,7 +100,14 @@ def train_run(
         atomic.write_json(out / "preprocessing.json", prepared.preprocessing)
 
     trainer = Trainer(
-        model, prepared.train, prepared.val, len(prepared.classes), cfg.train, streams, device
+        model,
+        prepared.train,
+        prepared.val,
+        len(prepared.classes),
+        cfg.train,
+        streams,
+        device,
+        randomization,
     )
     resumed_step = None
     if resume_from is not None:

@@ -1,0 +1,102 @@
+"""Generator-driven stochastic layers: Dropout, Gaussian dropout, stochastic depth.
+
+``torch.nn.Dropout`` draws from the global RNG and takes no generator. These layers draw from
+the generator installed by ``use_generator`` (the training loop installs one from stream
+``dropout`` for every step); in training mode without one they refuse to run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+_current: contextvars.ContextVar[torch.Generator | None] = contextvars.ContextVar(
+    "randkit_generator", default=None
+)
+
+
+@contextlib.contextmanager
+def use_generator(generator: torch.Generator) -> Iterator[torch.Generator]:
+    """Make ``generator`` the source of randkit's stochastic layers inside the block."""
+    token = _current.set(generator)
+    try:
+        yield generator
+    finally:
+        _current.reset(token)
+
+
+def current_generator(layer: str) -> torch.Generator:
+    generator = _current.get()
+    if generator is None:
+        raise RuntimeError(
+            f"{layer} in training mode needs a generator: call the model inside "
+            "`with randkit.randomize.use_generator(g):` (or put it in eval mode)"
+        )
+    return generator
+
+
+def _check_p(p: float) -> float:
+    if not 0 <= p < 1:
+        raise ValueError(f"p must be in [0, 1), got {p}")
+    return float(p)
+
+
+class Dropout(nn.Module):
+    """Inverted dropout: zero each element with probability ``p``, scale the rest by 1/(1-p)."""
+
+    def __init__(self, p: float = 0.5) -> None:
+        super().__init__()
+        self.p = _check_p(p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        g = current_generator("Dropout")
+        keep = torch.rand(x.shape, generator=g, device=x.device) >= self.p
+        return x * keep.to(x.dtype) / (1 - self.p)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+class GaussianDropout(nn.Module):
+    """Multiplicative N(1, p/(1-p)) noise, the Gaussian match of dropout's variance
+    (Srivastava et al. 2014, sec. 10)."""
+
+    def __init__(self, p: float = 0.5) -> None:
+        super().__init__()
+        self.p = _check_p(p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        g = current_generator("GaussianDropout")
+        std = (self.p / (1 - self.p)) ** 0.5
+        return x * (1 + std * torch.randn(x.shape, generator=g, device=x.device, dtype=x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+class StochasticDepth(nn.Module):
+    """Drop a residual branch for a whole sample with probability ``p`` (Huang et al. 2016),
+    scaling kept branches by 1/(1-p) so eval needs no change."""
+
+    def __init__(self, p: float = 0.1) -> None:
+        super().__init__()
+        self.p = _check_p(p)
+
+    def forward(self, branch: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return branch
+        g = current_generator("StochasticDepth")
+        shape = (branch.shape[0],) + (1,) * (branch.dim() - 1)
+        keep = torch.rand(shape, generator=g, device=branch.device) >= self.p
+        return branch * keep.to(branch.dtype) / (1 - self.p)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
