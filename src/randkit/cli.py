@@ -62,6 +62,53 @@ def train(
         )
 
 
+@app.command()
+def evaluate(
+    run: Annotated[Path, typer.Argument(help="A finished run directory.")],
+    noise: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="KIND:L1,L2,... e.g. gaussian:0,0.1,0.3 (repeatable).", show_default=False
+        ),
+    ] = None,
+    quiet: Annotated[bool, typer.Option(help="Print nothing.")] = False,
+) -> None:
+    """Accuracy and loss under test-time input noise: robustness.json and robustness.png."""
+    from randkit.randomize.noise import parse_noise_levels
+    from randkit.robustness import robustness_curves, write_robustness
+    from randkit.train.load import load_trained
+
+    if not noise:
+        raise UserError("noise", "give at least one --noise KIND:L1,L2,... (e.g. gaussian:0,0.1)")
+    sweeps: dict[str, list[float]] = {}
+    for spec in noise:
+        try:
+            kind, levels = parse_noise_levels(spec)
+        except ValueError as exc:
+            raise UserError("noise", str(exc)) from None
+        sweeps[kind] = levels
+    trained = load_trained(run)
+    if trained.prepared.kind == "text":
+        raise UserError("noise", "input noise needs image or vector data, got text")
+    curves = robustness_curves(
+        trained.model,
+        trained.prepared.test,
+        len(trained.prepared.classes),
+        sweeps,
+        trained.streams,
+        trained.device,
+    )
+    json_path, png_path = write_robustness(run, curves, {"test_size": len(trained.prepared.test)})
+    if not quiet:
+        for kind, points in curves.items():
+            for point in points:
+                _out.print(
+                    f"{kind:12s} level {point['level']:<6g} accuracy "
+                    f"{point['accuracy']:.4f}  loss {point['loss']:.4f}"
+                )
+        _out.print(f"-> {json_path}, {png_path}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: user errors become one line on stderr and exit code 2."""
     try:
