@@ -72,12 +72,19 @@ class BatchTransform:
 
     def apply(self, x: torch.Tensor, params: Params) -> torch.Tensor:
         """Transform ``x`` with ``params`` (as drawn for ``x.shape``)."""
-        if not params["applied"].any():
+        applied = params["applied"]
+        if not applied.any():
             return x
-        out = self._apply(x, params)
-        keep = params["applied"].view(-1, *([1] * (x.dim() - 1)))
-        # Samples not drawn for the transform come out bit-for-bit unchanged.
-        return torch.where(keep, out, x) if out.shape == x.shape else out
+        if applied.all():
+            return self._apply(x, params)
+        # Only the drawn samples are transformed (per-sample parameters sliced to match);
+        # the others come out bit-for-bit unchanged.
+        index = applied.nonzero().squeeze(1)
+        n = len(applied)
+        subset = {k: v[index] if v.dim() and v.shape[0] == n else v for k, v in params.items()}
+        out = x.clone()
+        out[index] = self._apply(x[index], subset)
+        return out
 
     def apply_targets(self, targets: torch.Tensor, params: Params) -> torch.Tensor:
         """Soft ``(N, K)`` targets after the transform (only mixing transforms change them)."""

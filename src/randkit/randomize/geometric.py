@@ -36,18 +36,33 @@ class RandomCrop(BatchTransform):
         offsets = torch.randint(0, 2 * pad + 1, (2, n), generator=generator, device=device)
         return {"top": offsets[0], "left": offsets[1]}
 
+    def apply(self, x: torch.Tensor, params: Params) -> torch.Tensor:
+        # The centre offset is the identity, so samples not drawn need no final select.
+        if not params["applied"].any() or self.padding == 0:
+            return x
+        centre = torch.full_like(params["top"], self.padding)
+        return self._apply(
+            x,
+            {
+                "top": torch.where(params["applied"], params["top"], centre),
+                "left": torch.where(params["applied"], params["left"], centre),
+            },
+        )
+
     def _apply(self, x: torch.Tensor, params: Params) -> torch.Tensor:
-        n, _, h, w = x.shape
+        n, c, h, w = x.shape
         pad = self.padding
         if self.padding_mode == "reflect" and pad >= min(h, w):
             raise ValueError(f"reflect padding {pad} needs images larger than {pad}, got {h}x{w}")
         mode = "reflect" if self.padding_mode == "reflect" else "constant"
         padded = F.pad(x, (pad, pad, pad, pad), mode=mode)
+        wide = w + 2 * pad
         rows = params["top"][:, None] + torch.arange(h, device=x.device)  # (N, H)
         cols = params["left"][:, None] + torch.arange(w, device=x.device)  # (N, W)
-        batch = torch.arange(n, device=x.device)[:, None, None]
-        # Advanced indexing around the channel slice yields (N, H, W, C).
-        return padded[batch, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+        # One flat gather per sample: index of output pixel (i, j) in the padded image.
+        flat = (rows[:, :, None] * wide + cols[:, None, :]).reshape(n, 1, h * w)
+        picked = padded.reshape(n, c, -1).gather(2, flat.expand(n, c, h * w))
+        return picked.reshape(n, c, h, w)
 
 
 class HorizontalFlip(BatchTransform):

@@ -29,6 +29,14 @@ class _Mix(BatchTransform):
     def _partner(self, n: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
         return torch.randperm(n, generator=generator, device=device)
 
+    def apply(self, x: torch.Tensor, params: Params) -> torch.Tensor:
+        # Partners index the whole batch, so mix everything and keep undrawn samples as they
+        # were (the base class would slice the batch).
+        if not params["applied"].any():
+            return x
+        keep = params["applied"].view(-1, *([1] * (x.dim() - 1)))
+        return torch.where(keep, self._apply(x, params), x)
+
     def apply_targets(self, targets: torch.Tensor, params: Params) -> torch.Tensor:
         lam = torch.where(params["applied"], params["lam"], torch.ones_like(params["lam"]))
         lam = lam[:, None].to(targets.dtype)

@@ -50,7 +50,9 @@ class InputNoise(BatchTransform):
         g.manual_seed(int(params["seed"][0]))
         level, kind = self.level, self.kind
         if kind == "gaussian":
-            out = x + level * torch.randn(x.shape, generator=g, device=x.device, dtype=x.dtype)
+            # In place on the fresh noise tensor: one allocation, no temporaries.
+            out = torch.randn(x.shape, generator=g, device=x.device, dtype=x.dtype)
+            out.mul_(level).add_(x)
         elif kind == "uniform":
             u = torch.rand(x.shape, generator=g, device=x.device, dtype=x.dtype)
             out = x + level * (2 * u - 1)
@@ -64,7 +66,7 @@ class InputNoise(BatchTransform):
             out = torch.where(hit, salt.to(x.dtype), x)
         else:
             out = torch.poisson(x.clamp(min=0) / level, generator=g) * level
-        return out.clamp(0, 1) if self.clip else out
+        return out.clamp_(0, 1) if self.clip else out
 
 
 def parse_noise_levels(spec: str) -> tuple[str, list[float]]:
