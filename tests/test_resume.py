@@ -31,6 +31,20 @@ RESUMABLE = {
         "device": "cpu",
         "early_stopping": {"patience": 10, "metric": "accuracy"},
     },
+    # Every kind of training-time randomization on, so each stream must replay on resume.
+    "randomize": {
+        "augment": [
+            {"kind": "crop", "padding": 1, "p": 0.7},
+            {"kind": "affine", "degrees": 10, "translate": [0.1, 0.1], "p": 0.5},
+            {"kind": "erasing", "p": 0.3, "value": "random"},
+            {"kind": "mixup", "alpha": 0.4, "p": 0.5},
+        ],
+        "input_noise": {"kind": "gaussian", "level": 0.1, "p": 0.8},
+        "init": "kaiming_normal",
+        "weight_noise": {"std": 0.01, "relative": True},
+        "drop_connect": 0.05,
+        "grad_noise": {"eta": 0.001},
+    },
 }
 
 
@@ -115,3 +129,24 @@ def test_unreadable_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert result.stderr.startswith("error: out: checkpoint") and "--restart" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_zeroth_order_run_resumes_bit_exactly(tmp_path: Path) -> None:
+    raw = {
+        **RESUMABLE,
+        "train": {
+            **RESUMABLE["train"],
+            "optimizer": "zo-sgd",
+            "lr": 0.01,
+            "epochs": 2,
+            "early_stopping": None,
+        },
+    }
+    config = write_config(tmp_path, raw)
+    reference = tmp_path / "reference"
+    assert run_cli("train", str(config), "--out", str(reference), "--quiet").returncode == 0
+    out = tmp_path / "interrupted"
+    assert _start(config, out, crash="checkpoint.safetensors:4").wait() == -signal.SIGKILL
+    assert run_cli("train", str(config), "--out", str(out), "--quiet").returncode == 0
+    expected = (reference / "model.safetensors").read_bytes()
+    assert (out / "model.safetensors").read_bytes() == expected
