@@ -132,3 +132,17 @@ def test_deterministic_switch_and_restore() -> None:
     finally:
         switch.__exit__(None, None, None)
     assert torch.are_deterministic_algorithms_enabled() == before
+
+
+def test_cpu_generators_use_all_63_bits_of_the_seed() -> None:
+    # torch's manual_seed keeps 32 bits on the CPU; streams must not collide on them.
+    from randkit.streams import seeded_generator
+
+    low = torch.rand(8, generator=seeded_generator(5))
+    high = torch.rand(8, generator=seeded_generator(5 + 2**32))
+    assert not torch.equal(low, high)
+    assert torch.equal(low, torch.rand(8, generator=seeded_generator(5)))
+    with global_rng_guard(), Streams(0).fork_global("dropout", step=1):
+        inside = torch.rand(4)
+    with Streams(0).fork_global("dropout", step=1):
+        assert torch.equal(inside, torch.rand(4))

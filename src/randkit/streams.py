@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import os
 import random
+import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -51,6 +52,44 @@ def check_seed(seed: object, what: str = "seed") -> int:
     if not integer or not 0 <= seed <= _SEED_MAX:
         raise ValueError(f"{what} must be an integer in [0, 2**63 - 1], got {seed!r}")
     return int(seed)
+
+
+# torch's CPU generator (mt19937) keeps only the low 32 bits of ``manual_seed``: distinct
+# 63-bit stream seeds would collide after about 2**16 streams. CPU generators therefore get
+# their whole 624-word state from the seed. Layout of ``Generator.get_state()`` on the CPU
+# (CPUGeneratorImplState): initial seed (u64), left (i32), seeded (i32), next (u64), then the
+# 624 state words stored as u64.
+_MT_WORDS = 624
+_MT_STATE_OFFSET = 24
+_MT_STATE_BYTES = 5056
+
+
+def seeded_generator(
+    seed: int | np.random.SeedSequence, device: str | torch.device = "cpu"
+) -> torch.Generator:
+    """A ``torch.Generator`` on ``device`` that uses all the entropy of ``seed``.
+
+    CUDA generators (Philox) take the 64-bit seed as it is. CPU generators get their full
+    mt19937 state from PCG64 output of ``seed``, so seeds that agree in their low 32 bits
+    still give unrelated streams.
+    """
+    device = torch.device(device)
+    sequence = seed if isinstance(seed, np.random.SeedSequence) else np.random.SeedSequence(seed)
+    words = sequence.generate_state(2, dtype=np.uint32)
+    seed63 = int((int(words[0]) << 32 | int(words[1])) & _SEED_MAX)
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed63)
+    if device.type != "cpu":
+        return generator
+    state = generator.get_state()
+    if state.numel() != _MT_STATE_BYTES or sys.byteorder != "little":  # pragma: no cover
+        raise RuntimeError("unexpected torch CPU generator state layout; cannot seed it fully")
+    mt_words = np.random.PCG64(sequence).random_raw(_MT_WORDS // 2).view(np.uint32)
+    raw = state.numpy().copy()
+    end = _MT_STATE_OFFSET + 8 * _MT_WORDS
+    raw[_MT_STATE_OFFSET:end] = mt_words.astype(np.uint64).view(np.uint8)
+    generator.set_state(torch.from_numpy(raw))
+    return generator
 
 
 def _coordinate_key(coords: Mapping[str, int | str]) -> list[int]:
@@ -112,9 +151,7 @@ class Streams:
         self, source: str, *, device: str | torch.device = "cpu", **coords: int | str
     ) -> torch.Generator:
         """A fresh ``torch.Generator`` on ``device`` seeded for the stream."""
-        generator = torch.Generator(device=device)
-        generator.manual_seed(self.seed(source, **coords))
-        return generator
+        return seeded_generator(self.sequence(source, **coords), device)
 
     def numpy(self, source: str, **coords: int | str) -> np.random.Generator:
         """A fresh NumPy ``Generator`` (PCG64) for the stream."""
@@ -129,10 +166,11 @@ class Streams:
         device = torch.device(device)
         cuda = [device] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=cuda, device_type="cuda"):
-            seed = self.seed(source, **coords)
-            torch.default_generator.manual_seed(seed)
+            sequence = self.sequence(source, **coords)
+            torch.default_generator.set_state(seeded_generator(sequence).get_state())
             if cuda:
-                torch.cuda.default_generators[device.index or 0].manual_seed(seed)
+                cuda_generator = torch.cuda.default_generators[device.index or 0]
+                cuda_generator.manual_seed(self.seed(source, **coords))
             yield
 
 

@@ -10,11 +10,18 @@ from randkit.randomize.base import BatchTransform, Params, Shape
 def sample_beta(
     n: int, alpha: float, generator: torch.Generator, device: torch.device
 ) -> torch.Tensor:
-    """``n`` draws from Beta(alpha, alpha) as G1 / (G1 + G2) with Gamma(alpha) draws:
-    ``torch.distributions.Beta`` has no ``generator=``, ``torch._standard_gamma`` does."""
-    concentration = torch.full((2, n), float(alpha), device=device)
+    """``n`` draws from Beta(alpha, alpha) as G1 / (G1 + G2) with Gamma(alpha) draws.
+
+    ``torch.distributions.Beta`` has no ``generator=``; ``torch._standard_gamma`` does. For
+    small alpha the Gamma draws underflow, so they are taken in log space:
+    log G = log Gamma(alpha + 1) + log(U) / alpha (Marsaglia & Tsang 2000, sec. 6), and
+    G1 / (G1 + G2) = sigmoid(log G1 - log G2).
+    """
+    concentration = torch.full((2, n), float(alpha) + 1.0, device=device, dtype=torch.float64)
     gammas = torch._standard_gamma(concentration, generator=generator)
-    return gammas[0] / (gammas[0] + gammas[1])
+    uniforms = torch.rand((2, n), generator=generator, device=device, dtype=torch.float64)
+    log_gammas = gammas.log() + uniforms.clamp(min=1e-300).log() / alpha
+    return torch.sigmoid(log_gammas[0] - log_gammas[1]).float()
 
 
 class _Mix(BatchTransform):

@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 
 from randkit.randomize.base import BatchTransform, Params, Shape
+from randkit.randomize.rng import random_fill
+from randkit.streams import seeded_generator
 
 NOISE_KINDS = ("gaussian", "uniform", "salt_pepper", "speckle", "poisson")
 
@@ -46,26 +48,27 @@ class InputNoise(BatchTransform):
         return super().apply(x, params)
 
     def _apply(self, x: torch.Tensor, params: Params) -> torch.Tensor:
-        g = torch.Generator(device=x.device)
-        g.manual_seed(int(params["seed"][0]))
+        seed = int(params["seed"][0])
         level, kind = self.level, self.kind
-        if kind == "gaussian":
-            # In place on the fresh noise tensor: one allocation, no temporaries.
-            out = torch.randn(x.shape, generator=g, device=x.device, dtype=x.dtype)
-            out.mul_(level).add_(x)
-        elif kind == "uniform":
-            u = torch.rand(x.shape, generator=g, device=x.device, dtype=x.dtype)
-            out = x + level * (2 * u - 1)
-        elif kind == "speckle":
-            out = x * (
-                1 + level * torch.randn(x.shape, generator=g, device=x.device, dtype=x.dtype)
+        if kind == "poisson":
+            counts = torch.poisson(
+                x.clamp(min=0) / level, generator=seeded_generator(seed, x.device)
             )
+            out = counts * level
         elif kind == "salt_pepper":
-            u = torch.rand((2, *x.shape), generator=g, device=x.device)
+            u = random_fill((2, *x.shape), seed, x.device, kind="uniform")
             hit, salt = u[0] < level, u[1] < 0.5
             out = torch.where(hit, salt.to(x.dtype), x)
         else:
-            out = torch.poisson(x.clamp(min=0) / level, generator=g) * level
+            # In place on the fresh random tensor: one allocation, no temporaries.
+            draw = "uniform" if kind == "uniform" else "normal"
+            out = random_fill(x.shape, seed, x.device, x.dtype, kind=draw)
+            if kind == "gaussian":
+                out.mul_(level).add_(x)
+            elif kind == "uniform":
+                out.mul_(2 * level).sub_(level).add_(x)
+            else:  # speckle: x * (1 + level * n)
+                out.mul_(level).add_(1).mul_(x)
         return out.clamp_(0, 1) if self.clip else out
 
 

@@ -16,6 +16,8 @@ from typing import Literal
 
 import torch
 
+from randkit.streams import seeded_generator
+
 BLOCK = 1 << 16
 _MASK64 = (1 << 64) - 1
 _pool: ThreadPoolExecutor | None = None
@@ -50,18 +52,14 @@ def random_fill(
     """A tensor of N(0, 1) or U[0, 1) numbers, a pure function of (shape, seed, device type)."""
     out = torch.empty(shape, device=device, dtype=dtype)
     if device.type != "cpu":
-        generator = torch.Generator(device=device)
-        generator.manual_seed(seed)
-        return (
-            out.normal_(generator=generator)
-            if kind == "normal"
-            else out.uniform_(generator=generator)
-        )
+        generator = seeded_generator(seed, device)
+        if kind == "normal":
+            return out.normal_(generator=generator)
+        return out.uniform_(generator=generator)
     flat = out.view(-1)
 
     def fill(block: int) -> None:
-        generator = torch.Generator()
-        generator.manual_seed(_block_seed(seed, block))
+        generator = seeded_generator(_block_seed(seed, block))
         part = flat[block * BLOCK : (block + 1) * BLOCK]
         if kind == "normal":
             part.normal_(generator=generator)

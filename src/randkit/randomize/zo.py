@@ -7,6 +7,8 @@ from collections.abc import Callable
 
 import torch
 
+from randkit.streams import seeded_generator
+
 
 class ZerothOrderSGD(torch.optim.Optimizer):
     """theta <- theta - lr * (g * z + weight_decay * theta) with
@@ -28,6 +30,9 @@ class ZerothOrderSGD(torch.optim.Optimizer):
                 f"need lr > 0, eps > 0, weight_decay >= 0; got {lr}, {eps}, {weight_decay}"
             )
         super().__init__(params, {"lr": lr, "eps": eps, "weight_decay": weight_decay})
+        if len({group["eps"] for group in self.param_groups}) > 1:
+            # One loss difference serves every group, so it needs one perturbation size.
+            raise ValueError("ZerothOrderSGD needs the same eps in every parameter group")
 
     def _params(self) -> list[tuple[torch.nn.Parameter, dict]]:
         return [(p, group) for group in self.param_groups for p in group["params"]]
@@ -36,8 +41,7 @@ class ZerothOrderSGD(torch.optim.Optimizer):
         generators: dict[torch.device, torch.Generator] = {}
         for p, group in self._params():
             if p.device not in generators:
-                generators[p.device] = torch.Generator(device=p.device)
-                generators[p.device].manual_seed(seed)
+                generators[p.device] = seeded_generator(seed, p.device)
             z = torch.randn(p.shape, generator=generators[p.device], device=p.device, dtype=p.dtype)
             update(p, z, group)
 
