@@ -22,6 +22,7 @@ from randkit import Streams
 from randkit.config import ExperimentConfig
 from randkit.data import load_and_prepare
 from randkit.models import build_model
+from randkit.randomize import Dropout
 from randkit.train import Trainer
 
 CONFIG = {
@@ -31,8 +32,18 @@ CONFIG = {
 }
 
 
+def with_torch_dropout(model: torch.nn.Module) -> torch.nn.Module:
+    """The same network with PyTorch's own nn.Dropout, as a plain PyTorch user would have."""
+    for parent in model.modules():
+        for name, child in parent.named_children():
+            if isinstance(child, Dropout):
+                setattr(parent, name, torch.nn.Dropout(child.p))
+    return model
+
+
 def plain_pytorch(cfg: ExperimentConfig, prepared, model) -> float:  # type: ignore[no-untyped-def]
     """What a user writes by hand: DataLoader over a TensorDataset, shuffle with a generator."""
+    model = with_torch_dropout(model)
     loader = DataLoader(
         TensorDataset(prepared.train.x, prepared.train.y),
         batch_size=cfg.train.batch_size,
