@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 $(BIN)/randkit: pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[dev,ray,bench]'
 	touch $@
 
 demo: $(BIN)/randkit

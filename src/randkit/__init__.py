@@ -5,4 +5,20 @@ from randkit.streams import SOURCES, Streams, deterministic, global_rng_guard
 
 __version__ = "0.1.0"
 
-__all__ = ["SOURCES", "Streams", "UserError", "__version__", "deterministic", "global_rng_guard"]
+
+def cross_validate(*args, **kwargs):  # type: ignore[no-untyped-def]
+    """See ``randkit.cv.cross_validate`` (imported lazily: it pulls in pandas)."""
+    from randkit.cv.api import cross_validate as run
+
+    return run(*args, **kwargs)
+
+
+__all__ = [
+    "SOURCES",
+    "Streams",
+    "UserError",
+    "__version__",
+    "cross_validate",
+    "deterministic",
+    "global_rng_guard",
+]

@@ -109,6 +109,106 @@ def evaluate(
         _out.print(f"-> {json_path}, {png_path}")
 
 
+@app.command()
+def cv(
+    config: Annotated[Path, typer.Argument(help="Experiment YAML file.")],
+    out: Annotated[
+        Path | None, typer.Option(help="Run directory [default: runs/<config>-cv]")
+    ] = None,
+    runner: Annotated[
+        str | None, typer.Option(help="sequential | vectorized | processes | ray")
+    ] = None,
+    workers: Annotated[
+        int | None, typer.Option(help="Worker processes (processes runner).")
+    ] = None,
+    address: Annotated[str | None, typer.Option(help="Ray cluster address (ray runner).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Override the root seed.")] = None,
+    restart: Annotated[bool, typer.Option(help="Discard finished trials in --out.")] = False,
+    quiet: Annotated[bool, typer.Option(help="No progress bar, no summary.")] = False,
+) -> None:
+    """Cross-validate; the same command with the same --out finishes only missing trials."""
+    from randkit.config import load_config
+    from randkit.cv import run_cv
+
+    overrides: dict[str, object] = {}
+    for key, value in (
+        ("cv.runner", runner),
+        ("cv.workers", workers),
+        ("cv.address", address),
+        ("seed", seed),
+    ):
+        if value is not None:
+            overrides[key] = value
+    cfg = load_config(config, overrides)
+    out = out or Path("runs") / f"{config.stem}-cv"
+    result = run_cv(cfg, out, restart=restart, quiet=quiet)
+    if not quiet:
+        _print_summary(result.summary, out)
+
+
+def _print_summary(summary: dict, out: Path) -> None:
+    from rich.table import Table
+
+    table = Table(
+        title=f"cross-validation: {summary['n_trials']} trials "
+        f"({summary['folds']} folds x {summary['repeats']} repeats)"
+    )
+    for column in ("metric", "mean", "std", "95% CI", "95% CI (corrected)"):
+        table.add_column(column)
+    for name, values in summary["per_metric"].items():
+        corrected = summary["ci95_corrected"] if name == summary["metric"] else None
+        table.add_row(
+            name,
+            f"{values['mean']:.4f}",
+            f"{values['std']:.4f}",
+            f"[{values['ci95'][0]:.4f}, {values['ci95'][1]:.4f}]",
+            f"[{corrected[0]:.4f}, {corrected[1]:.4f}]" if corrected else "",
+        )
+    _out.print(table)
+    components = summary.get("variance_components", {}).get("components", {})
+    for name, part in components.items():
+        _out.print(f"variance from {name}: {part['variance']:.3g} ({100 * part['share']:.0f}%)")
+    _out.print(f"report: {out / 'report.html'}")
+
+
+@app.command()
+def compare(
+    run_a: Annotated[Path, typer.Argument(help="First cross-validation run.")],
+    run_b: Annotated[Path, typer.Argument(help="Second run, same cv plan.")],
+    metric: Annotated[str | None, typer.Option(help="Metric [default: the runs' metric]")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the result.")] = None,
+) -> None:
+    """Paired comparison of two runs with tests valid for cross-validation."""
+    from randkit import atomic
+    from randkit.cv.compare import compare_runs
+
+    result = compare_runs(run_a, run_b, metric)
+    test = result["corrected_t_test"]
+    _out.print(
+        f"{result['metric']}: {run_a.name} {result['mean_a']:.4f}  vs  "
+        f"{run_b.name} {result['mean_b']:.4f}  over {result['n_trials']} paired trials"
+    )
+    _out.print(
+        f"Nadeau-Bengio corrected t-test: t = {test['t']:.3f}, df = {test['df']}, "
+        f"p = {test['p_value']:.4g}, 95% CI of the difference "
+        f"[{test['ci'][0]:.4f}, {test['ci'][1]:.4f}]"
+    )
+    if "five_by_two_t_test" in result:
+        five = result["five_by_two_t_test"]
+        _out.print(f"Dietterich 5x2cv t-test: t = {five['t']:.3f}, p = {five['p_value']:.4g}")
+    _out.print(result["verdict"])
+    if json_out is not None:
+        atomic.write_json(json_out, result)
+
+
+@app.command()
+def report(run: Annotated[Path, typer.Argument(help="A cross-validation run directory.")]) -> None:
+    """Write report.html for a cross-validation run."""
+    from randkit.report import write_report
+
+    _out.print(f"report: {write_report(run)}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: user errors become one line on stderr and exit code 2."""
     try:

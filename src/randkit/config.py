@@ -35,6 +35,7 @@ class DataConfig(_Strict):
     # CSV text
     text_column: str = "text"
     label_column: str = "label"
+    group_column: str | None = None
     max_length: int = Field(64, gt=0)
     max_vocab: int = Field(20000, gt=2)
     min_freq: int = Field(1, gt=0)
@@ -197,8 +198,51 @@ class RandomizeConfig(_Strict):
     grad_noise: GradNoiseSpec | None = None
 
 
+SourceName = Literal["split", "init", "order", "augment", "noise", "dropout"]
+
+
 class CVConfig(_Strict):
-    """Placeholder: cross-validation plans arrive with issue #4."""
+    """A cross-validation plan: ``folds`` x ``repeats`` trials. The sources in ``vary``
+    change between repeats, the others stay at their first setting. ``decompose`` runs one
+    group of repeats per source in ``vary`` (only that source changes), so the spread can be
+    split by source."""
+
+    splitter: Literal[
+        "kfold",
+        "stratified_kfold",
+        "group_kfold",
+        "stratified_group_kfold",
+        "shuffle_split",
+        "5x2",
+    ] = "stratified_kfold"
+    folds: int = Field(5, ge=2)
+    repeats: int = Field(1, ge=1)
+    vary: list[SourceName] = Field(
+        default_factory=lambda: ["split", "init", "order", "augment", "noise", "dropout"]
+    )
+    decompose: bool = False
+    test_fraction: float = Field(0.2, gt=0, lt=1)
+    inner_val_fraction: float = Field(0.0, ge=0, lt=1)
+    metric: Literal["accuracy", "loss", "macro_f1"] = "accuracy"
+    runner: Literal["sequential", "vectorized", "processes", "ray"] = "sequential"
+    workers: int | None = Field(None, ge=1)
+    threads_per_trial: int | None = Field(None, ge=1)
+    address: str | None = None
+    retries: int = Field(2, ge=0)
+    save_models: bool = True
+
+    @model_validator(mode="after")
+    def _five_by_two(self) -> CVConfig:
+        if self.splitter == "5x2" and (self.folds, self.repeats) not in ((2, 5), (5, 1)):
+            raise ValueError(
+                f"cv.splitter: '5x2' means 2 folds x 5 repeats; leave cv.folds and cv.repeats "
+                f"unset, got folds={self.folds}, repeats={self.repeats}"
+            )
+        if self.decompose and self.repeats < 2:
+            raise ValueError(f"cv.decompose: needs cv.repeats >= 2, got {self.repeats}")
+        if len(set(self.vary)) != len(self.vary):
+            raise ValueError(f"cv.vary: lists a source twice, got {self.vary}")
+        return self
 
 
 class DeployConfig(_Strict):

@@ -252,3 +252,43 @@ class deterministic:
             os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
         else:
             os.environ["CUBLAS_WORKSPACE_CONFIG"] = workspace
+
+
+class ScopedStreams:
+    """Streams with extra coordinates per source, e.g. a cross-validation trial's
+    ``{"init": {"fold": 2, "level": 1}, ...}``. Same interface as ``Streams``."""
+
+    def __init__(self, streams: Streams, scopes: Mapping[str, Mapping[str, int | str]]) -> None:
+        for source in scopes:
+            check_source(source)
+        self.streams = streams
+        self.scopes = {source: dict(coords) for source, coords in scopes.items()}
+
+    def _coords(self, source: str, coords: dict[str, int | str]) -> dict[str, int | str]:
+        scope = self.scopes.get(check_source(source), {})
+        clash = set(scope) & set(coords)
+        if clash:
+            raise ValueError(f"coordinates {sorted(clash)} are already set by the scope")
+        return {**scope, **coords}
+
+    def source_seed(self, source: str) -> int:
+        return self.streams.source_seed(source)
+
+    def sequence(self, source: str, **coords: int | str) -> np.random.SeedSequence:
+        return self.streams.sequence(source, **self._coords(source, coords))
+
+    def seed(self, source: str, **coords: int | str) -> int:
+        return self.streams.seed(source, **self._coords(source, coords))
+
+    def torch(
+        self, source: str, *, device: str | torch.device = "cpu", **coords: int | str
+    ) -> torch.Generator:
+        return self.streams.torch(source, device=device, **self._coords(source, coords))
+
+    def numpy(self, source: str, **coords: int | str) -> np.random.Generator:
+        return self.streams.numpy(source, **self._coords(source, coords))
+
+    def fork_global(
+        self, source: str, *, device: str | torch.device = "cpu", **coords: int | str
+    ) -> contextlib.AbstractContextManager[None]:
+        return self.streams.fork_global(source, device=device, **self._coords(source, coords))

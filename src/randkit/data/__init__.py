@@ -30,7 +30,7 @@ def load_data(cfg: DataConfig) -> LabeledData:
         return load_npz(cfg.path)
     if cfg.kind == "image_folder":
         return load_image_folder(cfg.path, cfg.image_size, cfg.grayscale, cfg.cache_dir)
-    return load_csv_text(cfg.path, cfg.text_column, cfg.label_column)
+    return load_csv_text(cfg.path, cfg.text_column, cfg.label_column, cfg.group_column)
 
 
 def load_and_prepare(cfg: DataConfig, streams: Streams) -> Prepared:

@@ -23,7 +23,8 @@ def load_digits_data() -> LabeledData:
 
 
 def load_npz(path: Path) -> LabeledData:
-    """``x``: ``(N, D)`` vectors, ``(N, H, W)`` or ``(N, C, H, W)`` images; ``y``: labels.
+    """``x``: ``(N, D)`` vectors, ``(N, H, W)`` or ``(N, C, H, W)`` images; ``y``: labels;
+    optional ``groups`` (N,) for group splitters.
 
     Values are used as they are (not rescaled to [0, 1]); the model standardizes them.
     """
@@ -39,6 +40,7 @@ def load_npz(path: Path) -> LabeledData:
                     f"(has: {', '.join(archive.files) or 'none'})",
                 )
             x, y = archive["x"], archive["y"]
+            groups = archive["groups"] if "groups" in archive.files else None
     except (OSError, ValueError, zipfile.BadZipFile) as exc:
         raise UserError("data.path", f"cannot read npz {str(path)!r}: {exc}") from None
     if x.dtype.kind not in "fiub":
@@ -60,9 +62,14 @@ def load_npz(path: Path) -> LabeledData:
     if x.ndim == 3:
         x = x[:, None]
     kind = "vector" if x.ndim == 2 else "image"
+    if groups is not None and groups.shape != y.shape:
+        raise UserError(
+            "data.path", f"groups in {str(path)!r} must be (N,) like y, got {groups.shape}"
+        )
     return LabeledData(
         torch.from_numpy(x),
         torch.from_numpy(targets.astype(np.int64)),
         [str(c) for c in classes],
         kind,
+        groups=groups,
     )

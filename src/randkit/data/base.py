@@ -28,6 +28,7 @@ class LabeledData:
     targets: torch.Tensor
     classes: list[str]
     kind: Kind
+    groups: np.ndarray | None = None  # one group label per example, for group splitters
 
     def __post_init__(self) -> None:
         if len(self.inputs) != len(self.targets):

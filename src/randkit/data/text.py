@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from randkit.data.base import LabeledData
@@ -56,17 +57,19 @@ class Vocabulary:
         return {"tokens": self.tokens, "max_length": self.max_length}
 
 
-def load_csv_text(path: Path, text_column: str, label_column: str) -> LabeledData:
+def load_csv_text(
+    path: Path, text_column: str, label_column: str, group_column: str | None = None
+) -> LabeledData:
     if not path.is_file():
         raise UserError("data.path", f"CSV file not found: {str(path)!r}")
     try:
         with open(path, newline="", encoding="utf-8-sig") as handle:
             reader = csv.DictReader(handle)
             columns = reader.fieldnames or []
-            for column, field in (
-                (text_column, "data.text_column"),
-                (label_column, "data.label_column"),
-            ):
+            wanted = [(text_column, "data.text_column"), (label_column, "data.label_column")]
+            if group_column is not None:
+                wanted.append((group_column, "data.group_column"))
+            for column, field in wanted:
                 if column not in columns:
                     raise UserError(
                         field,
@@ -88,4 +91,5 @@ def load_csv_text(path: Path, text_column: str, label_column: str) -> LabeledDat
     classes = sorted(set(labels))
     lookup = {c: i for i, c in enumerate(classes)}
     targets = torch.tensor([lookup[label] for label in labels], dtype=torch.long)
-    return LabeledData(texts, targets, classes, "text")
+    groups = np.array([row[group_column] for row in rows]) if group_column else None
+    return LabeledData(texts, targets, classes, "text", groups=groups)

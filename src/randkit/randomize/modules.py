@@ -10,17 +10,30 @@ from __future__ import annotations
 import contextlib
 import contextvars
 from collections.abc import Iterator
+from typing import Protocol
 
 import torch
 from torch import nn
 
-_current: contextvars.ContextVar[torch.Generator | None] = contextvars.ContextVar(
+
+class RandomSource(Protocol):
+    """Anything that hands stochastic layers their random numbers (the vectorized runner
+    hands out numbers drawn beforehand from each trial's generator)."""
+
+    def draw(
+        self, kind: str, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype
+    ) -> torch.Tensor: ...
+
+
+_current: contextvars.ContextVar[torch.Generator | RandomSource | None] = contextvars.ContextVar(
     "randkit_generator", default=None
 )
 
 
 @contextlib.contextmanager
-def use_generator(generator: torch.Generator) -> Iterator[torch.Generator]:
+def use_generator(
+    generator: torch.Generator | RandomSource,
+) -> Iterator[torch.Generator | RandomSource]:
     """Make ``generator`` the source of randkit's stochastic layers inside the block."""
     token = _current.set(generator)
     try:
@@ -29,7 +42,7 @@ def use_generator(generator: torch.Generator) -> Iterator[torch.Generator]:
         _current.reset(token)
 
 
-def current_generator(layer: str) -> torch.Generator:
+def current_generator(layer: str) -> torch.Generator | RandomSource:
     generator = _current.get()
     if generator is None:
         raise RuntimeError(
@@ -37,6 +50,15 @@ def current_generator(layer: str) -> torch.Generator:
             "`with randkit.randomize.use_generator(g):` (or put it in eval mode)"
         )
     return generator
+
+
+def draw(layer: str, kind: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    """``kind`` ("uniform" or "normal") numbers of ``shape`` from the current source."""
+    source = current_generator(layer)
+    if isinstance(source, torch.Generator):
+        sample = torch.rand if kind == "uniform" else torch.randn
+        return sample(shape, generator=source, device=like.device, dtype=like.dtype)
+    return source.draw(kind, tuple(shape), like.device, like.dtype)
 
 
 def _check_p(p: float) -> float:
@@ -55,8 +77,7 @@ class Dropout(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0:
             return x
-        g = current_generator("Dropout")
-        keep = torch.rand(x.shape, generator=g, device=x.device) >= self.p
+        keep = draw("Dropout", "uniform", tuple(x.shape), x) >= self.p
         return x * keep.to(x.dtype) / (1 - self.p)
 
     def extra_repr(self) -> str:
@@ -74,9 +95,8 @@ class GaussianDropout(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0:
             return x
-        g = current_generator("GaussianDropout")
         std = (self.p / (1 - self.p)) ** 0.5
-        return x * (1 + std * torch.randn(x.shape, generator=g, device=x.device, dtype=x.dtype))
+        return x * (1 + std * draw("GaussianDropout", "normal", tuple(x.shape), x))
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
@@ -93,9 +113,8 @@ class StochasticDepth(nn.Module):
     def forward(self, branch: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0:
             return branch
-        g = current_generator("StochasticDepth")
         shape = (branch.shape[0],) + (1,) * (branch.dim() - 1)
-        keep = torch.rand(shape, generator=g, device=branch.device) >= self.p
+        keep = draw("StochasticDepth", "uniform", shape, branch) >= self.p
         return branch * keep.to(branch.dtype) / (1 - self.p)
 
     def extra_repr(self) -> str:

@@ -1,0 +1,270 @@
+"""The lockstep training loop of the vectorized runner (see ``vectorized.py``)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call, vmap
+from torch.nn import functional as F
+
+from randkit.config import ExperimentConfig
+from randkit.cv.stacked_optim import StackedOptimizer
+from randkit.randomize import Randomization, use_generator
+from randkit.train.metrics import classification_metrics
+
+NEUTRAL = {"uniform": 1.0, "normal": 0.0}  # a padded row keeps its activation unchanged
+
+
+def _pad(t: torch.Tensor, rows: int, value: float = 0.0) -> torch.Tensor:
+    if len(t) == rows:
+        return t
+    filler = torch.full((rows - len(t), *t.shape[1:]), value, dtype=t.dtype, device=t.device)
+    return torch.cat([t, filler])
+
+
+class Lockstep:
+    def __init__(
+        self,
+        cfg: ExperimentConfig,
+        base: nn.Module,
+        params: dict[str, torch.Tensor],
+        buffers: dict[str, torch.Tensor],
+        states: list[Any],
+        plan: Randomization,
+        device: torch.device,
+        recorder: Any,
+        pre_drawn: Any,
+    ) -> None:
+        self.cfg, self.base, self.states, self.plan, self.device = cfg, base, states, plan, device
+        self.params = {n: p.detach().clone().requires_grad_(True) for n, p in params.items()}
+        self.buffers = buffers
+        self.optimizer = StackedOptimizer(self.params, cfg.train, len(states))
+        self.recorder, self.pre_drawn = recorder, pre_drawn
+        self._calls: dict[tuple[int, ...], list[tuple[str, tuple[int, ...]]]] = {}
+        self.num_classes = len(states[0].prepared.classes)
+
+    # -- weights and evaluation ---------------------------------------------------------
+    def weights(self, k: int) -> dict[str, torch.Tensor]:
+        out = {n: p[k].detach().clone() for n, p in self.params.items()}
+        out.update({n: b[k].clone() for n, b in self.buffers.items()})
+        return out
+
+    @torch.no_grad()
+    def logits(
+        self, weights: dict[str, torch.Tensor], x: torch.Tensor, batch_size: int = 1024
+    ) -> torch.Tensor:
+        self.base.eval()
+        try:
+            parts = [
+                functional_call(self.base, weights, (x[i : i + batch_size].to(self.device),))
+                .float()
+                .cpu()
+                for i in range(0, len(x), batch_size)
+            ]
+        finally:
+            self.base.train()
+        return torch.cat(parts)
+
+    # -- training -----------------------------------------------------------------------
+    def fit(self) -> None:
+        self.base.train()
+        for epoch in range(self.cfg.train.epochs):
+            running = [s for s in self.states if not s.stopped]
+            if not running:
+                break
+            for s in running:
+                generator = s.streams.torch("order", epoch=epoch)
+                s.order = torch.randperm(len(s.y), generator=generator)
+            for batch in range(max(s.steps_per_epoch for s in running)):
+                self._step(epoch, batch)
+            for s in running:
+                self._end_epoch(s, epoch)
+        for k, s in enumerate(self.states):
+            if s.best_weights is not None:
+                with torch.no_grad():
+                    for name, value in s.best_weights.items():
+                        target = self.params.get(name, self.buffers.get(name))
+                        target[k].copy_(value)
+
+    def _step(self, epoch: int, batch: int) -> None:
+        cfg, size = self.cfg.train, self.cfg.train.batch_size
+        rows, keys, xs, targets, labels = [], [], [], [], []
+        for s in self.states:
+            live = not s.stopped and batch < s.steps_per_epoch
+            index = s.order[batch * size : (batch + 1) * size] if live else s.order[:0]
+            key = {"epoch": epoch, "step": epoch * s.steps_per_epoch + batch}
+            x, y = s.x[index.to(s.x.device)], s.y[index.to(s.y.device)]
+            t = self._randomize(s, x, y, key) if len(index) else (x, y)
+            rows.append(len(index))
+            keys.append(key)
+            xs.append(t[0])
+            targets.append(t[1])
+            labels.append(y)
+        width = max(rows)
+        soft = any(t.dim() == 2 for t in targets)
+        if soft:
+            targets = [
+                t if t.dim() == 2 else F.one_hot(t, self.num_classes).float() for t in targets
+            ]
+        x = torch.stack([_pad(t, width) for t in xs])
+        target = torch.stack([_pad(t, width) for t in targets])
+        weight = torch.stack([_pad(torch.ones(r, device=self.device), width) for r in rows])
+        draws = self._dropout_draws(rows, keys, x.shape[2:])
+        params = self._perturbed(rows, keys)
+        smoothing = cfg.label_smoothing
+
+        def per_trial(
+            p: dict, b: dict, xb: torch.Tensor, tb: torch.Tensor, wb: torch.Tensor, db: list
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+            with use_generator(self.pre_drawn(db)):
+                logits = functional_call(self.base, (p, b), (xb,))
+            ce = F.cross_entropy(logits, tb, reduction="none", label_smoothing=smoothing)
+            return (ce * wb).sum() / wb.sum().clamp(min=1), logits
+
+        losses, logits = vmap(per_trial, randomness="error")(
+            params, self.buffers, x, target, weight, draws
+        )
+        for p in self.params.values():
+            p.grad = None
+        losses.sum().backward()
+        active = torch.tensor([r > 0 for r in rows])
+        self._gradient_noise(rows, keys)
+        if cfg.grad_clip is not None:
+            self._clip(cfg.grad_clip)
+        lrs = torch.tensor([s.lr for s in self.states], dtype=torch.float64)
+        self.optimizer.step(lrs, active)
+        for k, s in enumerate(self.states):
+            if rows[k]:
+                s.lr_optimizer.step()
+                if s.scheduler is not None:
+                    s.scheduler.step()
+                s.loss_sum += float(losses[k].detach()) * rows[k]
+                s.correct += int((logits[k, : rows[k]].argmax(1) == labels[k]).sum())
+                s.seen += rows[k]
+
+    def _randomize(
+        self, s: Any, x: torch.Tensor, y: torch.Tensor, key: dict[str, int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        plan, target = self.plan, y
+        if plan.augment is not None:
+            generator = s.streams.torch("augment", device=self.device, **key)
+            drawn = plan.augment.draw(x.shape, generator, self.device)
+            x = plan.augment.apply(x, drawn)
+            if plan.augment.mixes_labels:
+                target = plan.augment.apply_targets(y, drawn)
+        if plan.input_noise is not None:
+            generator = s.streams.torch("noise", device=self.device, what="input", **key)
+            x = plan.input_noise(x, generator)
+        return x, target
+
+    def _dropout_draws(
+        self, rows: list[int], keys: list[dict[str, int]], sample_shape: torch.Size
+    ) -> list[torch.Tensor]:
+        """Per layer call, the K trials' numbers from their own dropout streams, padded."""
+        width = max(rows)
+        shape_key = (width, *sample_shape)
+        if shape_key not in self._calls:
+            recorder = self.recorder()
+            first = {n: p[0].detach() for n, p in self.params.items()}
+            first.update({n: b[0] for n, b in self.buffers.items()})
+            with torch.no_grad(), use_generator(recorder):
+                functional_call(self.base, first, (torch.zeros(shape_key, device=self.device),))
+            self._calls[shape_key] = recorder.calls
+        calls = self._calls[shape_key]
+        if not calls:
+            return []
+        per_call: list[list[torch.Tensor]] = [[] for _ in calls]
+        for s, r, key in zip(self.states, rows, keys, strict=True):
+            generator = s.streams.torch("dropout", device=self.device, **key) if r else None
+            for i, (kind, shape) in enumerate(calls):
+                own = (r, *shape[1:])
+                if generator is None:
+                    values = torch.empty((0, *shape[1:]), device=self.device)
+                elif kind == "uniform":
+                    values = torch.rand(own, generator=generator, device=self.device)
+                else:
+                    values = torch.randn(own, generator=generator, device=self.device)
+                per_call[i].append(_pad(values, shape[0], NEUTRAL[kind]))
+        return [torch.stack(parts) for parts in per_call]
+
+    def _perturbed(self, rows: list[int], keys: list[dict[str, int]]) -> dict[str, torch.Tensor]:
+        """Weight noise and DropConnect, drawn per trial like ``perturbed_parameters``."""
+        plan = self.plan
+        if not plan.perturbs_weights:
+            return self.params
+        out = dict(self.params)
+        names = [n for n, p in self.params.items() if p.dim() >= 3]  # weights: >= 2 dims each
+        masks = {n: torch.ones_like(self.params[n]) for n in names}
+        noises = {n: torch.zeros_like(self.params[n]) for n in names}
+        for k, (s, r, key) in enumerate(zip(self.states, rows, keys, strict=True)):
+            if not r:
+                continue
+            generator = s.streams.torch("noise", device=self.device, what="weights", **key)
+            for n in names:
+                w = self.params[n][k]
+                if plan.drop_connect > 0:
+                    keep = torch.rand(w.shape, generator=generator, device=w.device)
+                    masks[n][k] = (keep >= plan.drop_connect).to(w.dtype) / (1 - plan.drop_connect)
+                if plan.weight_noise_std > 0:
+                    scale = plan.weight_noise_std * (
+                        float(w.detach().std()) if plan.weight_noise_relative else 1.0
+                    )
+                    noises[n][k] = scale * torch.randn(
+                        w.shape, generator=generator, device=w.device, dtype=w.dtype
+                    )
+        for n in names:
+            out[n] = self.params[n] * masks[n] + noises[n]
+        return out
+
+    @torch.no_grad()
+    def _gradient_noise(self, rows: list[int], keys: list[dict[str, int]]) -> None:
+        noise = self.plan.grad_noise
+        if noise is None:
+            return
+        for k, (s, r, key) in enumerate(zip(self.states, rows, keys, strict=True)):
+            if not r:
+                continue
+            generator = s.streams.torch("noise", device=self.device, what="gradient", **key)
+            std = math.sqrt(noise.variance(key["step"]))
+            for p in self.params.values():
+                if p.grad is not None:
+                    p.grad[k] += std * torch.randn(
+                        p.shape[1:], generator=generator, device=p.device, dtype=p.dtype
+                    )
+
+    @torch.no_grad()
+    def _clip(self, max_norm: float) -> None:
+        grads = [p.grad for p in self.params.values() if p.grad is not None]
+        norms = torch.sqrt(sum(g.pow(2).flatten(1).sum(1) for g in grads))
+        scale = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+        for g in grads:
+            g.mul_(scale.view(-1, *([1] * (g.dim() - 1))))
+
+    def _end_epoch(self, s: Any, epoch: int) -> None:
+        record: dict[str, float] = {
+            "epoch": epoch + 1,
+            "lr": s.lr,
+            "train_loss": s.loss_sum / max(1, s.seen),
+            "train_accuracy": s.correct / max(1, s.seen),
+        }
+        val = s.prepared.val
+        if val is not None:
+            k = self.states.index(s)
+            scores = classification_metrics(
+                self.logits(self.weights(k), val.x), val.y, self.num_classes
+            )
+            record.update({f"val_{name}": v for name, v in scores.items()})
+            rule = self.cfg.train.early_stopping
+            if rule is not None:
+                value = -scores[rule.metric] if rule.metric == "loss" else scores[rule.metric]
+                if s.best_value is None or value > s.best_value + rule.min_delta:
+                    s.best_value, s.bad_epochs = value, 0
+                    s.best_weights = self.weights(k)
+                else:
+                    s.bad_epochs += 1
+                    s.stopped = s.bad_epochs >= rule.patience
+        s.history.append(record)
+        s.loss_sum, s.correct, s.seen = 0.0, 0, 0

@@ -1,0 +1,161 @@
+"""Cross-validation plans: which trials run, on which indices, with which stream levels."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from sklearn.model_selection import (
+    GroupKFold,
+    KFold,
+    StratifiedGroupKFold,
+    StratifiedKFold,
+    StratifiedShuffleSplit,
+)
+
+from randkit.config import CVConfig
+from randkit.errors import UserError
+from randkit.streams import Streams
+
+TRAINING_SOURCES = ("init", "order", "augment", "noise", "dropout")
+PLAN_SOURCES = ("split", *TRAINING_SOURCES)
+
+
+@dataclass
+class Trial:
+    """One model fit: a fold of one partition, with a level per random source.
+
+    Every training stream of the trial is keyed by ``(fold, level of that source)``, so a
+    trial gives the same numbers whichever runner runs it, and two groups of a decomposition
+    plan that ask for the same levels share the trial (same id).
+    """
+
+    fold: int
+    repeat: int
+    group: str
+    levels: dict[str, int]
+    train_idx: np.ndarray = field(repr=False)
+    test_idx: np.ndarray = field(repr=False)
+
+    @property
+    def id(self) -> str:
+        varied = "".join(f"-{s}{self.levels[s]}" for s in PLAN_SOURCES if self.levels[s])
+        return f"f{self.fold}{varied}"
+
+    def scopes(self) -> dict[str, dict[str, int]]:
+        """Extra stream coordinates of each source for this trial."""
+        scopes = {s: {"fold": self.fold, "level": self.levels[s]} for s in TRAINING_SOURCES}
+        scopes["split"] = {"fold": self.fold, "level": self.levels["split"]}
+        return scopes
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "fold": self.fold,
+            "repeat": self.repeat,
+            "group": self.group,
+            "levels": self.levels,
+            "train_idx": self.train_idx.tolist(),
+            "test_idx": self.test_idx.tolist(),
+        }
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> Trial:
+        return cls(
+            raw["fold"],
+            raw["repeat"],
+            raw["group"],
+            dict(raw["levels"]),
+            np.asarray(raw["train_idx"], dtype=np.int64),
+            np.asarray(raw["test_idx"], dtype=np.int64),
+        )
+
+
+def make_splitter(cfg: CVConfig, random_state: int) -> Any:
+    """A scikit-learn splitter for one repeat (any object with ``split(X, y, groups)``)."""
+    seed = random_state % 2**32
+    folds = 2 if cfg.splitter == "5x2" else cfg.folds
+    if cfg.splitter == "kfold":
+        return KFold(folds, shuffle=True, random_state=seed)
+    if cfg.splitter in ("stratified_kfold", "5x2"):
+        return StratifiedKFold(folds, shuffle=True, random_state=seed)
+    if cfg.splitter == "group_kfold":
+        return GroupKFold(folds, shuffle=True, random_state=seed)
+    if cfg.splitter == "stratified_group_kfold":
+        return StratifiedGroupKFold(folds, shuffle=True, random_state=seed)
+    return StratifiedShuffleSplit(folds, test_size=cfg.test_fraction, random_state=seed)
+
+
+def _repeat_levels(cfg: CVConfig) -> list[tuple[str, int, dict[str, int]]]:
+    """(group, repeat, levels) for every repeat of the plan."""
+    repeats = 5 if cfg.splitter == "5x2" else cfg.repeats
+    base = dict.fromkeys(PLAN_SOURCES, 0)
+    if not cfg.decompose:
+        return [
+            ("main", r, {s: (r if s in cfg.vary else 0) for s in PLAN_SOURCES})
+            for r in range(repeats)
+        ]
+    return [
+        (f"vary:{source}", r, {**base, source: r}) for source in cfg.vary for r in range(repeats)
+    ]
+
+
+@dataclass
+class Plan:
+    """Unique trials in run order, and the cells of the design: (group, repeat, fold) -> trial
+    id (a decomposition plan reuses its baseline trial in every group)."""
+
+    trials: list[Trial]
+    cells: list[dict[str, Any]]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"trials": [t.to_json() for t in self.trials], "cells": self.cells}
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> Plan:
+        return cls([Trial.from_json(t) for t in raw["trials"]], raw["cells"])
+
+
+def make_plan(
+    cfg: CVConfig,
+    targets: np.ndarray,
+    groups: np.ndarray | None,
+    streams: Streams,
+    splitter: Any | None = None,
+) -> Plan:
+    """Every trial of the plan, in a fixed order, without duplicates.
+
+    ``splitter`` (any scikit-learn splitter object) replaces the configured one; it is used
+    as given for every repeat (set its ``random_state`` yourself).
+    """
+    if cfg.splitter in ("group_kfold", "stratified_group_kfold") and groups is None:
+        raise UserError(
+            "cv.splitter",
+            f"{cfg.splitter!r} needs group labels (data.group_column for CSV, a 'groups' "
+            "array in .npz)",
+        )
+    x_placeholder = np.zeros((len(targets), 1))
+    partitions: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
+    trials: dict[str, Trial] = {}
+    cells: list[dict[str, Any]] = []
+    for group, repeat, levels in _repeat_levels(cfg):
+        level = levels["split"]
+        if level not in partitions:
+            chosen = splitter or make_splitter(cfg, streams.seed("split", level=level))
+            try:
+                partitions[level] = [
+                    (np.sort(a), np.sort(b))
+                    for a, b in chosen.split(x_placeholder, targets, groups)
+                ]
+            except ValueError as exc:
+                raise UserError(
+                    "cv.folds",
+                    f"cannot split {len(targets)} examples ({cfg.splitter}, {cfg.folds} folds): "
+                    f"{exc}",
+                ) from None
+        for fold, (train_idx, test_idx) in enumerate(partitions[level]):
+            trial = Trial(fold, repeat, group, dict(levels), train_idx, test_idx)
+            trials.setdefault(trial.id, trial)
+            cells.append({"group": group, "repeat": repeat, "fold": fold, "id": trial.id})
+    return Plan(list(trials.values()), cells)

@@ -1,0 +1,226 @@
+"""Run a cross-validation plan in a run directory and summarize it."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from randkit.config import ExperimentConfig
+from randkit.cv import stats
+from randkit.cv.plan import Plan, make_plan
+from randkit.cv.runners import cpu_count, run_processes, run_ray, run_sequential
+from randkit.cv.store import RunStore
+from randkit.data import LabeledData, load_data
+from randkit.streams import Streams
+
+
+@dataclass
+class CVResult:
+    out: Path
+    table: pd.DataFrame
+    summary: dict[str, Any]
+    trained: int  # trials trained by this call (the others were already done)
+
+
+def run_cv(
+    cfg: ExperimentConfig,
+    out: Path,
+    restart: bool = False,
+    quiet: bool = False,
+    splitter: Any | None = None,
+    data: LabeledData | None = None,
+    report: bool = True,
+) -> CVResult:
+    """Plan, run the missing trials with the configured runner, then write ``results.csv``,
+    ``summary.json`` and ``report.html``."""
+    data = data if data is not None else load_data(cfg.data)
+    streams = Streams(cfg.seed, cfg.seeds)
+    plan = make_plan(cfg.cv, data.targets.numpy(), data.groups, streams, splitter)
+    store = RunStore(out)
+    store.prepare(cfg, plan, restart)
+    records = store.finished()
+    missing = [t for t in plan.trials if t.id not in records]
+    config = cfg.resolved()
+    with _progress(quiet, len(plan.trials), len(plan.trials) - len(missing)) as advance:
+
+        def on_done(record: dict[str, Any]) -> None:
+            records[record["id"]] = record
+            advance(record)
+
+        _dispatch(cfg, config, missing, out, on_done, data)
+    table = store.write_results(plan, records)
+    summary = summarize_run(cfg, plan, records, [str(c) for c in data.classes])
+    store.write_summary(summary)
+    if report:
+        from randkit.report import write_report
+
+        write_report(out)
+    return CVResult(out, table, summary, len(missing))
+
+
+def _dispatch(
+    cfg: ExperimentConfig,
+    config: dict[str, Any],
+    trials: list,
+    out: Path,
+    on_done: Any,
+    data: LabeledData,
+) -> None:
+    if not trials:
+        return
+    cv = cfg.cv
+    if cv.runner == "vectorized":
+        from randkit.cv.vectorized import run_vectorized
+
+        run_vectorized(cfg, data, trials, Streams(cfg.seed, cfg.seeds), out, on_done)
+        return
+    cores = cpu_count()
+    if cv.runner == "processes":
+        workers = min(cv.workers or cores, len(trials))
+        threads = cv.threads_per_trial or max(1, cores // workers)
+        jobs = [_job(config, t, out, threads) for t in trials]
+        run_processes(jobs, on_done, workers)
+    elif cv.runner == "ray":
+        threads = cv.threads_per_trial or 1
+        gpus = 0.0
+        if torch.cuda.is_available() and cfg.train.device != "cpu":
+            gpus = 1.0 / max(1, min(len(trials), cv.workers or 4))  # fractional GPUs
+        jobs = [_job(config, t, out, threads) for t in trials]
+        run_ray(jobs, on_done, cv.address, cv.retries, float(threads), gpus)
+    else:
+        previous = torch.get_num_threads()
+        try:
+            run_sequential([_job(config, t, out, cv.threads_per_trial) for t in trials], on_done)
+        finally:
+            torch.set_num_threads(previous)
+
+
+def _job(config: dict[str, Any], trial: Any, out: Path, threads: int | None) -> dict[str, Any]:
+    return {"config": config, "trial": trial.to_json(), "out": str(out), "threads": threads}
+
+
+def summarize_run(
+    cfg: ExperimentConfig, plan: Plan, records: dict[str, dict[str, Any]], classes: list[str]
+) -> dict[str, Any]:
+    ordered = [records[t.id] for t in plan.trials]
+    metric = cfg.cv.metric
+    scores = [r["test"][metric] for r in ordered]
+    headline = stats.summarize(scores)
+    n_train = float(np.mean([r["train_size"] for r in ordered]))
+    n_test = float(np.mean([r["test_size"] for r in ordered]))
+    corrected = (
+        stats.nadeau_bengio_ci(scores, n_train=round(n_train), n_test=round(n_test))
+        if len(scores) > 1
+        else None
+    )
+    return {
+        "metric": metric,
+        "mean": headline["mean"],
+        "std": headline["std"],
+        "ci95": headline["ci"],
+        "ci95_corrected": corrected["ci"] if corrected else None,
+        "n_trials": len(ordered),
+        "folds": 2 if cfg.cv.splitter == "5x2" else cfg.cv.folds,
+        "repeats": 5 if cfg.cv.splitter == "5x2" else cfg.cv.repeats,
+        "splitter": cfg.cv.splitter,
+        "vary": list(cfg.cv.vary),
+        "runner": cfg.cv.runner,
+        "classes": classes,
+        "per_metric": {
+            name: _short(stats.summarize([r["test"][name] for r in ordered]))
+            for name in ("accuracy", "loss", "macro_f1")
+        },
+        "variance_components": variance_by_source(cfg, plan, records),
+    }
+
+
+def _short(summary: dict[str, Any]) -> dict[str, Any]:
+    return {"mean": summary["mean"], "std": summary["std"], "ci95": summary["ci"]}
+
+
+def _matrix(plan: Plan, records: dict[str, dict[str, Any]], group: str, metric: str) -> np.ndarray:
+    """Scores of one group as [fold, repeat]."""
+    cells = [c for c in plan.cells if c["group"] == group]
+    folds = 1 + max(c["fold"] for c in cells)
+    repeats = 1 + max(c["repeat"] for c in cells)
+    matrix = np.full((folds, repeats), np.nan)
+    for c in cells:
+        matrix[c["fold"], c["repeat"]] = records[c["id"]]["test"][metric]
+    return matrix
+
+
+def variance_by_source(
+    cfg: ExperimentConfig, plan: Plan, records: dict[str, dict[str, Any]]
+) -> dict[str, Any]:
+    """Variance components of the metric (see README: estimator and assumptions).
+
+    Plain plan: one-way random-effects ANOVA of [repeat, fold] scores: between repeats (the
+    sources in ``vary`` together) and between folds within a repeat. Decomposition plan: for
+    each source, the within-fold variance across its levels while the others stay fixed.
+    """
+    metric = cfg.cv.metric
+    if cfg.cv.decompose:
+        components = {}
+        for source in cfg.cv.vary:
+            fit = stats.variance_components(_matrix(plan, records, f"vary:{source}", metric))
+            components[source] = {"variance": fit["within"]["variance"], "ci": fit["within"]["ci"]}
+        method = (
+            "one source at a time: for each source, one-way random-effects ANOVA over "
+            "folds (groups) x levels of the source (replicates); the source's component "
+            "is the within-fold variance"
+        )
+    else:
+        matrix = _matrix(plan, records, "main", metric)
+        if matrix.shape[1] < 2:
+            return {}
+        fit = stats.variance_components(matrix.T)
+        varied = "+".join(cfg.cv.vary) or "nothing"
+        components = {
+            f"repeats ({varied})": {
+                "variance": fit["between"]["variance"],
+                "ci": fit["between"]["ci"],
+            },
+            "folds (data partition)": {
+                "variance": fit["within"]["variance"],
+                "ci": fit["within"]["ci"],
+            },
+        }
+        method = (
+            "one-way random-effects ANOVA over repeats (groups) x folds (replicates), "
+            "ANOVA estimator truncated at 0"
+        )
+    total = sum(c["variance"] for c in components.values())
+    for c in components.values():
+        c["share"] = c["variance"] / total if total > 0 else 0.0
+    return {"method": method, "components": components}
+
+
+@contextlib.contextmanager
+def _progress(quiet: bool, total: int, done: int) -> Iterator[Any]:
+    if quiet:
+        yield lambda record: None
+        return
+    columns = (
+        TextColumn("[bold]cv[/] {task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns) as progress:
+        task = progress.add_task("trials", total=total, completed=done)
+
+        def advance(record: dict[str, Any]) -> None:
+            metric = record["test"]["accuracy"]
+            progress.update(
+                task, advance=1, description=f"trial {record['id']}: accuracy {metric:.4f}"
+            )
+
+        yield advance

@@ -1,0 +1,110 @@
+"""The run directory of a cross-validation: plan, finished trials, results table, summary.
+
+Layout: ``config.yaml``, ``plan.json``, ``trials/<id>/{metrics.json, model.safetensors}``,
+``results.csv``, ``summary.json``, ``report.html``. A trial is finished when its
+``metrics.json`` exists (written last, atomically); a rerun skips finished trials.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from randkit import atomic
+from randkit.config import ExperimentConfig
+from randkit.cv.plan import PLAN_SOURCES, Plan
+from randkit.errors import UserError
+
+RESULT_COLUMNS = [
+    "id",
+    "fold",
+    "repeat",
+    "group",
+    *[f"seed_{s}" for s in PLAN_SOURCES],
+    "train_size",
+    "test_size",
+    "accuracy",
+    "loss",
+    "macro_f1",
+    "fit_seconds",
+]
+
+
+class RunStore:
+    def __init__(self, out: Path) -> None:
+        self.out = Path(out)
+
+    def prepare(self, cfg: ExperimentConfig, plan: Plan, restart: bool) -> None:
+        """Create or reopen the run; a run of another config is refused."""
+        if self.out.exists() and not self.out.is_dir():
+            raise UserError("out", f"{str(self.out)!r} exists and is not a directory")
+        plan_path = self.out / "plan.json"
+        if restart and self.out.is_dir():
+            for name in (
+                "trials",
+                "plan.json",
+                "results.csv",
+                "summary.json",
+                "report.html",
+                "config.yaml",
+            ):
+                target = self.out / name
+                if target.is_dir():
+                    shutil.rmtree(target)
+                elif target.exists():
+                    target.unlink()
+        elif plan_path.is_file():
+            try:
+                previous = json.loads(plan_path.read_text())
+            except json.JSONDecodeError:
+                raise UserError("out", f"{str(plan_path)!r} is unreadable; use --restart") from None
+            if previous.get("config_hash") != cfg.fingerprint():
+                raise UserError(
+                    "out",
+                    f"{str(self.out)!r} holds a cross-validation of a different config "
+                    f"(hash {previous.get('config_hash')} != {cfg.fingerprint()}); use --restart "
+                    "or another --out",
+                )
+        self.out.mkdir(parents=True, exist_ok=True)
+        atomic.write_yaml(self.out / "config.yaml", cfg.resolved())
+        atomic.write_json(plan_path, {"config_hash": cfg.fingerprint(), **plan.to_json()})
+
+    def finished(self) -> dict[str, dict[str, Any]]:
+        """Records of the trials already done (a damaged record counts as not done)."""
+        done = {}
+        for path in sorted((self.out / "trials").glob("*/metrics.json")):
+            try:
+                record = json.loads(path.read_text())
+                done[record["id"]] = record
+            except (json.JSONDecodeError, KeyError):
+                continue
+        return done
+
+    def write_results(self, plan: Plan, records: dict[str, dict[str, Any]]) -> pd.DataFrame:
+        """``results.csv``: one row per trial in plan order."""
+        rows = []
+        for trial in plan.trials:
+            record = records[trial.id]
+            rows.append(
+                {
+                    "id": trial.id,
+                    "fold": trial.fold,
+                    "repeat": trial.repeat,
+                    "group": trial.group,
+                    **{f"seed_{s}": record["seeds"][s] for s in PLAN_SOURCES},
+                    "train_size": record["train_size"],
+                    "test_size": record["test_size"],
+                    **record["test"],
+                    "fit_seconds": record["fit_seconds"],
+                }
+            )
+        table = pd.DataFrame(rows, columns=RESULT_COLUMNS)
+        atomic.write_text(self.out / "results.csv", table.to_csv(index=False))
+        return table
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        atomic.write_json(self.out / "summary.json", summary)
