@@ -12,7 +12,7 @@ $(BIN)/randkit: pyproject.toml
 	touch $@
 
 demo: $(BIN)/randkit
-	$(BIN)/randkit train examples/digits.yaml --out runs/digits
+	$(BIN)/randkit cv examples/digits.yaml --out runs/digits-cv
 
 test: $(BIN)/randkit
 	$(BIN)/python -m pytest -q

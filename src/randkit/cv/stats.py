@@ -4,14 +4,11 @@ Every function takes plain scores (one number per trial, or per-trial difference
 score where higher is better) and returns a dict of plain Python floats, ints and lists, ready
 for JSON. Formulas follow the cited papers line by line; nothing here draws random numbers.
 
-References
-    Nadeau & Bengio (2003), Inference for the generalization error, Machine Learning 52:239-281.
-    Bouckaert & Frank (2004), Evaluating the replicability of significance tests for comparing
-        learning algorithms, PAKDD, LNCS 3056:3-12.
-    Dietterich (1998), Approximate statistical tests for comparing supervised classification
-        learning algorithms, Neural Computation 10:1895-1923.
-    Ting, Burdick, Graybill, Jeyaratnam & Lu (1990), Confidence intervals on linear combinations
-        of variance components that are unrestricted in sign, J. Stat. Comput. Simul. 35:135-143.
+References (one line each)
+    Nadeau & Bengio (2003), Inference for the generalization error, Mach. Learn. 52:239-281.
+    Bouckaert & Frank (2004), Evaluating the replicability of significance tests..., PAKDD.
+    Dietterich (1998), Approximate statistical tests for comparing..., Neural Comput. 10:1895.
+    Ting, Burdick, Graybill, Jeyaratnam & Lu (1990), J. Stat. Comput. Simul. 35:135-143.
     Burdick & Graybill (1992), Confidence Intervals on Variance Components, Marcel Dekker.
 """
 
@@ -127,13 +124,12 @@ def summarize(scores: Sequence[float], confidence: float = 0.95) -> dict:
     c = _confidence(confidence)
     x = _scores(scores, "scores")
     mean, var = _mean_var(x)
-    if x.size == 1:
-        return {"mean": mean, "std": 0.0, "n": 1, "ci": [mean, mean], "confidence": c}
-    half = float(st.t.ppf(0.5 + c / 2.0, x.size - 1)) * math.sqrt(var / x.size)
+    n = int(x.size)  # n = 1: var is 0.0, so the interval is the point [mean, mean]
+    half = 0.0 if n == 1 else float(st.t.ppf(0.5 + c / 2.0, n - 1)) * math.sqrt(var / n)
     return {
         "mean": mean,
         "std": math.sqrt(var),
-        "n": int(x.size),
+        "n": n,
         "ci": [mean - half, mean + half],
         "confidence": c,
     }
@@ -230,8 +226,7 @@ def five_by_two_ttest(differences: np.ndarray) -> dict:
     if p.shape != (5, 2):
         raise ValueError(f"differences must have shape (5, 2), got shape {p.shape}")
     _check_finite(p, "differences")
-    pbar = p.mean(axis=1, keepdims=True)
-    s2 = ((p - pbar) ** 2).sum(axis=1)  # Dietterich (1998), 5x2cv: s_i^2 per replication
+    s2 = ((p - p.mean(axis=1, keepdims=True)) ** 2).sum(axis=1)  # Dietterich (1998): s_i^2
     t, pval = _t_and_p(float(p[0, 0]), math.sqrt(float(s2.mean())), 5)
     return {"test": "dietterich_5x2cv_t", "mean": float(p.mean()), "t": t, "df": 5, "p_value": pval}
 
@@ -323,18 +318,15 @@ def _labels(values: Any, name: str, num_classes: int) -> np.ndarray:
     y = np.asarray(values)
     if y.ndim != 1 or y.size == 0:
         raise ValueError(f"{name} must be a non-empty 1-D array of labels, got shape {y.shape}")
-    if not np.issubdtype(y.dtype, np.integer):
-        yf = np.asarray(y, dtype=float)
-        _check_finite(yf, name)
-        if np.any(yf != np.round(yf)):
-            raise ValueError(
-                f"{name} must hold integer class labels, got {y[yf != np.round(yf)][0]}"
-            )
-        y = yf.astype(np.int64)
-    bad = (y < 0) | (y >= num_classes)
+    yf = np.asarray(y, dtype=float)
+    _check_finite(yf, name)
+    frac = yf != np.round(yf)
+    if frac.any():
+        raise ValueError(f"{name} must hold integer class labels, got {yf[frac][0]}")
+    bad = (yf < 0) | (yf >= num_classes)
     if bad.any():
-        raise ValueError(f"{name} has label {int(y[bad][0])} outside 0..{num_classes - 1}")
-    return y
+        raise ValueError(f"{name} has label {int(yf[bad][0])} outside 0..{num_classes - 1}")
+    return yf.astype(np.int64)
 
 
 def per_class_report(y_true: Any, y_pred: Any, num_classes: int) -> dict:
