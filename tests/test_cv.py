@@ -275,3 +275,29 @@ def test_vectorized_on_cuda(tmp_path: Path) -> None:
     raw["train"]["device"] = "cuda"
     raw["cv"]["runner"] = "vectorized"
     assert len(run_cv(validate_config(raw), tmp_path / "c", quiet=True).table) == 4
+
+
+@pytest.mark.slow
+def test_ray_runner_on_a_two_node_cluster_by_address(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ray = pytest.importorskip("ray")
+    from ray.cluster_utils import Cluster
+
+    monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    cluster.add_node(num_cpus=1)
+    try:
+        result = run_cv(
+            config(runner="ray", address=cluster.address),
+            tmp_path / "two",
+            quiet=True,
+            report=False,
+        )
+        nodes = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+        assert len(nodes) == 2
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    sequential = run_cv(config(), tmp_path / "seq", quiet=True, report=False)
+    assert sequential.table["accuracy"].tolist() == result.table["accuracy"].tolist()
