@@ -52,6 +52,13 @@ def config(**cv: Any) -> Any:
     return validate_config(raw)
 
 
+def config_with(**sections: dict[str, Any]) -> Any:
+    raw = json.loads(json.dumps(SMALL))
+    for name, values in sections.items():
+        raw[name].update(values)
+    return validate_config(raw)
+
+
 def table_without_time(out: Path) -> pd.DataFrame:
     return pd.read_csv(out / "results.csv").drop(columns=["fit_seconds"])
 
@@ -126,9 +133,16 @@ def test_sequential_and_processes_give_bitwise_identical_metrics(tmp_path: Path)
 
 
 def test_vectorized_runner_agrees_with_sequential(tmp_path: Path) -> None:
-    # 4 folds of 1,797 examples: unequal training sizes (1347/1348), padded batches.
-    sequential = run_cv(config(), tmp_path / "seq", quiet=True, report=False)
-    vectorized = run_cv(config(runner="vectorized"), tmp_path / "vec", quiet=True, report=False)
+    # SGD with momentum, every per-trial randomization on, 4 folds of 1,797 examples:
+    # unequal training sizes (1347/1348), padded batches.
+    sgd = {"optimizer": "sgd", "lr": 0.05, "momentum": 0.9}
+    sequential = run_cv(config_with(train=sgd), tmp_path / "seq", quiet=True, report=False)
+    vectorized = run_cv(
+        config_with(train=sgd, cv={"runner": "vectorized"}),
+        tmp_path / "vec",
+        quiet=True,
+        report=False,
+    )
     assert sorted(set(sequential.table["train_size"])) == [1347, 1348]
     assert np.array_equal(sequential.table["accuracy"], vectorized.table["accuracy"])
     assert np.allclose(sequential.table["loss"], vectorized.table["loss"], atol=1e-4, rtol=0)
@@ -137,6 +151,17 @@ def test_vectorized_runner_agrees_with_sequential(tmp_path: Path) -> None:
     for a, b in zip(seq_hist, vec_hist, strict=True):
         assert a["lr"] == pytest.approx(b["lr"], rel=1e-12)
         assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-4)
+
+
+def test_vectorized_runner_with_adamw_agrees_to_float_noise(tmp_path: Path) -> None:
+    # Adam divides by sqrt(v): a gradient component that is exactly 0 in one runner and
+    # 1e-12 in the other (vmap's grouped convolutions round differently) gets a full-size
+    # update, so AdamW runs agree less tightly than SGD ones.
+    sequential = run_cv(config(), tmp_path / "seq", quiet=True, report=False)
+    vectorized = run_cv(config(runner="vectorized"), tmp_path / "vec", quiet=True, report=False)
+    one_sample = 1 / sequential.table["test_size"].min()
+    assert np.abs(sequential.table["accuracy"] - vectorized.table["accuracy"]).max() <= one_sample
+    assert np.allclose(sequential.table["loss"], vectorized.table["loss"], atol=1e-3, rtol=0)
 
 
 def test_vectorized_runner_with_parameter_noise_and_early_stopping(tmp_path: Path) -> None:

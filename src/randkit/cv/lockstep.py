@@ -138,8 +138,8 @@ class Lockstep:
         self.optimizer.step(lrs, active)
         for k, s in enumerate(self.states):
             if rows[k]:
-                s.lr_optimizer.step()
                 if s.scheduler is not None:
+                    s.lr_optimizer.step()  # a no-op that keeps the scheduler's order check happy
                     s.scheduler.step()
                 s.loss_sum += float(losses[k].detach()) * rows[k]
                 s.correct += int((logits[k, : rows[k]].argmax(1) == labels[k]).sum())

@@ -29,6 +29,9 @@ class StackedOptimizer:
         """One update with learning rate ``lrs[k]`` for every trial ``k`` with ``active[k]``."""
         cfg = self.cfg
         self.steps += active.double()
+        if cfg.optimizer != "sgd" and self._in_lockstep(lrs, active):
+            self._adam_all(float(lrs[0]), float(self.steps[0]))
+            return
         for name, p in self.params.items():
             if p.grad is None:
                 continue
@@ -41,6 +44,41 @@ class StackedOptimizer:
             else:
                 new = self._adam(p, g, lr, state, mask)
             p.copy_(torch.where(mask, new, p))
+
+    def _in_lockstep(self, lrs: torch.Tensor, active: torch.Tensor) -> bool:
+        """Every trial active, same learning rate and step count: one scalar update fits all."""
+        return (
+            bool(active.all())
+            and bool((lrs == lrs[0]).all())
+            and bool((self.steps == self.steps[0]).all())
+        )
+
+    def _adam_all(self, lr: float, step: float) -> None:
+        """Adam/AdamW for all trials at once with in-place foreach ops (as torch.optim's
+        foreach implementation does), no masks."""
+        cfg = self.cfg
+        beta1, beta2 = BETAS
+        named = [(n, p) for n, p in self.params.items() if p.grad is not None]
+        params = [p for _, p in named]
+        grads = [p.grad for p in params]
+        states = [self.state[n] for n, _ in named]
+        for state, p in zip(states, params, strict=True):
+            state.setdefault("exp_avg", torch.zeros_like(p))
+            state.setdefault("exp_avg_sq", torch.zeros_like(p))
+        if cfg.optimizer == "adamw" and cfg.weight_decay:
+            torch._foreach_mul_(params, 1 - lr * cfg.weight_decay)
+        elif cfg.weight_decay:
+            grads = torch._foreach_add(grads, params, alpha=cfg.weight_decay)
+        exp_avg = [s["exp_avg"] for s in states]
+        exp_avg_sq = [s["exp_avg_sq"] for s in states]
+        torch._foreach_lerp_(exp_avg, grads, 1 - beta1)
+        torch._foreach_mul_(exp_avg_sq, beta2)
+        torch._foreach_addcmul_(exp_avg_sq, grads, grads, 1 - beta2)
+        bias1, bias2 = 1 - beta1**step, 1 - beta2**step
+        denom = torch._foreach_sqrt(exp_avg_sq)
+        torch._foreach_div_(denom, bias2**0.5)
+        torch._foreach_add_(denom, EPS)
+        torch._foreach_addcdiv_(params, exp_avg, denom, -lr / bias1)
 
     def _sgd(
         self,

@@ -30,18 +30,10 @@ from randkit.data import LabeledData
 from randkit.errors import UserError
 from randkit.models import build_model
 from randkit.randomize import build_randomization
+from randkit.randomize.modules import GLOBAL_RNG_LAYERS
 from randkit.streams import ScopedStreams, Streams
 from randkit.train.loop import resolve_device
 from randkit.train.optim import make_optimizer, make_scheduler
-
-_GLOBAL_RNG_LAYERS = (
-    nn.Dropout,
-    nn.Dropout1d,
-    nn.Dropout2d,
-    nn.Dropout3d,
-    nn.AlphaDropout,
-    nn.FeatureAlphaDropout,
-)
 
 
 def check_vectorizable(model: nn.Module, cfg: ExperimentConfig) -> None:
@@ -54,7 +46,7 @@ def check_vectorizable(model: nn.Module, cfg: ExperimentConfig) -> None:
                 f"({type(module).__name__}: batch statistics are shared state); use "
                 "GroupNorm (resnet norm: group) or another runner",
             )
-        if isinstance(module, _GLOBAL_RNG_LAYERS):
+        if isinstance(module, GLOBAL_RNG_LAYERS):
             raise UserError(
                 "cv.runner",
                 f"the vectorized runner cannot train layer {name!r} "

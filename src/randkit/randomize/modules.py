@@ -119,3 +119,36 @@ class StochasticDepth(nn.Module):
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
+
+
+# torch.nn layers that draw from torch's global RNG in training mode.
+GLOBAL_RNG_LAYERS: tuple[type[nn.Module], ...] = (
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+    nn.FeatureAlphaDropout,
+    nn.RReLU,
+    nn.FractionalMaxPool2d,
+    nn.FractionalMaxPool3d,
+)
+STREAM_LAYERS = (Dropout, GaussianDropout, StochasticDepth)
+
+
+def randomness_needs(model: nn.Module) -> tuple[bool, bool]:
+    """(uses randkit's stochastic layers, may draw from torch's global RNG).
+
+    Layers of torch.nn and randkit are known; any other module class (a user's) might draw
+    from the global RNG in its ``forward``, so it counts as doing so.
+    """
+    stream, global_rng = False, False
+    for module in model.modules():
+        kind = type(module)
+        if isinstance(module, STREAM_LAYERS):
+            stream = stream or module.p > 0
+        elif isinstance(module, GLOBAL_RNG_LAYERS):
+            global_rng = True
+        elif not kind.__module__.startswith(("torch.nn.", "randkit.")):
+            global_rng = True
+    return stream, global_rng
