@@ -209,6 +209,35 @@ def report(run: Annotated[Path, typer.Argument(help="A cross-validation run dire
     _out.print(f"report: {write_report(run)}")
 
 
+@app.command()
+def certify(
+    run: Annotated[Path, typer.Argument(help="A finished training run.")],
+    sigma: Annotated[float, typer.Option(help="Noise level of the smoothed classifier.")],
+    n0: Annotated[int, typer.Option(help="Samples that pick the class.")] = 100,
+    n: Annotated[
+        int, typer.Option(help="Samples that certify (the maximum with --radius).")
+    ] = 100_000,
+    alpha: Annotated[float, typer.Option(help="Failure probability.")] = 0.001,
+    batch: Annotated[int, typer.Option(help="Noise samples per forward pass.")] = 1000,
+    skip: Annotated[int, typer.Option(help="Certify every K-th test input.")] = 1,
+    max_inputs: Annotated[int | None, typer.Option("--max", help="At most K inputs.")] = None,
+    radius: Annotated[
+        float | None,
+        typer.Option(help="Decide certification at this radius, sequentially (adds 'samples')."),
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="TSV file [default: in RUN]")] = None,
+    quiet: Annotated[bool, typer.Option(help="No progress bar, no summary.")] = False,
+) -> None:
+    """Certified L2 robustness by randomized smoothing (Cohen et al. 2019), TSV + curve."""
+    from randkit.deploy.certify_run import certify_run
+
+    result = certify_run(run, sigma, n0, n, alpha, batch, skip, max_inputs, radius, out, quiet)
+    if not quiet:
+        pairs = zip(result["radii"], result["certified_accuracy"], strict=True)
+        _out.print("  ".join(f"r={r:g}: {a:.3f}" for r, a in pairs))
+        _out.print(f"-> {result['tsv']}, {result['curve']}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: user errors become one line on stderr and exit code 2."""
     try:
