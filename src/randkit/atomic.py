@@ -90,10 +90,10 @@ def write_safetensors(
 
     ``metadata`` is stored as one JSON string under the key ``randkit``: safetensors keeps
     metadata in a hash map whose order varies between processes, and a single key keeps the
-    file's bytes reproducible.
+    file's bytes reproducible. Key order is kept, so JSON read back is written back the same.
     """
     plain = {name: t.detach().to("cpu").contiguous().clone() for name, t in tensors.items()}
-    header = {METADATA_KEY: json.dumps(metadata, sort_keys=True)} if metadata else None
+    header = {METADATA_KEY: json.dumps(metadata)} if metadata else None
     write_bytes(path, safetensors_bytes(plain, metadata=header))
 
 

@@ -97,6 +97,7 @@ def evaluate(
         sweeps,
         trained.streams,
         trained.device,
+        clip=trained.prepared.unit_range,
     )
     json_path, png_path = write_robustness(run, curves, {"test_size": len(trained.prepared.test)})
     if not quiet:
@@ -182,6 +183,8 @@ def compare(
     from randkit import atomic
     from randkit.cv.compare import compare_runs
 
+    if json_out is not None and json_out.is_dir():
+        raise UserError("--json", f"{str(json_out)!r} is a directory; give a file name")
     result = compare_runs(run_a, run_b, metric)
     test = result["corrected_t_test"]
     _out.print(

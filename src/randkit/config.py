@@ -11,7 +11,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from randkit.errors import UserError
 from randkit.streams import SOURCES
@@ -164,7 +172,7 @@ class NoiseSpec(_Strict):
     kind: Literal["gaussian", "uniform", "salt_pepper", "speckle", "poisson"] = "gaussian"
     level: float = Field(0.1, ge=0)
     p: Probability = 1.0
-    clip: bool = True
+    clip: bool | None = None  # null: clip to [0, 1] when the data lies there (digits, images)
 
 
 class WeightNoiseSpec(_Strict):
@@ -251,7 +259,7 @@ class DeployConfig(_Strict):
 
 class ExperimentConfig(_Strict):
     seed: int = Field(0, ge=0, lt=2**63)
-    seeds: dict[str, int] = Field(default_factory=dict)
+    seeds: dict[str, StrictInt] = Field(default_factory=dict)
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
@@ -273,8 +281,12 @@ class ExperimentConfig(_Strict):
 
     @model_validator(mode="after")
     def _early_stopping_needs_val(self) -> ExperimentConfig:
-        if self.train.early_stopping is not None and self.data.val_fraction == 0:
-            raise ValueError("train.early_stopping: needs data.val_fraction > 0, got 0")
+        has_val = self.data.val_fraction > 0 or self.cv.inner_val_fraction > 0
+        if self.train.early_stopping is not None and not has_val:
+            raise ValueError(
+                "train.early_stopping: needs a validation part: data.val_fraction > 0 (train) "
+                "or cv.inner_val_fraction > 0 (cv), got 0"
+            )
         if self.data.kind == "csv_text" and (self.randomize.augment or self.randomize.input_noise):
             raise ValueError(
                 "randomize: image augmentation and input noise need image or vector "
@@ -286,9 +298,14 @@ class ExperimentConfig(_Strict):
         """The full config with every default filled in, as plain JSON-able data."""
         return self.model_dump(mode="json")
 
-    def fingerprint(self) -> str:
-        """A hash of the resolved config: a checkpoint resumes only under the same one."""
-        canonical = json.dumps(self.resolved(), sort_keys=True, separators=(",", ":"))
+    def fingerprint(self, ignore: tuple[str, ...] = ()) -> str:
+        """A hash of the resolved config (minus the dotted fields in ``ignore``): a checkpoint
+        or a cross-validation resumes only under the same one."""
+        resolved = self.resolved()
+        for dotted in ignore:
+            section, _, name = dotted.partition(".")
+            resolved.get(section, {}).pop(name, None)
+        canonical = json.dumps(resolved, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 

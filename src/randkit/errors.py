@@ -11,3 +11,7 @@ class UserError(Exception):
         self.field = field
         self.message = message
         super().__init__(f"{field}: {message}" if field else message)
+
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:
+        # Worker processes send errors back pickled; keep both arguments.
+        return (type(self), (self.field, self.message))

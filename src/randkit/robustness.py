@@ -25,10 +25,11 @@ def noisy_metrics(
     streams: Streams,
     device: torch.device,
     batch_size: int = 1024,
+    clip: bool = True,
 ) -> dict[str, float]:
     """Metrics on ``test`` with noise of ``kind`` at ``level`` from stream ``noise`` keyed by
     test-time coordinates (the level's value, so a level gives the same noise in any sweep)."""
-    noise = InputNoise(kind, level, p=1.0, clip=True)
+    noise = InputNoise(kind, level, p=1.0, clip=clip)
     generator = streams.torch(
         "noise", device=device, phase="test", kind=kind, level=repr(float(level))
     )
@@ -46,12 +47,15 @@ def robustness_curves(
     sweeps: dict[str, list[float]],
     streams: Streams,
     device: torch.device,
+    clip: bool = True,
 ) -> dict[str, list[dict[str, float]]]:
+    """Metrics per noise level; ``clip`` keeps noisy inputs in [0, 1] (for data that lies
+    there)."""
     return {
         kind: [
             {
                 "level": level,
-                **noisy_metrics(model, test, num_classes, kind, level, streams, device),
+                **noisy_metrics(model, test, num_classes, kind, level, streams, device, clip=clip),
             }
             for level in levels
         ]

@@ -32,8 +32,8 @@ def compare_runs(
     table_a, summary_a = _read(run_a)
     table_b, summary_b = _read(run_b)
     metric = metric or summary_a["metric"]
-    if metric not in table_a.columns or metric not in table_b.columns:
-        raise UserError("metric", f"{metric!r} is not a column of both results.csv files")
+    if metric not in ("accuracy", "loss", "macro_f1"):
+        raise UserError("--metric", f"must be accuracy, loss or macro_f1, got {metric!r}")
     paired = table_a.merge(table_b, on="id", suffixes=("_a", "_b"))
     if len(paired) < 2 or len(paired) != len(table_a) or len(paired) != len(table_b):
         raise UserError(
@@ -65,7 +65,12 @@ def compare_runs(
         "corrected_t_test": corrected,
         "verdict": stats.verdict(corrected, alpha=alpha, names=names),
     }
-    if summary_a.get("splitter") == "5x2" and summary_b.get("splitter") == "5x2":
+    # Dietterich's test assumes 5 replications of 2-fold CV, each with a fresh split.
+    five_by_two = all(
+        s.get("splitter") == "5x2" and "split" in s.get("vary", []) and len(paired) == 10
+        for s in (summary_a, summary_b)
+    )
+    if five_by_two:
         ordered = paired.sort_values(["repeat_a", "fold_a"])
         matrix = (sign * (ordered[f"{metric}_a"] - ordered[f"{metric}_b"])).to_numpy(float)
         result["five_by_two_t_test"] = stats.five_by_two_ttest(np.reshape(matrix, (5, 2)))

@@ -171,7 +171,8 @@ class Lockstep:
             first = {n: p[0].detach() for n, p in self.params.items()}
             first.update({n: b[0] for n, b in self.buffers.items()})
             with torch.no_grad(), use_generator(recorder):
-                functional_call(self.base, first, (torch.zeros(shape_key, device=self.device),))
+                probe = torch.zeros(shape_key, device=self.device, dtype=self.states[0].x.dtype)
+                functional_call(self.base, first, (probe,))
             self._calls[shape_key] = recorder.calls
         calls = self._calls[shape_key]
         if not calls:

@@ -16,10 +16,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from randkit.config import ExperimentConfig
 from randkit.cv import stats
 from randkit.cv.plan import Plan, make_plan
-from randkit.cv.runners import cpu_count, run_processes, run_ray, run_sequential
+from randkit.cv.runners import cpu_count, run_processes, run_ray
 from randkit.cv.store import RunStore
+from randkit.cv.trial import run_trial
 from randkit.data import LabeledData, load_data
+from randkit.data.base import data_fingerprint
 from randkit.streams import Streams
+from randkit.train.loop import resolve_device
 
 
 @dataclass
@@ -44,8 +47,10 @@ def run_cv(
     data = data if data is not None else load_data(cfg.data)
     streams = Streams(cfg.seed, cfg.seeds)
     plan = make_plan(cfg.cv, data.targets.numpy(), data.groups, streams, splitter)
+    _preflight(cfg, data, plan, streams)
+    data_hash = data_fingerprint(data)
     store = RunStore(out)
-    store.prepare(cfg, plan, restart)
+    store.prepare(cfg, plan, restart, data_hash)
     records = store.finished()
     missing = [t for t in plan.trials if t.id not in records]
     config = cfg.resolved()
@@ -55,7 +60,7 @@ def run_cv(
             records[record["id"]] = record
             advance(record)
 
-        _dispatch(cfg, config, missing, out, on_done, data)
+        _dispatch(cfg, config, missing, out, on_done, data, data_hash)
     table = store.write_results(plan, records)
     summary = summarize_run(cfg, plan, records, [str(c) for c in data.classes])
     store.write_summary(summary)
@@ -66,6 +71,28 @@ def run_cv(
     return CVResult(out, table, summary, len(missing))
 
 
+def _preflight(cfg: ExperimentConfig, data: LabeledData, plan: Plan, streams: Streams) -> None:
+    """Build the first trial's model and run it once before anything is written."""
+    from randkit.cv.trial import prepare_trial
+    from randkit.models import build_model
+    from randkit.randomize import build_randomization
+    from randkit.randomize.build import preflight
+    from randkit.streams import ScopedStreams
+
+    trial = plan.trials[0]
+    scoped = ScopedStreams(streams, trial.scopes())
+    prepared = prepare_trial(cfg, data, trial, scoped)
+    model = build_model(cfg.model, prepared, scoped, init=cfg.randomize.init)
+    randomization = build_randomization(
+        cfg.randomize, len(prepared.classes), prepared.input_shape, prepared.unit_range
+    )
+    preflight(model, randomization, prepared.train.x[:2])
+    if cfg.cv.runner == "vectorized":
+        from randkit.cv.vectorized import check_vectorizable
+
+        check_vectorizable(model, cfg)
+
+
 def _dispatch(
     cfg: ExperimentConfig,
     config: dict[str, Any],
@@ -73,6 +100,7 @@ def _dispatch(
     out: Path,
     on_done: Any,
     data: LabeledData,
+    data_hash: str,
 ) -> None:
     if not trials:
         return
@@ -86,25 +114,38 @@ def _dispatch(
     if cv.runner == "processes":
         workers = min(cv.workers or cores, len(trials))
         threads = cv.threads_per_trial or max(1, cores // workers)
-        jobs = [_job(config, t, out, threads) for t in trials]
+        jobs = [_job(config, t, out, threads, data_hash) for t in trials]
         run_processes(jobs, on_done, workers)
     elif cv.runner == "ray":
         threads = cv.threads_per_trial or 1
         gpus = 0.0
         if torch.cuda.is_available() and cfg.train.device != "cpu":
             gpus = 1.0 / max(1, min(len(trials), cv.workers or 4))  # fractional GPUs
-        jobs = [_job(config, t, out, threads) for t in trials]
+        jobs = [_job(config, t, out, threads, data_hash) for t in trials]
         run_ray(jobs, on_done, cv.address, cv.retries, float(threads), gpus)
     else:
         previous = torch.get_num_threads()
         try:
-            run_sequential([_job(config, t, out, cv.threads_per_trial) for t in trials], on_done)
+            if cv.threads_per_trial:
+                torch.set_num_threads(cv.threads_per_trial)
+            streams = Streams(cfg.seed, cfg.seeds)
+            device = resolve_device(cfg.train.device)
+            for trial in trials:  # in this process, on the data already loaded
+                on_done(run_trial(cfg, data, trial, streams, device, out))
         finally:
             torch.set_num_threads(previous)
 
 
-def _job(config: dict[str, Any], trial: Any, out: Path, threads: int | None) -> dict[str, Any]:
-    return {"config": config, "trial": trial.to_json(), "out": str(out), "threads": threads}
+def _job(
+    config: dict[str, Any], trial: Any, out: Path, threads: int | None, data_hash: str
+) -> dict[str, Any]:
+    return {
+        "config": config,
+        "trial": trial.to_json(),
+        "out": str(out),
+        "threads": threads,
+        "data_hash": data_hash,
+    }
 
 
 def summarize_run(

@@ -22,13 +22,6 @@ def cpu_count() -> int:
         return os.cpu_count() or 1
 
 
-def run_sequential(jobs: list[Job], on_done: OnDone) -> None:
-    from randkit.cv.trial import run_trial_job
-
-    for job in jobs:
-        on_done(run_trial_job(**job))
-
-
 def run_processes(jobs: list[Job], on_done: OnDone, workers: int) -> None:
     """Local worker processes (spawned, so no forked OpenMP or CUDA state)."""
     from randkit.cv.trial import run_trial_job

@@ -19,6 +19,9 @@ from randkit.config import ExperimentConfig
 from randkit.cv.plan import PLAN_SOURCES, Plan
 from randkit.errors import UserError
 
+# Where trials run does not change what they compute: a run may be resumed with another runner.
+RUNNER_FIELDS = ("cv.runner", "cv.workers", "cv.address", "cv.retries", "cv.threads_per_trial")
+
 RESULT_COLUMNS = [
     "id",
     "fold",
@@ -38,7 +41,7 @@ class RunStore:
     def __init__(self, out: Path) -> None:
         self.out = Path(out)
 
-    def prepare(self, cfg: ExperimentConfig, plan: Plan, restart: bool) -> None:
+    def prepare(self, cfg: ExperimentConfig, plan: Plan, restart: bool, data_hash: str) -> None:
         """Create or reopen the run; a run of another config is refused."""
         if self.out.exists() and not self.out.is_dir():
             raise UserError("out", f"{str(self.out)!r} exists and is not a directory")
@@ -62,16 +65,31 @@ class RunStore:
                 previous = json.loads(plan_path.read_text())
             except json.JSONDecodeError:
                 raise UserError("out", f"{str(plan_path)!r} is unreadable; use --restart") from None
-            if previous.get("config_hash") != cfg.fingerprint():
+            if previous.get("config_hash") != cfg.fingerprint(ignore=RUNNER_FIELDS):
                 raise UserError(
                     "out",
-                    f"{str(self.out)!r} holds a cross-validation of a different config "
-                    f"(hash {previous.get('config_hash')} != {cfg.fingerprint()}); use --restart "
-                    "or another --out",
+                    f"{str(self.out)!r} holds a cross-validation of a different config; "
+                    "use --restart or another --out",
+                )
+            if previous.get("data_hash") != data_hash or previous.get("trials") != [
+                t.to_json() for t in plan.trials
+            ]:
+                raise UserError(
+                    "out",
+                    f"{str(self.out)!r} holds a cross-validation of other data or another "
+                    "split (the examples or the trials' indices differ); use --restart or "
+                    "another --out",
                 )
         self.out.mkdir(parents=True, exist_ok=True)
         atomic.write_yaml(self.out / "config.yaml", cfg.resolved())
-        atomic.write_json(plan_path, {"config_hash": cfg.fingerprint(), **plan.to_json()})
+        atomic.write_json(
+            plan_path,
+            {
+                "config_hash": cfg.fingerprint(ignore=RUNNER_FIELDS),
+                "data_hash": data_hash,
+                **plan.to_json(),
+            },
+        )
 
     def finished(self) -> dict[str, dict[str, Any]]:
         """Records of the trials already done (a damaged record counts as not done)."""

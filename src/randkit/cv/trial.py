@@ -18,7 +18,8 @@ from randkit import atomic
 from randkit.config import ExperimentConfig, validate_config
 from randkit.cv.plan import PLAN_SOURCES, Trial
 from randkit.data import LabeledData, featurize, load_data
-from randkit.data.base import Prepared, stratified_holdout
+from randkit.data.base import Prepared, data_fingerprint, stratified_holdout
+from randkit.errors import UserError
 from randkit.models import build_model
 from randkit.randomize import build_randomization
 from randkit.streams import ScopedStreams, Streams
@@ -31,10 +32,12 @@ def prepare_trial(
 ) -> Prepared:
     """Featurize the trial's split; anything learned from data sees the training part only."""
     train_idx, val_idx = trial.train_idx, None
-    if cfg.cv.inner_val_fraction > 0:
+    # The validation part of each training fold: cv.inner_val_fraction, else data.val_fraction.
+    fraction = cfg.cv.inner_val_fraction or cfg.data.val_fraction
+    if fraction > 0:
         keep, held = stratified_holdout(
             data.targets.numpy()[train_idx],
-            cfg.cv.inner_val_fraction,
+            fraction,
             streams.seed("split", part="val"),
             "cv.inner_val_fraction",
         )
@@ -103,7 +106,9 @@ def run_trial(
     scoped = ScopedStreams(streams, trial.scopes())
     prepared = prepare_trial(cfg, data, trial, scoped)
     model = build_model(cfg.model, prepared, scoped, init=cfg.randomize.init)
-    randomization = build_randomization(cfg.randomize, len(prepared.classes), prepared.input_shape)
+    randomization = build_randomization(
+        cfg.randomize, len(prepared.classes), prepared.input_shape, prepared.unit_range
+    )
     trainer = Trainer(
         model,
         prepared.train,
@@ -138,21 +143,32 @@ def _maybe_die(trial_id: str) -> None:
 
 
 @functools.lru_cache(maxsize=2)
-def _load_data_cached(data_json: str) -> LabeledData:
+def _load_data_cached(data_json: str, data_hash: str) -> LabeledData:
+    """The data set, loaded once per process and checked against the driver's fingerprint
+    (``data_hash`` is part of the cache key, so changed data is never served stale)."""
     from randkit.config import DataConfig
 
-    return load_data(DataConfig.model_validate(json.loads(data_json)))
+    data = load_data(DataConfig.model_validate(json.loads(data_json)))
+    if data_fingerprint(data) != data_hash:
+        raise UserError("data", "changed on disk while the cross-validation was running")
+    return data
 
 
 def run_trial_job(
-    config: dict[str, Any], trial: dict[str, Any], out: str, threads: int | None = None
+    config: dict[str, Any],
+    trial: dict[str, Any],
+    out: str,
+    threads: int | None = None,
+    data_hash: str = "",
 ) -> dict[str, Any]:
     """A trial from plain JSON data: what worker processes and Ray tasks execute. The data
     set is loaded once per process."""
     if threads:
         torch.set_num_threads(threads)
     cfg = validate_config(config)
-    data = _load_data_cached(json.dumps(cfg.data.model_dump(mode="json"), sort_keys=True))
+    data = _load_data_cached(
+        json.dumps(cfg.data.model_dump(mode="json"), sort_keys=True), data_hash
+    )
     return run_trial(
         cfg,
         data,

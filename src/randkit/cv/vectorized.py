@@ -130,7 +130,10 @@ def run_vectorized(
         states.append(_TrialState(trial, scoped, prepared, cfg, device))
     check_vectorizable(models[0], cfg)
     plan = build_randomization(
-        cfg.randomize, len(states[0].prepared.classes), states[0].prepared.input_shape
+        cfg.randomize,
+        len(states[0].prepared.classes),
+        states[0].prepared.input_shape,
+        states[0].prepared.unit_range,
     )
     params, buffers = stack_module_state(models)
     base = copy.deepcopy(models[0])

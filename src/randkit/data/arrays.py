@@ -19,7 +19,9 @@ def load_digits_data() -> LabeledData:
     bunch = load_digits()
     images = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
     targets = torch.tensor(bunch.target, dtype=torch.long)
-    return LabeledData(images, targets, [str(c) for c in bunch.target_names], "image")
+    return LabeledData(
+        images, targets, [str(c) for c in bunch.target_names], "image", unit_range=True
+    )
 
 
 def load_npz(path: Path) -> LabeledData:

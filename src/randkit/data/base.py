@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -29,6 +30,7 @@ class LabeledData:
     classes: list[str]
     kind: Kind
     groups: np.ndarray | None = None  # one group label per example, for group splitters
+    unit_range: bool = False  # values known to lie in [0, 1] (digits, image folders)
 
     def __post_init__(self) -> None:
         if len(self.inputs) != len(self.targets):
@@ -39,6 +41,20 @@ class LabeledData:
 
     def __len__(self) -> int:
         return len(self.targets)
+
+
+def data_fingerprint(data: LabeledData) -> str:
+    """A hash of the examples, labels and groups: a run built on other data is refused."""
+    digest = hashlib.sha256()
+    digest.update(data.targets.numpy().tobytes())
+    if isinstance(data.inputs, torch.Tensor):
+        digest.update(data.inputs.contiguous().numpy().tobytes())
+    else:
+        for text in data.inputs:
+            digest.update(text.encode("utf-8") + b"\0")
+    if data.groups is not None:
+        digest.update(np.asarray(data.groups).astype(str).tobytes())
+    return digest.hexdigest()[:16]
 
 
 @dataclass
@@ -65,6 +81,7 @@ class Prepared:
     vocab_size: int | None = None
     mean: torch.Tensor | None = None
     std: torch.Tensor | None = None
+    unit_range: bool = False
     preprocessing: dict[str, Any] = field(default_factory=dict)
 
 
@@ -158,6 +175,7 @@ def featurize(
         test=part(x, test_idx),
         classes=data.classes,
         kind=data.kind,
+        unit_range=data.unit_range,
         input_shape=list(x.shape[1:]),
         mean=mean,
         std=std,

@@ -78,7 +78,11 @@ def load_image_folder(
         try:
             tensors = load_file(cache)
             return LabeledData(
-                tensors["images"].float() / 255.0, tensors["targets"], classes, "image"
+                tensors["images"].float() / 255.0,
+                tensors["targets"],
+                classes,
+                "image",
+                unit_range=True,
             )
         except (SafetensorError, KeyError, OSError):
             pass  # a damaged cache is rebuilt below
@@ -90,4 +94,4 @@ def load_image_folder(
         )
     except OSError:
         pass  # caching is an optimization; a read-only home must not stop training
-    return LabeledData(images.float() / 255.0, targets, classes, "image")
+    return LabeledData(images.float() / 255.0, targets, classes, "image", unit_range=True)

@@ -87,7 +87,7 @@ def certify_run(
             correct.append(bool(hit))
             advance()
     tsv = out or run / (
-        f"certify-sigma{sigma:g}" + (f"-radius{radius:g}" if radius else "") + ".tsv"
+        f"certify-sigma{sigma:g}" + (f"-radius{radius:g}" if radius is not None else "") + ".tsv"
     )
     atomic.write_text(tsv, "\n".join(rows) + "\n")
     curve = {

@@ -24,6 +24,7 @@ from scipy.stats import beta, binom, norm
 from torch import nn
 
 ABSTAIN = -1
+NOISE_CHUNK = 256  # noise is drawn in chunks of this many samples per input
 
 
 def lower_confidence_bound(
@@ -67,7 +68,7 @@ class Smoothed:
         sigma: float,
         device: torch.device | str | None = None,
     ) -> None:
-        if sigma <= 0:
+        if not sigma > 0:  # also refuses NaN
             raise ValueError(f"sigma must be > 0, got {sigma}")
         self.model = model
         self.num_classes = num_classes
@@ -89,18 +90,33 @@ class Smoothed:
         was_training = self.model.training
         self.model.eval()
         counts = torch.zeros(len(x), self.num_classes, dtype=torch.long, device=self.device)
-        flat_index = torch.arange(len(x), device=self.device).repeat_interleave(n)
-        total = len(x) * n
         x = x.to(self.device)
+        pending: list[torch.Tensor] = []
+        owners: list[torch.Tensor] = []
+
+        def run(batch: torch.Tensor, who: torch.Tensor) -> None:
+            predicted = self.model(batch).argmax(1)
+            counts.index_put_((who, predicted), torch.ones_like(predicted), accumulate=True)
+
         try:
-            for start in range(0, total, batch_size):
-                owners = flat_index[start : start + batch_size]
-                batch = x[owners]
-                noise = torch.randn(
-                    batch.shape, generator=generator, device=self.device, dtype=batch.dtype
-                )
-                predicted = self.model(batch + self.sigma * noise).argmax(1)
-                counts.index_put_((owners, predicted), torch.ones_like(predicted), accumulate=True)
+            # Noise is drawn input by input in chunks of fixed size, so an input's draws (and
+            # counts) do not depend on batch_size or on the other inputs of the call.
+            for i in range(len(x)):
+                for start in range(0, n, NOISE_CHUNK):
+                    rows = min(NOISE_CHUNK, n - start)
+                    noise = torch.randn(
+                        (rows, *x.shape[1:]), generator=generator, device=self.device, dtype=x.dtype
+                    )
+                    pending.append(x[i] + self.sigma * noise)
+                    owners.append(torch.full((rows,), i, device=self.device))
+                    if sum(len(p) for p in pending) >= batch_size:
+                        batch, who = torch.cat(pending), torch.cat(owners)
+                        full = len(batch) - len(batch) % batch_size
+                        for b in range(0, full, batch_size):
+                            run(batch[b : b + batch_size], who[b : b + batch_size])
+                        pending[:], owners[:] = [batch[full:]], [who[full:]]
+            if pending and sum(len(p) for p in pending):
+                run(torch.cat(pending), torch.cat(owners))
         finally:
             self.model.train(was_training)
         return counts.cpu().numpy()
@@ -150,7 +166,7 @@ class Smoothed:
         """Certified at ``radius`` or not, with the fewest samples the schedule allows."""
         if radius < 0:
             raise ValueError(f"radius must be >= 0, got {radius}")
-        looks = schedule(first_look, max_n)
+        looks = schedule(min(first_look, max_n), max_n)
         level = alpha / len(looks)  # Bonferroni split of alpha over the looks
         target = norm.cdf(radius / self.sigma)
         selection = self.sample_counts(x, n0, batch_size, generator).argmax(1)

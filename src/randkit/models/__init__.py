@@ -89,7 +89,7 @@ def _call_factory(cfg: ModelConfig, spec: dict[str, Any]) -> nn.Module:
     given = {k: v for k, v in spec.items() if k in params or takes_any}
     try:
         model = factory(**given, **cfg.args)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, RuntimeError) as exc:
         raise UserError("model.args", f"model {cfg.name!r} rejected {cfg.args}: {exc}") from None
     if not isinstance(model, nn.Module):
         raise UserError(

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from randkit.config import RandomizeConfig
 from randkit.errors import UserError
 from randkit.randomize.base import BatchTransform, Compose
@@ -59,7 +61,7 @@ def _transform(spec) -> BatchTransform:  # type: ignore[no-untyped-def]
 
 
 def build_randomization(
-    cfg: RandomizeConfig, num_classes: int, input_shape: list[int]
+    cfg: RandomizeConfig, num_classes: int, input_shape: list[int], unit_range: bool = True
 ) -> Randomization:
     """Objects for the loop; an impossible setting is a UserError naming its config path."""
     transforms = []
@@ -76,7 +78,10 @@ def build_randomization(
     noise = None
     if cfg.input_noise is not None:
         try:
-            noise = InputNoise(**cfg.input_noise.model_dump())
+            spec = cfg.input_noise.model_dump()
+            # Clipping to [0, 1] only makes sense for data known to lie there.
+            spec["clip"] = unit_range if spec["clip"] is None else spec["clip"]
+            noise = InputNoise(**spec)
         except ValueError as exc:
             raise UserError("randomize.input_noise", str(exc)) from None
     grad = GradientNoise(cfg.grad_noise.eta, cfg.grad_noise.gamma) if cfg.grad_noise else None
@@ -88,3 +93,25 @@ def build_randomization(
         drop_connect=cfg.drop_connect,
         grad_noise=grad,
     )
+
+
+def preflight(model: torch.nn.Module, plan: Randomization, sample: torch.Tensor) -> None:
+    """Run the augmentation and one forward pass on a couple of training examples, so that a
+    setting that only fails at run time fails before anything is written."""
+    generator = torch.Generator().manual_seed(0)  # a throwaway generator: nothing is kept
+    x = sample
+    if plan.augment is not None:
+        try:
+            x = plan.augment(x, generator)
+        except (ValueError, RuntimeError) as exc:
+            raise UserError("randomize.augment", str(exc).splitlines()[0]) from None
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(x)
+    except (ValueError, RuntimeError, TypeError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError("model", f"forward pass fails on input {list(x.shape)}: {first}") from None
+    finally:
+        model.train(was_training)

@@ -14,6 +14,8 @@ regenerates the noise from it, so a replay is exact and the parameters stay smal
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from randkit.randomize.base import BatchTransform, Params, Shape
@@ -85,6 +87,8 @@ def parse_noise_levels(spec: str) -> tuple[str, list[float]]:
         raise ValueError(f"levels must be numbers, got {levels!r}") from None
     if not values:
         raise ValueError(f"no levels given in {spec!r}")
+    if not all(math.isfinite(v) for v in values):
+        raise ValueError(f"levels must be finite numbers, got {levels!r}")
     for value in values:
         InputNoise(kind, value)  # validates the range
     return kind, values

@@ -18,6 +18,7 @@ from randkit.data import Prepared, load_and_prepare
 from randkit.errors import UserError
 from randkit.models import build_model
 from randkit.randomize import build_randomization
+from randkit.randomize.build import preflight
 from randkit.streams import SOURCES, Streams
 from randkit.train.checkpoint import read_checkpoint, save_checkpoint
 from randkit.train.loop import LoopState, Trainer, resolve_device
@@ -85,10 +86,15 @@ def train_run(
     Everything that can fail on the user's input (config, data, model arguments) fails
     before anything is written.
     """
+    if cfg.train.early_stopping is not None and cfg.data.val_fraction == 0:
+        raise UserError("train.early_stopping", "randkit train needs data.val_fraction > 0, got 0")
     streams = Streams(cfg.seed, cfg.seeds)
     prepared = load_and_prepare(cfg.data, streams)
     model = build_model(cfg.model, prepared, streams, init=cfg.randomize.init)
-    randomization = build_randomization(cfg.randomize, len(prepared.classes), prepared.input_shape)
+    randomization = build_randomization(
+        cfg.randomize, len(prepared.classes), prepared.input_shape, prepared.unit_range
+    )
+    preflight(model, randomization, prepared.train.x[:2])
     device = resolve_device(cfg.train.device)
     fingerprint = cfg.fingerprint()
     resume_from = _prepare_out(out, fingerprint, restart)
