@@ -110,8 +110,7 @@ def test_kill_anywhere_and_resume_gives_identical_weights(tmp_path: Path) -> Non
     assert finished.returncode == 0, finished.stderr
     assert "resumed from step" in finished.stdout
     assert (out / "model.safetensors").read_bytes() == expected
-    ours, theirs = (json.loads((d / "metrics.json").read_text()) for d in (out, reference))
-    assert ours == theirs
+    assert (out / "metrics.json").read_bytes() == (reference / "metrics.json").read_bytes()
     assert not [p.name for p in out.iterdir() if ".tmp-" in p.name]
 
     # Running the finished command again changes nothing.
