@@ -71,43 +71,69 @@ def evaluate(
             help="KIND:L1,L2,... e.g. gaussian:0,0.1,0.3 (repeatable).", show_default=False
         ),
     ] = None,
+    mc: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="dropout:32, tta:16 or weight_noise:32 (repeatable).", show_default=False
+        ),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Request seed of the Monte-Carlo samples.")] = 0,
     quiet: Annotated[bool, typer.Option(help="Print nothing.")] = False,
 ) -> None:
-    """Accuracy and loss under test-time input noise: robustness.json and robustness.png."""
+    """Robustness under test noise (--noise) and Monte-Carlo uncertainty (--mc)."""
+    from randkit.deploy.mc_evaluate import evaluate_mc, parse_mc
     from randkit.randomize.noise import parse_noise_levels
     from randkit.robustness import robustness_curves, write_robustness
     from randkit.train.load import load_trained
 
-    if not noise:
-        raise UserError("noise", "give at least one --noise KIND:L1,L2,... (e.g. gaussian:0,0.1)")
+    if not noise and not mc:
+        raise UserError("noise", "give --noise KIND:L1,L2,... and/or --mc KIND:SAMPLES")
+    if seed < 0:
+        raise UserError("--seed", f"must be >= 0, got {seed}")
     sweeps: dict[str, list[float]] = {}
-    for spec in noise:
+    for spec in noise or []:
         try:
             kind, levels = parse_noise_levels(spec)
         except ValueError as exc:
             raise UserError("noise", str(exc)) from None
         sweeps[kind] = levels
+    for spec in mc or []:
+        parse_mc(spec)  # refuse a bad spec before any work
     trained = load_trained(run)
-    if trained.prepared.kind == "text":
+    if trained.prepared.kind == "text" and sweeps:
         raise UserError("noise", "input noise needs image or vector data, got text")
-    curves = robustness_curves(
-        trained.model,
-        trained.prepared.test,
-        len(trained.prepared.classes),
-        sweeps,
-        trained.streams,
-        trained.device,
-        clip=trained.prepared.unit_range,
-    )
-    json_path, png_path = write_robustness(run, curves, {"test_size": len(trained.prepared.test)})
-    if not quiet:
-        for kind, points in curves.items():
-            for point in points:
+    if sweeps:
+        curves = robustness_curves(
+            trained.model,
+            trained.prepared.test,
+            len(trained.prepared.classes),
+            sweeps,
+            trained.streams,
+            trained.device,
+            clip=trained.prepared.unit_range,
+        )
+        json_path, png_path = write_robustness(
+            run, curves, {"test_size": len(trained.prepared.test)}
+        )
+        if not quiet:
+            for kind, points in curves.items():
+                for point in points:
+                    _out.print(
+                        f"{kind:12s} level {point['level']:<6g} accuracy "
+                        f"{point['accuracy']:.4f}  loss {point['loss']:.4f}"
+                    )
+            _out.print(f"-> {json_path}, {png_path}")
+    if mc:
+        reports = evaluate_mc(trained, list(mc), seed)
+        if not quiet:
+            for spec in mc:
+                kind = spec.partition(":")[0]
+                r = reports[kind]
                 _out.print(
-                    f"{kind:12s} level {point['level']:<6g} accuracy "
-                    f"{point['accuracy']:.4f}  loss {point['loss']:.4f}"
+                    f"mc {kind:12s} accuracy {r['accuracy']:.4f}  nll {r['nll']:.4f}  "
+                    f"brier {r['brier']:.4f}  ece {r['ece']:.4f}  aurc {r['aurc']:.4f}"
                 )
-        _out.print(f"-> {json_path}, {png_path}")
+            _out.print(f"-> {run / 'uncertainty.json'}")
 
 
 @app.command()
