@@ -267,6 +267,22 @@ def certify(
         _out.print(f"-> {result['tsv']}, {result['curve']}")
 
 
+@app.command()
+def explain(
+    run: Annotated[Path, typer.Argument(help="A finished training run.")],
+    samples: Annotated[int, typer.Option(help="Noisy copies per input.")] = 50,
+    sigma: Annotated[float, typer.Option(help="Noise std (input units).")] = 0.15,
+    index: Annotated[list[int] | None, typer.Option(help="Test input (repeatable).")] = None,
+    seed: Annotated[int, typer.Option(help="Request seed (stream deploy).")] = 0,
+    out: Annotated[Path | None, typer.Option(help="PNG [default: RUN/smoothgrad.png]")] = None,
+) -> None:
+    """SmoothGrad saliency maps of test inputs beside the inputs and their predictions."""
+    from randkit.deploy.explain import explain_run
+
+    result = explain_run(run, samples, sigma, list(index or []), seed, out)
+    _out.print(f"-> {result['png']}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: user errors become one line on stderr and exit code 2."""
     try:
