@@ -283,6 +283,22 @@ def explain(
     _out.print(f"-> {result['png']}")
 
 
+@app.command()
+def export(
+    run: Annotated[Path, typer.Argument(help="A finished training or cross-validation run.")],
+    repository: Annotated[Path, typer.Option(help="Model repository directory.")],
+    name: Annotated[str, typer.Option(help="Model name in the repository.")],
+    version: Annotated[str | None, typer.Option(help="Version [default: next integer]")] = None,
+    ensemble: Annotated[
+        bool, typer.Option(help="Export a cross-validation's fold models.")
+    ] = False,
+) -> None:
+    """Write a model bundle REPOSITORY/NAME/VERSION/ (safetensors + bundle.json)."""
+    from randkit.deploy.bundle import export_bundle
+
+    _out.print(f"-> {export_bundle(run, repository, name, version, ensemble)}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: user errors become one line on stderr and exit code 2."""
     try:

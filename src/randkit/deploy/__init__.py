@@ -1,5 +1,7 @@
-"""Randomized deployment: smoothing with certified robustness."""
+"""Randomized deployment: smoothing with certified robustness, Monte-Carlo inference,
+uncertainty metrics, SmoothGrad explanations, model bundles."""
 
+from randkit.deploy.mc import MCResult, MonteCarlo
 from randkit.deploy.smoothing import (
     ABSTAIN,
     RadiusDecision,
@@ -11,6 +13,8 @@ from randkit.deploy.smoothing import (
 
 __all__ = [
     "ABSTAIN",
+    "MCResult",
+    "MonteCarlo",
     "RadiusDecision",
     "Smoothed",
     "lower_confidence_bound",
