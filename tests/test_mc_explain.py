@@ -131,3 +131,24 @@ def test_cli_explain_and_evaluate_mc(trained_run: Path) -> None:
     assert report["dropout"]["samples"] == 4 and report["dropout"]["seed"] == 5
     wrong = run_cli("evaluate", str(trained_run), "--mc", "dropout:x")
     assert wrong.returncode == 2 and wrong.stderr.startswith("error: --mc")
+
+
+def test_cli_export_writes_a_loadable_bundle(trained_run: Path, tmp_path: Path) -> None:
+    from randkit.deploy.bundle import load_bundle
+
+    repository = tmp_path / "repo"
+    done = run_cli("export", str(trained_run), "--repository", str(repository), "--name", "dg")
+    assert done.returncode == 0, done.stderr
+    bundle = load_bundle(repository / "dg" / "1")
+    assert bundle.input_shape == [1, 8, 8] and len(bundle.models) == 1
+    again = run_cli(
+        "export",
+        str(trained_run),
+        "--repository",
+        str(repository),
+        "--name",
+        "dg",
+        "--version",
+        "1",
+    )
+    assert again.returncode == 2 and again.stderr.startswith("error: version")
