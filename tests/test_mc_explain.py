@@ -152,3 +152,27 @@ def test_cli_export_writes_a_loadable_bundle(trained_run: Path, tmp_path: Path) 
         "1",
     )
     assert again.returncode == 2 and again.stderr.startswith("error: version")
+
+
+def test_cv_fold_ensemble_on_the_holdout(tmp_path: Path) -> None:
+    raw = {
+        "seed": 2,
+        "data": {"kind": "digits"},
+        "model": {"name": "mlp", "args": {"hidden": [16]}},
+        "train": {"epochs": 2, "device": "cpu"},
+        "cv": {"folds": 3, "holdout_fraction": 0.2},
+    }
+    config = write_config(tmp_path, raw)
+    run = tmp_path / "cv"
+    assert run_cli("cv", str(config), "--out", str(run), "--quiet").returncode == 0
+    plan = json.loads((run / "plan.json").read_text())
+    held = set(plan["holdout"])
+    assert len(held) == 360
+    assert not held & {i for t in plan["trials"] for i in t["train_idx"] + t["test_idx"]}
+    done = run_cli("evaluate", str(run), "--mc", "ensemble")
+    assert done.returncode == 0, done.stderr
+    report = json.loads((run / "uncertainty.json").read_text())["ensemble"]
+    assert report["members"] == 3 and report["holdout_size"] == 360
+    assert 0.5 < report["accuracy"] <= 1.0
+    refused = run_cli("evaluate", str(run), "--mc", "dropout:4")
+    assert refused.returncode == 2 and "only --mc ensemble" in refused.stderr

@@ -99,6 +99,19 @@ def evaluate(
         sweeps[kind] = levels
     for spec in mc or []:
         parse_mc(spec)  # refuse a bad spec before any work
+    if (run / "plan.json").is_file():  # a cross-validation: only its fold-model ensemble
+        if sweeps or [s for s in mc or [] if parse_mc(s)[0] != "ensemble"]:
+            raise UserError("run", "a cross-validation run supports only --mc ensemble")
+        from randkit.deploy.mc_evaluate import evaluate_cv_ensemble
+
+        r = evaluate_cv_ensemble(run)["ensemble"]
+        if not quiet:
+            _out.print(
+                f"ensemble of {r['members']} fold models on {r['holdout_size']} held-out "
+                f"examples: accuracy {r['accuracy']:.4f}  nll {r['nll']:.4f}  "
+                f"ece {r['ece']:.4f}"
+            )
+        return
     trained = load_trained(run)
     if trained.prepared.kind == "text" and sweeps:
         raise UserError("noise", "input noise needs image or vector data, got text")

@@ -231,6 +231,7 @@ class CVConfig(_Strict):
     decompose: bool = False
     test_fraction: float = Field(0.2, gt=0, lt=1)
     inner_val_fraction: float = Field(0.0, ge=0, lt=1)
+    holdout_fraction: float = Field(0.0, ge=0, lt=1)
     metric: Literal["accuracy", "loss", "macro_f1"] = "accuracy"
     runner: Literal["sequential", "vectorized", "processes", "ray"] = "sequential"
     workers: int | None = Field(None, ge=1)

@@ -108,16 +108,47 @@ class Plan:
 
     trials: list[Trial]
     cells: list[dict[str, Any]]
+    holdout: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
     def to_json(self) -> dict[str, Any]:
-        return {"trials": [t.to_json() for t in self.trials], "cells": self.cells}
+        return {
+            "trials": [t.to_json() for t in self.trials],
+            "cells": self.cells,
+            "holdout": self.holdout.tolist(),
+        }
 
     @classmethod
     def from_json(cls, raw: dict[str, Any]) -> Plan:
-        return cls([Trial.from_json(t) for t in raw["trials"]], raw["cells"])
+        holdout = np.asarray(raw.get("holdout", []), dtype=np.int64)
+        return cls([Trial.from_json(t) for t in raw["trials"]], raw["cells"], holdout)
 
 
 def make_plan(
+    cfg: CVConfig,
+    targets: np.ndarray,
+    groups: np.ndarray | None,
+    streams: Streams,
+    splitter: Any | None = None,
+) -> Plan:
+    """Every trial of the plan; with ``cfg.holdout_fraction``, a stratified held-out part
+    (stream ``split``, ``part=holdout``) is cut first and the folds cover the rest."""
+    if cfg.holdout_fraction == 0:
+        return _make_plan(cfg, targets, groups, streams, splitter)
+    from randkit.data.base import stratified_holdout
+
+    keep, held = stratified_holdout(
+        targets, cfg.holdout_fraction, streams.seed("split", part="holdout"), "cv.holdout_fraction"
+    )
+    plan = _make_plan(
+        cfg, targets[keep], None if groups is None else groups[keep], streams, splitter
+    )
+    for trial in plan.trials:  # indices of the subset back to indices of the whole data set
+        trial.train_idx, trial.test_idx = keep[trial.train_idx], keep[trial.test_idx]
+    plan.holdout = held
+    return plan
+
+
+def _make_plan(
     cfg: CVConfig,
     targets: np.ndarray,
     groups: np.ndarray | None,

@@ -71,9 +71,9 @@ class RunStore:
                     f"{str(self.out)!r} holds a cross-validation of a different config; "
                     "use --restart or another --out",
                 )
-            if previous.get("data_hash") != data_hash or previous.get("trials") != [
-                t.to_json() for t in plan.trials
-            ]:
+            same_trials = previous.get("trials") == [t.to_json() for t in plan.trials]
+            same_holdout = previous.get("holdout", []) == plan.holdout.tolist()
+            if previous.get("data_hash") != data_hash or not (same_trials and same_holdout):
                 raise UserError(
                     "out",
                     f"{str(self.out)!r} holds a cross-validation of other data or another "

@@ -4,7 +4,10 @@ its test split (uncertainty.json and a reliability diagram)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
+
+import torch
 
 from randkit import atomic
 from randkit.deploy.mc import MC_KINDS, MonteCarlo
@@ -35,9 +38,8 @@ def predictor(trained: TrainedRun, kind: str, samples: int) -> MonteCarlo:
     if kind == "ensemble":
         raise UserError(
             "--mc",
-            "'ensemble' needs the fold models of a cross-validation, which "
-            "this version cannot evaluate yet; use dropout, tta or "
-            "weight_noise",
+            "'ensemble' needs a cross-validation run (its fold models), not a training "
+            "run; set cv.holdout_fraction and evaluate the cv run directory",
         )
     if kind == "tta":
         plan = build_randomization(
@@ -90,5 +92,72 @@ def evaluate_mc(trained: TrainedRun, specs: list[str], seed: int) -> dict[str, A
         merged[kind] = report
         png = trained.out / f"reliability-{kind}.png"
         atomic.write_bytes(png, reliability_png(report, title=f"Reliability, MC {kind}"))
+    atomic.write_json(path, merged)
+    return merged
+
+
+def evaluate_cv_ensemble(run: Path) -> dict[str, Any]:
+    """The ensemble of a cross-validation's fold models on the run's held-out part
+    (``cv.holdout_fraction``), merged into RUN/uncertainty.json."""
+    import yaml
+    from safetensors.torch import load_file
+
+    from randkit.config import validate_config
+    from randkit.cv.plan import Plan
+    from randkit.cv.trial import prepare_trial
+    from randkit.data import load_data
+    from randkit.data.base import data_fingerprint
+    from randkit.deploy.uncertainty import reliability_png, uncertainty_report
+    from randkit.models import build_model
+    from randkit.streams import ScopedStreams, Streams
+
+    cfg = validate_config(yaml.safe_load((run / "config.yaml").read_text()))
+    raw_plan = json.loads((run / "plan.json").read_text())
+    plan = Plan.from_json(raw_plan)
+    if not len(plan.holdout):
+        raise UserError(
+            "--mc",
+            "'ensemble' needs a held-out part: set cv.holdout_fraction > 0 "
+            "and run the cross-validation again",
+        )
+    data = load_data(cfg.data)
+    if data_fingerprint(data) != raw_plan.get("data_hash"):
+        raise UserError("run", f"the data of {str(run)!r} changed since the cross-validation")
+    if data.kind == "text":
+        raise UserError(
+            "--mc", "'ensemble' of text models is not supported (each fold has its own vocabulary)"
+        )
+    streams = Streams(cfg.seed, cfg.seeds)
+    models = []
+    for trial in plan.trials:
+        weights = run / "trials" / trial.id / "model.safetensors"
+        if not weights.is_file():
+            raise UserError(
+                "run",
+                f"trial {trial.id} has no saved model (unfinished, or cv.save_models was false)",
+            )
+        scoped = ScopedStreams(streams, trial.scopes())
+        model = build_model(cfg.model, prepare_trial(cfg, data, trial, scoped), scoped)
+        model.load_state_dict(load_file(weights))
+        models.append(model.eval())
+    index = torch.as_tensor(plan.holdout)
+    result = MonteCarlo(models, "ensemble").predict(data.inputs[index])
+    report = uncertainty_report(result.probs, data.targets[index].numpy())
+    report.update(
+        {
+            "members": len(models),
+            "holdout_size": len(index),
+            "mean_entropy": float(result.entropy.mean()),
+            "mean_mutual_information": float(result.mutual_information.mean()),
+            "mean_variance": float(result.variance.mean()),
+        }
+    )
+    path = run / "uncertainty.json"
+    merged = json.loads(path.read_text()) if path.is_file() else {}
+    merged["ensemble"] = report
+    atomic.write_bytes(
+        run / "reliability-ensemble.png",
+        reliability_png(report, title="Reliability, fold-model ensemble"),
+    )
     atomic.write_json(path, merged)
     return merged
