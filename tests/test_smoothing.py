@@ -420,3 +420,34 @@ def test_cli_certify_radius_zero_keeps_the_fixed_n_results(trained_run: Path) ->
     header = fixed.read_text().splitlines()[0]
     assert main([*args, "--max", "1", "--quiet", "--radius", "0"]) == 0
     assert fixed.read_text().splitlines()[0] == header
+
+
+def test_certify_from_counts_matches_the_papers_algorithm(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Cohen et al.'s CERTIFY written out independently (their core.py uses statsmodels'
+    proportion_confint(nA, n, alpha=2 * alpha, method="beta")[0]; SciPy's exact two-sided
+    interval at level 1 - 2 alpha has the same lower end)."""
+    from scipy.stats import binomtest, norm
+
+    sigma, alpha, n0, n = 0.37, 0.001, 100, 10_000
+    rng = np.random.default_rng(4)
+    selection_counts = rng.multinomial(n0, [0.6, 0.3, 0.1], size=40)
+    top = selection_counts.argmax(1)
+    counts = np.zeros((40, 3), dtype=np.int64)
+    for i in range(40):
+        counts[i, top[i]] = rng.integers(0, n + 1)
+        counts[i, (top[i] + 1) % 3] = n - counts[i, top[i]]
+    calls = iter([selection_counts, counts])
+    monkeypatch.setattr(Smoothed, "sample_counts", lambda self, *args, **kw: next(calls))
+    smoothed = Smoothed(nn.Linear(2, 3), 3, sigma, "cpu")
+    predicted, radius = smoothed.certify(torch.zeros(40, 2), n0, n, alpha, 1000, None)
+    for i in range(40):
+        n_a = int(counts[i, top[i]])
+        low = binomtest(n_a, n).proportion_ci(confidence_level=1 - 2 * alpha, method="exact").low
+        if low < 0.5:
+            assert predicted[i] == -1 and radius[i] == 0.0
+        else:
+            assert predicted[i] == top[i]
+            assert radius[i] == pytest.approx(sigma * norm.ppf(low), abs=1e-9)
+    assert {int(p) for p in predicted} >= {-1}  # some inputs abstain in this draw

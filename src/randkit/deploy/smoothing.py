@@ -16,6 +16,7 @@ probability is at most alpha (union bound). Horvath et al. (ICLR 2022) and Vorac
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,6 +26,7 @@ from torch import nn
 
 ABSTAIN = -1
 NOISE_CHUNK = 256  # noise is drawn in chunks of this many samples per input
+FORWARD_CHUNK = 512  # rows per forward call (larger batches are slower per row on the CPU)
 
 
 def lower_confidence_bound(
@@ -76,6 +78,13 @@ class Smoothed:
         self.device = (
             torch.device(device) if device is not None else next(model.parameters()).device
         )
+        # On the CPU, convolutions run about 2-5x faster in channels-last layout and in forward
+        # chunks that fit the cache (measured on the digits CNN). Each call works on a fresh
+        # channels-last copy, so the user's model is never changed and never stale. The
+        # function computed is the same up to float rounding.
+        self._channels_last = self.device.type == "cpu" and any(
+            isinstance(m, nn.Conv2d) for m in model.modules()
+        )
 
     @torch.no_grad()
     def sample_counts(
@@ -89,13 +98,19 @@ class Smoothed:
         """
         was_training = self.model.training
         self.model.eval()
+        net = self.model
+        if self._channels_last and x.dim() == 4:
+            net = copy.deepcopy(self.model).to(memory_format=torch.channels_last)
         counts = torch.zeros(len(x), self.num_classes, dtype=torch.long, device=self.device)
         x = x.to(self.device)
         pending: list[torch.Tensor] = []
         owners: list[torch.Tensor] = []
 
         def run(batch: torch.Tensor, who: torch.Tensor) -> None:
-            predicted = self.model(batch).argmax(1)
+            if net is not self.model:
+                batch = batch.contiguous(memory_format=torch.channels_last)
+            parts = batch.split(FORWARD_CHUNK)
+            predicted = torch.cat([net(part).argmax(1) for part in parts])
             counts.index_put_((who, predicted), torch.ones_like(predicted), accumulate=True)
 
         try:
