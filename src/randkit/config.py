@@ -185,22 +185,22 @@ class GradNoiseSpec(_Strict):
     gamma: float = Field(0.55, ge=0)
 
 
+Initializer = Literal[
+    "kaiming_normal",
+    "kaiming_uniform",
+    "xavier_normal",
+    "xavier_uniform",
+    "orthogonal",
+    "trunc_normal",
+]
+
+
 class RandomizeConfig(_Strict):
     """Training-time randomization; each part draws from its own stream per (epoch, step)."""
 
     augment: list[TransformSpec] = Field(default_factory=list)
     input_noise: NoiseSpec | None = None
-    init: (
-        Literal[
-            "kaiming_normal",
-            "kaiming_uniform",
-            "xavier_normal",
-            "xavier_uniform",
-            "orthogonal",
-            "trunc_normal",
-        ]
-        | None
-    ) = None
+    init: Initializer | None = None
     weight_noise: WeightNoiseSpec | None = None
     drop_connect: float = Field(0.0, ge=0, lt=1)
     grad_noise: GradNoiseSpec | None = None

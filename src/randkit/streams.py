@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import random
+import random  # global-rng-ok: only read, by global_rng_guard, never drawn from
 import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field

@@ -13,6 +13,8 @@ from torch.nn import functional as F
 from randkit.config import ExperimentConfig
 from randkit.cv.stacked_optim import StackedOptimizer
 from randkit.randomize import Randomization, use_generator
+from randkit.randomize.build import randomize_batch
+from randkit.randomize.weights import draw_weight_perturbation
 from randkit.train.metrics import classification_metrics
 
 NEUTRAL = {"uniform": 1.0, "normal": 0.0}  # a padded row keeps its activation unchanged
@@ -97,7 +99,11 @@ class Lockstep:
             index = s.order[batch * size : (batch + 1) * size] if live else s.order[:0]
             key = {"epoch": epoch, "step": epoch * s.steps_per_epoch + batch}
             x, y = s.x[index.to(s.x.device)], s.y[index.to(s.y.device)]
-            t = self._randomize(s, x, y, key) if len(index) else (x, y)
+            t = (
+                randomize_batch(self.plan, s.streams, x, y, key, self.device)
+                if len(index)
+                else (x, y)
+            )
             rows.append(len(index))
             keys.append(key)
             xs.append(t[0])
@@ -145,21 +151,6 @@ class Lockstep:
                 s.correct += int((logits[k, : rows[k]].argmax(1) == labels[k]).sum())
                 s.seen += rows[k]
 
-    def _randomize(
-        self, s: Any, x: torch.Tensor, y: torch.Tensor, key: dict[str, int]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        plan, target = self.plan, y
-        if plan.augment is not None:
-            generator = s.streams.torch("augment", device=self.device, **key)
-            drawn = plan.augment.draw(x.shape, generator, self.device)
-            x = plan.augment.apply(x, drawn)
-            if plan.augment.mixes_labels:
-                target = plan.augment.apply_targets(y, drawn)
-        if plan.input_noise is not None:
-            generator = s.streams.torch("noise", device=self.device, what="input", **key)
-            x = plan.input_noise(x, generator)
-        return x, target
-
     def _dropout_draws(
         self, rows: list[int], keys: list[dict[str, int]], sample_shape: torch.Size
     ) -> list[torch.Tensor]:
@@ -206,16 +197,17 @@ class Lockstep:
             generator = s.streams.torch("noise", device=self.device, what="weights", **key)
             for n in names:
                 w = self.params[n][k]
-                if plan.drop_connect > 0:
-                    keep = torch.rand(w.shape, generator=generator, device=w.device)
-                    masks[n][k] = (keep >= plan.drop_connect).to(w.dtype) / (1 - plan.drop_connect)
-                if plan.weight_noise_std > 0:
-                    scale = plan.weight_noise_std * (
-                        float(w.detach().std()) if plan.weight_noise_relative else 1.0
-                    )
-                    noises[n][k] = scale * torch.randn(
-                        w.shape, generator=generator, device=w.device, dtype=w.dtype
-                    )
+                keep, noise = draw_weight_perturbation(
+                    w,
+                    generator,
+                    plan.weight_noise_std,
+                    plan.weight_noise_relative,
+                    plan.drop_connect,
+                )
+                if keep is not None:
+                    masks[n][k] = keep.to(w.dtype) / (1 - plan.drop_connect)
+                if noise is not None:
+                    noises[n][k] = noise
         for n in names:
             out[n] = self.params[n] * masks[n] + noises[n]
         return out
@@ -232,9 +224,9 @@ class Lockstep:
             std = math.sqrt(noise.variance(key["step"]))
             for p in self.params.values():
                 if p.grad is not None:
-                    p.grad[k] += std * torch.randn(
-                        p.shape[1:], generator=generator, device=p.device, dtype=p.dtype
-                    )
+                    shape = p.shape[1:]
+                    draw = torch.randn(shape, generator=generator, device=p.device, dtype=p.dtype)
+                    p.grad[k] += std * draw
 
     @torch.no_grad()
     def _clip(self, max_norm: float) -> None:

@@ -22,7 +22,7 @@ from randkit.cv.trial import run_trial
 from randkit.data import LabeledData, load_data
 from randkit.data.base import data_fingerprint
 from randkit.streams import Streams
-from randkit.train.loop import resolve_device
+from randkit.train.loop import model_and_randomization, resolve_device
 
 
 @dataclass
@@ -74,18 +74,13 @@ def run_cv(
 def _preflight(cfg: ExperimentConfig, data: LabeledData, plan: Plan, streams: Streams) -> None:
     """Build the first trial's model and run it once before anything is written."""
     from randkit.cv.trial import prepare_trial
-    from randkit.models import build_model
-    from randkit.randomize import build_randomization
     from randkit.randomize.build import preflight
     from randkit.streams import ScopedStreams
 
     trial = plan.trials[0]
     scoped = ScopedStreams(streams, trial.scopes())
     prepared = prepare_trial(cfg, data, trial, scoped)
-    model = build_model(cfg.model, prepared, scoped, init=cfg.randomize.init)
-    randomization = build_randomization(
-        cfg.randomize, len(prepared.classes), prepared.input_shape, prepared.unit_range
-    )
+    model, randomization = model_and_randomization(cfg, prepared, scoped)
     preflight(model, randomization, prepared.train.x[:2])
     if cfg.cv.runner == "vectorized":
         from randkit.cv.vectorized import check_vectorizable

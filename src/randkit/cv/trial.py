@@ -20,10 +20,8 @@ from randkit.cv.plan import PLAN_SOURCES, Trial
 from randkit.data import LabeledData, featurize, load_data
 from randkit.data.base import Prepared, data_fingerprint, stratified_holdout
 from randkit.errors import UserError
-from randkit.models import build_model
-from randkit.randomize import build_randomization
 from randkit.streams import ScopedStreams, Streams
-from randkit.train.loop import Trainer, resolve_device
+from randkit.train.loop import Trainer, model_and_randomization, resolve_device
 from randkit.train.metrics import classification_metrics, predict_logits
 
 
@@ -105,10 +103,7 @@ def run_trial(
     """Train and evaluate one trial; with ``out``, save it under ``out/trials/<id>/``."""
     scoped = ScopedStreams(streams, trial.scopes())
     prepared = prepare_trial(cfg, data, trial, scoped)
-    model = build_model(cfg.model, prepared, scoped, init=cfg.randomize.init)
-    randomization = build_randomization(
-        cfg.randomize, len(prepared.classes), prepared.input_shape, prepared.unit_range
-    )
+    model, randomization = model_and_randomization(cfg, prepared, scoped)
     trainer = Trainer(
         model,
         prepared.train,

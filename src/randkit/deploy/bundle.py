@@ -172,7 +172,7 @@ def export_bundle(
             raise UserError(
                 "version", f"{version!r} of bundle {name!r} already exists in {str(repository)!r}"
             ) from None
-        _fsync_dir(family)
+        atomic.fsync_dir(family)
     except BaseException:
         shutil.rmtree(temp, ignore_errors=True)
         for folder in reversed(made):  # folders this call created, if still empty
@@ -366,15 +366,6 @@ def _alive(pid: int) -> bool:
     except OSError:
         return True  # exists, owned by someone else
     return True
-
-
-def _fsync_dir(folder: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 # ---------------------------------------------------------------------------------------------

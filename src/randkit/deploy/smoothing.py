@@ -119,9 +119,8 @@ class Smoothed:
             for i in range(len(x)):
                 for start in range(0, n, NOISE_CHUNK):
                     rows = min(NOISE_CHUNK, n - start)
-                    noise = torch.randn(
-                        (rows, *x.shape[1:]), generator=generator, device=self.device, dtype=x.dtype
-                    )
+                    shape = (rows, *x.shape[1:])
+                    noise = torch.randn(shape, generator=generator, device=x.device, dtype=x.dtype)
                     pending.append(x[i] + self.sigma * noise)
                     owners.append(torch.full((rows,), i, device=self.device))
                     if sum(len(p) for p in pending) >= batch_size:

@@ -61,64 +61,62 @@ def draw(layer: str, kind: str, shape: tuple[int, ...], like: torch.Tensor) -> t
     return source.draw(kind, tuple(shape), like.device, like.dtype)
 
 
-def _check_p(p: float) -> float:
-    if not 0 <= p < 1:
-        raise ValueError(f"p must be in [0, 1), got {p}")
-    return float(p)
+class _StochasticLayer(nn.Module):
+    """A layer that is random in training mode with probability ``p`` and the identity
+    otherwise (or when p is 0)."""
 
-
-class Dropout(nn.Module):
-    """Inverted dropout: zero each element with probability ``p``, scale the rest by 1/(1-p)."""
-
-    def __init__(self, p: float = 0.5) -> None:
+    def __init__(self, p: float) -> None:
         super().__init__()
-        self.p = _check_p(p)
+        if not 0 <= p < 1:
+            raise ValueError(f"p must be in [0, 1), got {p}")
+        self.p = float(p)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0:
             return x
-        keep = draw("Dropout", "uniform", tuple(x.shape), x) >= self.p
-        return x * keep.to(x.dtype) / (1 - self.p)
+        return self._random_forward(x)
+
+    def _random_forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
 
 
-class GaussianDropout(nn.Module):
+class Dropout(_StochasticLayer):
+    """Inverted dropout: zero each element with probability ``p``, scale the rest by 1/(1-p)."""
+
+    def __init__(self, p: float = 0.5) -> None:
+        super().__init__(p)
+
+    def _random_forward(self, x: torch.Tensor) -> torch.Tensor:
+        keep = draw("Dropout", "uniform", tuple(x.shape), x) >= self.p
+        return x * keep.to(x.dtype) / (1 - self.p)
+
+
+class GaussianDropout(_StochasticLayer):
     """Multiplicative N(1, p/(1-p)) noise, the Gaussian match of dropout's variance
     (Srivastava et al. 2014, sec. 10)."""
 
     def __init__(self, p: float = 0.5) -> None:
-        super().__init__()
-        self.p = _check_p(p)
+        super().__init__(p)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0:
-            return x
+    def _random_forward(self, x: torch.Tensor) -> torch.Tensor:
         std = (self.p / (1 - self.p)) ** 0.5
         return x * (1 + std * draw("GaussianDropout", "normal", tuple(x.shape), x))
 
-    def extra_repr(self) -> str:
-        return f"p={self.p}"
 
-
-class StochasticDepth(nn.Module):
+class StochasticDepth(_StochasticLayer):
     """Drop a residual branch for a whole sample with probability ``p`` (Huang et al. 2016),
     scaling kept branches by 1/(1-p) so eval needs no change."""
 
     def __init__(self, p: float = 0.1) -> None:
-        super().__init__()
-        self.p = _check_p(p)
+        super().__init__(p)
 
-    def forward(self, branch: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0:
-            return branch
+    def _random_forward(self, branch: torch.Tensor) -> torch.Tensor:
         shape = (branch.shape[0],) + (1,) * (branch.dim() - 1)
         keep = draw("StochasticDepth", "uniform", shape, branch) >= self.p
         return branch * keep.to(branch.dtype) / (1 - self.p)
-
-    def extra_repr(self) -> str:
-        return f"p={self.p}"
 
 
 # torch.nn layers that draw from torch's global RNG in training mode.

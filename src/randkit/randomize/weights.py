@@ -5,18 +5,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import get_args
 
 import torch
 from torch import nn
 
-INITIALIZERS = (
-    "kaiming_normal",
-    "kaiming_uniform",
-    "xavier_normal",
-    "xavier_uniform",
-    "orthogonal",
-    "trunc_normal",
-)
+from randkit.config import Initializer
+
+INITIALIZERS: tuple[str, ...] = get_args(Initializer)
 
 
 def initialize(model: nn.Module, scheme: str, generator: torch.Generator) -> nn.Module:
@@ -67,17 +63,33 @@ def perturbed_parameters(
     for name, weight in model.named_parameters():
         if weight.dim() < 2:
             continue
+        keep, noise = draw_weight_perturbation(weight, generator, noise_std, relative, drop_connect)
         w = weight
-        if drop_connect > 0:
-            keep = torch.rand(w.shape, generator=generator, device=w.device) >= drop_connect
+        if keep is not None:
             w = w * keep.to(w.dtype) / (1 - drop_connect)
-        if noise_std > 0:
-            scale = noise_std * (weight.detach().std() if relative else 1.0)
-            w = w + scale * torch.randn(
-                w.shape, generator=generator, device=w.device, dtype=w.dtype
-            )
+        if noise is not None:
+            w = w + noise
         out[name] = w
     return out
+
+
+def draw_weight_perturbation(
+    w: torch.Tensor,
+    generator: torch.Generator,
+    noise_std: float = 0.0,
+    relative: bool = False,
+    drop_connect: float = 0.0,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The random parts of one weight's perturbation, always drawn in this order: the
+    DropConnect keep mask (None when ``drop_connect`` is 0), then the scaled Gaussian noise
+    (None when ``noise_std`` is 0)."""
+    keep = noise = None
+    if drop_connect > 0:
+        keep = torch.rand(w.shape, generator=generator, device=w.device) >= drop_connect
+    if noise_std > 0:
+        scale = noise_std * (w.detach().std() if relative else 1.0)
+        noise = scale * torch.randn(w.shape, generator=generator, device=w.device, dtype=w.dtype)
+    return keep, noise
 
 
 class GradientNoise:
@@ -100,9 +112,8 @@ class GradientNoise:
         std = math.sqrt(self.variance(step))
         for p in parameters:
             if p.grad is not None:
-                p.grad.add_(
-                    torch.randn(
-                        p.grad.shape, generator=generator, device=p.device, dtype=p.grad.dtype
-                    ),
+                g = p.grad
+                g.add_(
+                    torch.randn(g.shape, generator=generator, device=g.device, dtype=g.dtype),
                     alpha=std,
                 )

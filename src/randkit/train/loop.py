@@ -16,11 +16,13 @@ from torch import nn
 from torch.func import functional_call
 from torch.nn import functional as F
 
-from randkit.config import TrainConfig
-from randkit.data import TensorData
+from randkit.config import ExperimentConfig, TrainConfig
+from randkit.data import Prepared, TensorData
+from randkit.models import Classifier, build_model
 from randkit.randomize import Randomization, ZerothOrderSGD, perturbed_parameters, use_generator
+from randkit.randomize.build import build_randomization, randomize_batch
 from randkit.randomize.modules import randomness_needs
-from randkit.streams import Streams
+from randkit.streams import ScopedStreams, Streams
 from randkit.train.checkpoint import optimizer_from_flat, strip_prefix
 from randkit.train.metrics import evaluate
 from randkit.train.optim import make_optimizer, make_scheduler
@@ -48,6 +50,18 @@ class LoopState:
 
 ProgressHook = Callable[[LoopState, float], None]
 CheckpointHook = Callable[["Trainer"], None]
+
+
+def model_and_randomization(
+    cfg: ExperimentConfig, prepared: Prepared, streams: Streams | ScopedStreams
+) -> tuple[Classifier, Randomization]:
+    """The model (weights from stream ``init``) and the training randomization of ``cfg``
+    for one prepared split: what every trainer of a run or trial starts from."""
+    model = build_model(cfg.model, prepared, streams, init=cfg.randomize.init)
+    randomization = build_randomization(
+        cfg.randomize, len(prepared.classes), prepared.input_shape, prepared.unit_range
+    )
+    return model, randomization
 
 
 def resolve_device(name: str) -> torch.device:
@@ -152,7 +166,7 @@ class Trainer:
     def _step(self, xb: torch.Tensor, yb: torch.Tensor) -> tuple[float, int]:
         """One optimizer step. Every random draw is keyed by (epoch, step) and ``coords``."""
         keys = {"epoch": self.state.epoch, "step": self.state.global_step, **self.coords}
-        xb, targets = self._randomize_inputs(xb, yb, keys)
+        xb, targets = randomize_batch(self.randomization, self.streams, xb, yb, keys, self.device)
         if isinstance(self.optimizer, ZerothOrderSGD):
             loss, logits = self._zeroth_order_step(xb, targets, keys)
         else:
@@ -171,21 +185,6 @@ class Trainer:
         if self.scheduler is not None:
             self.scheduler.step()
         return float(loss.detach()), int((logits.argmax(1) == yb).sum())
-
-    def _randomize_inputs(
-        self, xb: torch.Tensor, yb: torch.Tensor, keys: dict[str, int]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        plan, targets = self.randomization, yb
-        if plan.augment is not None:
-            generator = self.streams.torch("augment", device=self.device, **keys)
-            params = plan.augment.draw(xb.shape, generator, self.device)
-            xb = plan.augment.apply(xb, params)
-            if plan.augment.mixes_labels:
-                targets = plan.augment.apply_targets(yb, params)
-        if plan.input_noise is not None:
-            generator = self.streams.torch("noise", device=self.device, what="input", **keys)
-            xb = plan.input_noise(xb, generator)
-        return xb, targets
 
     @contextlib.contextmanager
     def _stochastic_layers(self, keys: dict[str, int]) -> Iterator[None]:

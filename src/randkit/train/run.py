@@ -16,12 +16,10 @@ from randkit import atomic
 from randkit.config import ExperimentConfig
 from randkit.data import Prepared, load_and_prepare
 from randkit.errors import UserError
-from randkit.models import build_model
-from randkit.randomize import build_randomization
 from randkit.randomize.build import preflight
 from randkit.streams import SOURCES, Streams
 from randkit.train.checkpoint import read_checkpoint, save_checkpoint
-from randkit.train.loop import LoopState, Trainer, resolve_device
+from randkit.train.loop import LoopState, Trainer, model_and_randomization, resolve_device
 from randkit.train.metrics import evaluate
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -90,10 +88,7 @@ def train_run(
         raise UserError("train.early_stopping", "randkit train needs data.val_fraction > 0, got 0")
     streams = Streams(cfg.seed, cfg.seeds)
     prepared = load_and_prepare(cfg.data, streams)
-    model = build_model(cfg.model, prepared, streams, init=cfg.randomize.init)
-    randomization = build_randomization(
-        cfg.randomize, len(prepared.classes), prepared.input_shape, prepared.unit_range
-    )
+    model, randomization = model_and_randomization(cfg, prepared, streams)
     preflight(model, randomization, prepared.train.x[:2])
     device = resolve_device(cfg.train.device)
     fingerprint = cfg.fingerprint()
