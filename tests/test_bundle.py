@@ -97,7 +97,13 @@ def test_export_then_load_gives_the_runs_model_bit_exactly(train_dir: Path, tmp_
     assert meta["classes"] == [str(i) for i in range(10)] and meta["num_classes"] == 10
     assert meta["preprocessing"] == {}
     assert meta["members"] == ["model.safetensors"]
-    assert meta["randomized"] == {"sigma": 0.25, "default_mode": None, "samples": 32}
+    assert meta["randomized"] == {
+        "sigma": 0.25,
+        "default_mode": None,
+        "samples": 32,
+        "augment": [],
+        "weight_noise": None,
+    }
     assert set(meta["sha256"]) == {"model.safetensors"}
 
     trained = load_trained(train_dir, device="cpu")

@@ -312,6 +312,42 @@ def export(
     _out.print(f"-> {export_bundle(run, repository, name, version, ensemble)}")
 
 
+@app.command()
+def serve(
+    repository: Annotated[Path, typer.Argument(help="Model repository: NAME/VERSION/ bundles.")],
+    host: Annotated[str, typer.Option(help="Address to bind (loopback unless told).")] = (
+        "127.0.0.1"
+    ),
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    token: Annotated[
+        str | None, typer.Option(help="Require 'Authorization: Bearer TOKEN' (or RANDKIT_TOKEN).")
+    ] = None,
+    max_batch: Annotated[int, typer.Option(help="Rows per forward batch.")] = 64,
+    max_delay_ms: Annotated[float, typer.Option(help="Longest wait to fill a batch.")] = 2.0,
+    max_body_mb: Annotated[float, typer.Option(help="Largest request body.")] = 16.0,
+    seed: Annotated[int, typer.Option(help="Root seed of streams deploy and traffic.")] = 0,
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "cpu",
+    quiet: Annotated[bool, typer.Option(help="Log warnings only.")] = False,
+) -> None:
+    """Serve a model repository over KServe V2 and TensorFlow Serving REST."""
+    import os
+
+    from randkit.serve.run import serve_forever
+
+    serve_forever(
+        repository,
+        host=host,
+        port=port,
+        token=token or os.environ.get("RANDKIT_TOKEN") or None,
+        max_batch=max_batch,
+        max_delay_ms=max_delay_ms,
+        max_body_mb=max_body_mb,
+        seed=seed,
+        device=device,
+        quiet=quiet,
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: user errors become one line on stderr and exit code 2."""
     try:

@@ -324,7 +324,15 @@ def _write_members(source: _Source, folder: Path) -> dict[str, Any]:
         data = origin.read_bytes()
         digests[member] = hashlib.sha256(data).hexdigest()
         atomic.write_bytes(folder / member, data)
-    noise = source.cfg.randomize.input_noise
+    randomize = source.cfg.randomize
+    noise = randomize.input_noise
+    # Test-time augmentation reuses the training augmentation, minus the label-mixing kinds.
+    augment = [
+        spec.model_dump(mode="json")
+        for spec in randomize.augment
+        if spec.kind not in ("mixup", "cutmix")
+    ]
+    weight_noise = randomize.weight_noise.model_dump() if randomize.weight_noise else None
     return {
         "model": source.cfg.model.model_dump(mode="json"),
         "input": source.input,
@@ -336,6 +344,8 @@ def _write_members(source: _Source, folder: Path) -> dict[str, Any]:
             "sigma": noise.level if noise is not None and noise.kind == "gaussian" else None,
             "default_mode": None,
             "samples": DEFAULT_SAMPLES,
+            "augment": augment,
+            "weight_noise": weight_noise,
         },
         "source_kind": source.kind,
         "randkit_version": randkit.__version__,

@@ -37,7 +37,7 @@ class MCResult:
         return self.probs.argmax(1)
 
 
-def _summarize(sample_probs: np.ndarray, seed: int) -> MCResult:
+def summarize_samples(sample_probs: np.ndarray, seed: int) -> MCResult:
     mean = sample_probs.mean(0)
     log = np.log(np.clip(sample_probs, 1e-12, 1.0))
     entropy = -(mean * np.log(np.clip(mean, 1e-12, 1.0))).sum(-1)
@@ -52,7 +52,7 @@ def _summarize(sample_probs: np.ndarray, seed: int) -> MCResult:
     )
 
 
-def _stochastic_only(model: nn.Module) -> list[tuple[nn.Module, bool]]:
+def stochastic_only(model: nn.Module) -> list[tuple[nn.Module, bool]]:
     """Put the model in eval mode except its dropout-like layers; return previous modes."""
     previous = [(m, m.training) for m in model.modules()]
     model.eval()
@@ -102,11 +102,11 @@ class MonteCarlo:
         x = x.to(device)
         if self.kind == "ensemble":
             stacked = [self._probs(m, x) for m in self.models]
-            return _summarize(np.stack(stacked), seed)
+            return summarize_samples(np.stack(stacked), seed)
         model = self.models[0]
         streams = Streams(seed)
         previous = (
-            _stochastic_only(model)
+            stochastic_only(model)
             if self.kind == "dropout"
             else [(m, m.training) for m in model.modules()]
         )
@@ -121,7 +121,7 @@ class MonteCarlo:
         finally:
             for module, mode in previous:
                 module.training = mode
-        return _summarize(np.stack(outputs), seed)
+        return summarize_samples(np.stack(outputs), seed)
 
     def _one_sample(
         self,

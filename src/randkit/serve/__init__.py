@@ -1,0 +1,1 @@
+"""The HTTP model server: repository, protocols, batching, traffic split, metrics."""

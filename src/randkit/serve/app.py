@@ -1,0 +1,146 @@
+"""The FastAPI application: middleware (body limit, bearer token, in-flight gauge), one-line
+JSON errors, and the routes of both protocols (``v2.py``, ``tfserving.py``)."""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+import randkit
+from randkit.serve.options import RequestError
+from randkit.serve.server import Server, ServerSettings
+
+OPEN_PATHS = frozenset({"/v2/health/live", "/v2/health/ready"})
+
+
+def error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def _one_line(exc: RequestValidationError) -> str:
+    first = exc.errors()[0]
+    where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or "body"
+    got = repr(first.get("input"))
+    got = got if len(got) <= 80 else got[:77] + "..."
+    if first.get("type") == "missing":
+        return f"{where}: field required"
+    if first.get("type") == "json_invalid":
+        return f"body: not valid JSON ({first.get('ctx', {}).get('error', 'parse error')})"
+    return f"{where}: {first.get('msg', 'invalid')}, got {got}"
+
+
+class _Guard:
+    """Pure ASGI middleware: bearer token, body-size limit, in-flight gauge. The body is
+    read here, up to the limit, so an oversized one is refused before any parsing."""
+
+    def __init__(self, app: ASGIApp, server: Server) -> None:
+        self.app, self.server = app, server
+        self.limit = int(server.settings.max_body_mb * 1024 * 1024)
+        token = server.settings.token
+        self.expected = f"Bearer {token}".encode() if token else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        if scope["method"] == "POST" and b"json" not in headers.get(b"content-type", b"json"):
+            # Every POST body here is JSON; like Triton, do not insist on the content type.
+            scope = {**scope, "headers": _json_content_type(scope["headers"])}
+        if self.expected is not None and scope["path"] not in OPEN_PATHS:
+            given = headers.get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                response = error(401, "authorization: a valid bearer token is required")
+                response.headers["WWW-Authenticate"] = "Bearer"
+                await response(scope, receive, send)
+                return
+        declared = headers.get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
+            await error(413, f"body: larger than the limit of {self.limit} bytes")(
+                scope, receive, send
+            )
+            return
+        body = bytearray()
+        more = scope["method"] not in ("GET", "HEAD")
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.limit:
+                await error(413, f"body: larger than the limit of {self.limit} bytes")(
+                    scope, receive, send
+                )
+                return
+        sent = False
+
+        async def replay() -> Message:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": bytes(body), "more_body": False}
+            return await receive()
+
+        gauge = self.server.metrics.in_flight
+        gauge.inc()
+        try:
+            await self.app(scope, replay, send)
+        finally:
+            gauge.dec()
+
+
+def _json_content_type(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    kept = [(k, v) for k, v in headers if k.lower() != b"content-type"]
+    return [*kept, (b"content-type", b"application/json")]
+
+
+def create_app(settings: ServerSettings) -> FastAPI:
+    """The server's ASGI application (run it with uvicorn, or ``randkit serve``)."""
+    from randkit.serve.tfserving import router as tf_router
+    from randkit.serve.v2 import router as v2_router
+
+    server = Server(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await server.start()
+        yield
+        await server.stop()
+
+    app = FastAPI(
+        title="randkit model server",
+        version=randkit.__version__,
+        description="Open Inference Protocol (KServe V2) and TensorFlow Serving REST, with "
+        "randomized inference, randomized traffic splits and A/B statistics.",
+        lifespan=lifespan,
+    )
+    app.state.server = server
+
+    @app.exception_handler(RequestError)
+    async def request_error(request: Request, exc: RequestError) -> JSONResponse:
+        return error(exc.status, exc.message)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return error(400, _one_line(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return error(exc.status_code, str(exc.detail))
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics() -> Response:
+        return Response(server.metrics.exposition(), media_type="text/plain; version=0.0.4")
+
+    app.include_router(v2_router)
+    app.include_router(tf_router)
+    app.add_middleware(_Guard, server=server)
+    return app

@@ -1,0 +1,126 @@
+"""Dynamic batching: requests wait up to ``max_delay`` for others, up to ``max_rows`` rows
+(Monte-Carlo samples count as rows), then run in one forward pass in the worker thread.
+
+One worker thread runs every forward pass of the server: PyTorch already uses all cores inside
+an operation, so a second concurrent forward would only fight it for them. While a batch runs,
+the next one gathers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+
+from randkit.serve.engine import Engine, Job, Outputs
+
+BatchHook = Callable[[int, list[float]], None]  # (rows in the batch, queue seconds per job)
+
+
+@dataclass
+class _Pending:
+    job: Job
+    rows: int
+    future: asyncio.Future[Outputs]
+    queued_at: float = field(default_factory=time.perf_counter)
+
+
+class Batcher:
+    """``await batcher.submit(job)`` from any request handler of the event loop."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        executor: Executor,
+        max_rows: int,
+        max_delay_s: float,
+        on_batch: BatchHook | None = None,
+    ) -> None:
+        self.engine, self.executor = engine, executor
+        self.max_rows, self.max_delay_s = max(1, max_rows), max(0.0, max_delay_s)
+        self.on_batch = on_batch
+        self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+        self._held: _Pending | None = None  # took it, but it did not fit the last batch
+        self._busy = False  # a batch is in the worker
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def stop(self) -> None:
+        """Finish what is queued, then stop."""
+        if self._task is None:
+            return
+        while not self._queue.empty() or self._held is not None or self._busy:
+            await asyncio.sleep(0.005)
+        self._task.cancel()
+        try:
+            await self._task
+        except asyncio.CancelledError:
+            pass
+        self._task = None
+
+    async def submit(self, job: Job) -> Outputs:
+        future: asyncio.Future[Outputs] = asyncio.get_running_loop().create_future()
+        await self._queue.put(_Pending(job, self.engine.rows(job), future))
+        return await future
+
+    async def _next(self, timeout: float | None) -> _Pending | None:
+        if self._held is not None:
+            held, self._held = self._held, None
+            return held
+        if timeout is None:
+            return await self._queue.get()
+        if not self._queue.empty():
+            return self._queue.get_nowait()
+        if timeout <= 0:
+            return None
+        try:
+            return await asyncio.wait_for(self._queue.get(), timeout)
+        except TimeoutError:
+            return None
+
+    async def _gather(self) -> list[_Pending]:
+        first = await self._next(None)
+        assert first is not None
+        batch, rows = [first], first.rows
+        deadline = time.perf_counter() + self.max_delay_s
+        while rows < self.max_rows:
+            pending = await self._next(deadline - time.perf_counter())
+            if pending is None:
+                break
+            if rows + pending.rows > self.max_rows:
+                self._held = pending
+                break
+            batch.append(pending)
+            rows += pending.rows
+        return batch
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = await self._gather()
+            live = [p for p in batch if not p.future.done()]  # a client may have gone away
+            if not live:
+                continue
+            started = time.perf_counter()
+            if self.on_batch is not None:
+                self.on_batch(sum(p.rows for p in live), [started - p.queued_at for p in live])
+            self._busy = True
+            try:
+                results = await loop.run_in_executor(
+                    self.executor, self.engine.run, [p.job for p in live]
+                )
+            except Exception as exc:  # the batch failed as a whole: every request hears why
+                for p in live:
+                    if not p.future.done():
+                        p.future.set_exception(exc)
+                continue
+            finally:
+                self._busy = False
+            for p, result in zip(live, results, strict=True):
+                if not p.future.done():
+                    p.future.set_result(result)

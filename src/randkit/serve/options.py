@@ -1,0 +1,160 @@
+"""The randomized-inference options of one request, validated against the bundle it targets.
+
+Request ``parameters`` (KServe V2) carry ``mode``, ``samples``, ``seed``, ``sigma``,
+``alpha`` and ``n0``; every value is checked here, and a bad one is a 400 naming it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from randkit.deploy.bundle import LoadedBundle
+from randkit.randomize.modules import randomness_needs
+
+MODES = ("none", "mc_dropout", "tta", "weight_noise", "ensemble", "smooth")
+MAX_SAMPLES = 10_000
+MAX_SEED = 2**63 - 1
+# Parameters that Triton's clients add on their own; a JSON-only server accepts and ignores them.
+CLIENT_PARAMETERS = frozenset(
+    {"binary_data_output", "priority", "timeout", "sequence_id", "sequence_start", "sequence_end"}
+)
+OPTION_NAMES = frozenset({"mode", "samples", "seed", "sigma", "alpha", "n0"})
+DEFAULT_WEIGHT_NOISE = 0.01  # relative std when the bundle was trained without weight noise
+
+
+class RequestError(Exception):
+    """A problem with one request: ``status`` (4xx) and a one-line ``message``."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Options:
+    mode: str
+    samples: int  # Monte-Carlo samples (smooth: the n of CERTIFY)
+    seed: int
+    sigma: float | None = None  # smooth: noise std; weight_noise: weight-noise std
+    relative: bool = True  # weight_noise: sigma relative to each weight tensor's std
+    alpha: float = 0.001  # smooth: the failure probability of the certificate
+    n0: int = 100  # smooth: the samples that select the class
+
+    def as_parameters(self) -> dict[str, Any]:
+        """What the response echoes, so that the request can be replayed exactly."""
+        out: dict[str, Any] = {"mode": self.mode, "seed": self.seed}
+        if self.mode not in ("none", "ensemble"):
+            out["samples"] = self.samples
+        if self.mode in ("smooth", "weight_noise"):
+            out["sigma"] = self.sigma
+        if self.mode == "smooth":
+            out.update(alpha=self.alpha, n0=self.n0)
+        return out
+
+    def forward_rows(self, instances: int, members: int) -> int:
+        """Rows this request adds to a forward pass (what the batcher counts)."""
+        if self.mode in ("none", "ensemble"):
+            return instances * members
+        if self.mode == "smooth":
+            return instances * (self.n0 + self.samples)
+        return instances * self.samples
+
+
+def _bad(name: str, what: str, value: object) -> RequestError:
+    return RequestError(400, f"parameters.{name}: {what}, got {value!r}")
+
+
+def _integer(params: Mapping[str, Any], name: str, low: int, high: int, default: int) -> int:
+    value = params.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _bad(name, "must be an integer", value)
+    if not low <= value <= high:
+        raise _bad(name, f"must be in [{low}, {high}]", value)
+    return value
+
+
+def _real(params: Mapping[str, Any], name: str, default: float | None) -> float | None:
+    value = params.get(name, default)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise _bad(name, "must be a finite number", value)
+    if value <= 0:
+        raise _bad(name, "must be > 0", value)
+    return float(value)
+
+
+def parse_options(
+    params: Mapping[str, Any] | None, bundle: LoadedBundle, fresh_seed: Callable[[], int]
+) -> Options:
+    """The request's options, or a ``RequestError`` naming the first bad parameter."""
+    params = dict(params or {})
+    unknown = sorted(set(params) - OPTION_NAMES - CLIENT_PARAMETERS)
+    if unknown:
+        known = ", ".join(sorted(OPTION_NAMES))
+        raise RequestError(400, f"parameters.{unknown[0]}: unknown parameter (known: {known})")
+    if params.get("binary_data_output") not in (None, False):
+        raise _bad("binary_data_output", "binary output is not supported; use JSON", True)
+    randomized = bundle.meta.get("randomized") or {}
+    ensemble = len(bundle.models) > 1
+    mode = (
+        params.get("mode") or randomized.get("default_mode") or ("ensemble" if ensemble else "none")
+    )
+    if mode not in MODES:
+        raise _bad("mode", f"must be one of {', '.join(MODES)}", mode)
+    _check_mode(mode, bundle)
+    samples = _integer(params, "samples", 1, MAX_SAMPLES, int(randomized.get("samples") or 32))
+    seed = params["seed"] if "seed" in params else fresh_seed()
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise _bad("seed", f"must be an integer in [0, {MAX_SEED}]", seed)
+    options: dict[str, Any] = {"mode": mode, "samples": samples, "seed": seed}
+    if mode == "smooth":
+        sigma = _real(params, "sigma", randomized.get("sigma"))
+        if sigma is None:
+            raise _bad("sigma", "is required for mode smooth (the bundle records no noise)", None)
+        alpha = _real(params, "alpha", 0.001)
+        assert alpha is not None
+        if alpha >= 0.5:
+            raise _bad("alpha", "must be in (0, 0.5)", alpha)
+        n0 = _integer(params, "n0", 1, MAX_SAMPLES, 100)
+        options.update(sigma=sigma, alpha=alpha, n0=n0)
+    elif mode == "weight_noise":
+        trained = randomized.get("weight_noise") or {}
+        sigma = _real(params, "sigma", trained.get("std", DEFAULT_WEIGHT_NOISE))
+        options.update(sigma=sigma, relative=bool(trained.get("relative", True)))
+    else:
+        for name in ("sigma", "alpha", "n0"):
+            if name in params:
+                raise _bad(name, f"applies to other modes, not {mode!r}", params[name])
+    return Options(**options)
+
+
+def _check_mode(mode: str, bundle: LoadedBundle) -> None:
+    members = len(bundle.models)
+    if mode == "ensemble" and members < 2:
+        raise _bad(
+            "mode", "needs a bundle of several fold models (randkit export --ensemble)", mode
+        )
+    if mode not in ("none", "ensemble") and members > 1:
+        raise _bad(
+            "mode", f"needs a single-model bundle; this one is an ensemble of {members}", mode
+        )
+    if mode == "mc_dropout":
+        stream_layers, global_layers = randomness_needs(bundle.models[0])
+        if not stream_layers or global_layers:
+            raise _bad(
+                "mode",
+                "needs a model whose only random layers are randkit's generator-driven ones "
+                "(Dropout, GaussianDropout, StochasticDepth with p > 0)",
+                mode,
+            )
+    if mode == "tta":
+        augment = (bundle.meta.get("randomized") or {}).get("augment") or []
+        if bundle.kind != "image" or not augment:
+            raise _bad("mode", "needs an image model trained with randomize.augment", mode)
+    if mode == "smooth" and bundle.kind == "text":
+        raise _bad("mode", "needs real-valued inputs; this bundle takes token ids", mode)

@@ -1,0 +1,179 @@
+"""Request and response shapes of the Open Inference Protocol (KServe V2, JSON tensors) and of
+TensorFlow Serving's REST API, and their conversion to and from the engine's tensors."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+
+from randkit.deploy.bundle import LoadedBundle, validate_input
+from randkit.deploy.smoothing import ABSTAIN
+from randkit.serve.engine import Outputs
+from randkit.serve.options import RequestError
+
+INPUT_NAME = "input"
+FLOAT_TYPES = {"FP16": np.float16, "FP32": np.float32, "FP64": np.float64}
+INT_TYPES = ("INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64")
+OUTPUT_TYPES = {
+    "probabilities": "FP32",
+    "predicted": "INT64",
+    "class": "BYTES",
+    "entropy": "FP32",
+    "mutual_information": "FP32",
+    "radius": "FP32",
+}
+MAX_DIMS = 8
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class V2Tensor(_Strict):
+    name: StrictStr
+    shape: list[StrictInt] = Field(max_length=MAX_DIMS)
+    datatype: StrictStr
+    parameters: dict[str, Any] | None = None
+    data: list[Any]
+
+
+class V2RequestedOutput(_Strict):
+    name: StrictStr
+    parameters: dict[str, Any] | None = None
+
+
+class V2InferRequest(_Strict):
+    id: StrictStr | None = None
+    parameters: dict[str, Any] | None = None
+    inputs: list[V2Tensor] = Field(min_length=1)
+    outputs: list[V2RequestedOutput] | None = None
+
+
+class TFPredictRequest(_Strict):
+    signature_name: StrictStr | None = None
+    instances: list[Any] | None = None
+    inputs: Any = None
+    parameters: dict[str, Any] | None = None  # randkit's extension: the V2 parameters
+
+
+class FeedbackRequest(_Strict):
+    id: StrictStr = Field(min_length=1, max_length=256)
+    label: StrictInt | StrictStr
+
+
+class ErrorBody(BaseModel):
+    error: str
+
+
+def _numeric(data: Any, where: str) -> np.ndarray:
+    try:
+        array = np.asarray(data)
+    except (ValueError, TypeError, RecursionError):
+        raise RequestError(400, f"{where}: not a rectangular array of numbers") from None
+    if array.dtype == object or array.dtype.kind not in "iuf":
+        raise RequestError(400, f"{where}: holds values that are not numbers ({array.dtype})")
+    return array
+
+
+def v2_input(request: V2InferRequest, bundle: LoadedBundle) -> torch.Tensor:
+    """The request's one input tensor, checked against the bundle (shape, datatype, values)."""
+    if len(request.inputs) != 1:
+        raise RequestError(400, f"inputs: the model takes one input, got {len(request.inputs)}")
+    tensor = request.inputs[0]
+    if tensor.name != INPUT_NAME:
+        raise RequestError(400, f"inputs.0.name: must be {INPUT_NAME!r}, got {tensor.name!r}")
+    if tensor.parameters and "binary_data_size" in tensor.parameters:
+        raise RequestError(400, "inputs.0: binary tensor data is not supported; send JSON data")
+    float_model = bundle.input_dtype == torch.float32
+    allowed = tuple(FLOAT_TYPES) if float_model else INT_TYPES
+    if tensor.datatype not in allowed:
+        raise RequestError(
+            400,
+            f"inputs.0.datatype: must be one of {', '.join(allowed)} for this model, "
+            f"got {tensor.datatype!r}",
+        )
+    if any(s < 0 for s in tensor.shape):
+        raise RequestError(400, f"inputs.0.shape: must not be negative, got {tensor.shape}")
+    array = _numeric(tensor.data, "inputs.0.data")
+    if array.size != math.prod(tensor.shape):
+        raise RequestError(
+            400,
+            f"inputs.0.data: holds {array.size} values but shape {tensor.shape} needs "
+            f"{math.prod(tensor.shape)}",
+        )
+    return _checked(bundle, array.reshape(tensor.shape), "inputs.0")
+
+
+def tf_input(request: TFPredictRequest, bundle: LoadedBundle) -> tuple[torch.Tensor, bool]:
+    """(inputs, row format?) of a TF Serving predict request."""
+    if (request.instances is None) == (request.inputs is None):
+        raise RequestError(400, "give exactly one of 'instances' (rows) and 'inputs' (columns)")
+    if request.instances is not None:
+        rows = [_unwrap(row, "instances") for row in request.instances]
+        return _checked(bundle, _numeric(rows, "instances"), "instances"), True
+    data = _unwrap(request.inputs, "inputs")
+    return _checked(bundle, _numeric(data, "inputs"), "inputs"), False
+
+
+def _unwrap(value: Any, where: str) -> Any:
+    """TF Serving lets a named input be ``{"input": value}``."""
+    if isinstance(value, dict):
+        if set(value) != {INPUT_NAME}:
+            raise RequestError(400, f"{where}: the model's one input is named {INPUT_NAME!r}")
+        return value[INPUT_NAME]
+    return value
+
+
+def _checked(bundle: LoadedBundle, array: np.ndarray, where: str) -> torch.Tensor:
+    if bundle.input_dtype == torch.float32 and array.dtype.kind in "iu":
+        array = array.astype(np.float64)  # whole numbers are fine as float pixel values
+    try:
+        return validate_input(bundle, array)
+    except ValueError as exc:
+        raise RequestError(400, f"{where}: {exc}") from None
+
+
+def output_arrays(outputs: Outputs, classes: list[str]) -> dict[str, np.ndarray]:
+    """The engine's outputs plus the predicted class names ("abstain" for -1)."""
+    names = np.array(
+        ["abstain" if p == ABSTAIN else classes[p] for p in outputs["predicted"].tolist()],
+        dtype=object,
+    )
+    return {**outputs, "class": names}
+
+
+def v2_outputs(
+    arrays: dict[str, np.ndarray], requested: list[V2RequestedOutput] | None
+) -> list[dict[str, Any]]:
+    names = [o.name for o in requested] if requested else list(arrays)
+    for name in names:
+        if name not in arrays:
+            raise RequestError(
+                400, f"outputs: unknown output {name!r} (this request gives {', '.join(arrays)})"
+            )
+    return [
+        {
+            "name": name,
+            "datatype": OUTPUT_TYPES[name],
+            "shape": list(arrays[name].shape),
+            "data": arrays[name].reshape(-1).tolist(),
+        }
+        for name in names
+    ]
+
+
+def tf_outputs(arrays: dict[str, np.ndarray], rows: bool) -> dict[str, Any]:
+    """``{"predictions": [per instance]}`` (row format) or ``{"outputs": {...}}`` (columns)."""
+    lists = {name: array.tolist() for name, array in arrays.items()}
+    if not rows:
+        return {"outputs": lists}
+    count = len(next(iter(lists.values())))
+    return {"predictions": [{name: lists[name][i] for name in lists} for i in range(count)]}
+
+
+def datatype_of(bundle: LoadedBundle) -> Literal["FP32", "INT64"]:
+    return "FP32" if bundle.input_dtype == torch.float32 else "INT64"

@@ -1,0 +1,53 @@
+"""``randkit serve``: check the settings, then run the app under uvicorn until a signal
+(uvicorn finishes the requests in flight before it stops)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from randkit.errors import UserError
+from randkit.serve.server import ServerSettings
+from randkit.streams import check_seed
+
+GRACEFUL_SHUTDOWN_S = 30
+
+
+def check_settings(settings: ServerSettings) -> ServerSettings:
+    """One clear error per bad setting (the CLI turns it into exit code 2)."""
+    if not settings.repository.is_dir():
+        raise UserError("repository", f"{str(settings.repository)!r} is not a directory")
+    if not 0 <= settings.port <= 65535:
+        raise UserError("--port", f"must be in [0, 65535], got {settings.port}")
+    if settings.max_batch < 1:
+        raise UserError("--max-batch", f"must be >= 1, got {settings.max_batch}")
+    if not (math.isfinite(settings.max_delay_ms) and settings.max_delay_ms >= 0):
+        raise UserError("--max-delay-ms", f"must be >= 0, got {settings.max_delay_ms}")
+    if not (math.isfinite(settings.max_body_mb) and settings.max_body_mb > 0):
+        raise UserError("--max-body-mb", f"must be > 0, got {settings.max_body_mb}")
+    if settings.token is not None and len(settings.token) < 8:
+        raise UserError("--token", "must be at least 8 characters")
+    try:
+        check_seed(settings.seed, "--seed")
+    except ValueError as exc:
+        raise UserError("--seed", str(exc)) from None
+    return settings
+
+
+def serve_forever(repository: Path, quiet: bool = False, **options: object) -> None:
+    import uvicorn
+
+    from randkit.serve.app import create_app
+
+    settings = check_settings(ServerSettings(repository=Path(repository), **options))  # type: ignore[arg-type]
+    from randkit.deploy.bundle import _device
+
+    _device(settings.device)  # refuses an unknown device or CUDA without a GPU, before binding
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level="warning" if quiet else "info",
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+        access_log=not quiet,
+    )

@@ -1,0 +1,132 @@
+"""The server's state and the inference path shared by both protocols."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from randkit.deploy.bundle import LoadedBundle
+from randkit.serve.engine import Job
+from randkit.serve.experiment import FeedbackLedger
+from randkit.serve.metrics import ServerMetrics
+from randkit.serve.options import Options, RequestError, parse_options
+from randkit.serve.protocol import output_arrays
+from randkit.serve.repository import BatchSettings, Repository, ServedModel, ServedVersion
+from randkit.streams import Streams
+
+MAX_ELEMENTS = 1 << 26  # input values times samples per request (256 MB of float32)
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    repository: Path
+    host: str = "127.0.0.1"
+    port: int = 8000
+    token: str | None = None
+    max_batch: int = 64
+    max_delay_ms: float = 2.0
+    max_body_mb: float = 16.0
+    seed: int = 0
+    device: str = "cpu"
+
+
+@dataclass
+class Answer:
+    """One inference: the version that answered, whether the policy chose it, the options
+    used (with the seed), the request id and the output arrays."""
+
+    model: ServedModel
+    served: ServedVersion
+    routed: bool
+    options: Options
+    request_id: str
+    arrays: dict[str, np.ndarray]
+
+    def parameters(self) -> dict[str, Any]:
+        labels = self.model.labels_of(self.served.version)
+        out = {**self.options.as_parameters(), "routed": self.routed}
+        if labels:
+            out["labels"] = ",".join(labels)
+        return out
+
+
+class Server:
+    def __init__(self, settings: ServerSettings) -> None:
+        self.settings = settings
+        self.metrics = ServerMetrics()
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="randkit-forward")
+        self.repository = Repository(
+            settings.repository,
+            self.executor,
+            device=settings.device,
+            seed=settings.seed,
+            batching=BatchSettings(
+                settings.max_batch, settings.max_delay_ms / 1000, self.metrics.on_batch
+            ),
+        )
+        self.streams = Streams(settings.seed)
+        self.ledger = FeedbackLedger()
+        self.ready = False
+        self._requests = itertools.count()
+
+    async def start(self) -> None:
+        await self.repository.load_all()
+        self.ready = True
+
+    async def stop(self) -> None:
+        self.ready = False
+        await self.repository.close()
+        self.executor.shutdown(wait=True)
+
+    async def infer(
+        self,
+        name: str,
+        version: str | None,
+        key: str | None,
+        parameters: dict[str, Any] | None,
+        read_input: Any,
+        request_id: str | None = None,
+    ) -> Answer:
+        """Route (or take the named version), validate, batch, run, and remember the answer
+        for feedback. ``read_input(bundle)`` turns the request body into a tensor."""
+        model = self.repository.model(name)
+        number = next(self._requests)
+        if version is not None:
+            served, routed = self.repository.version(model, version), False
+        else:
+            chosen = model.router.route(number, key, list(model.versions))
+            if chosen is None:
+                raise RequestError(404, f"model {name!r} has no version to route to")
+            served, routed = model.versions[chosen], True
+        bundle: LoadedBundle = served.bundle
+        x: torch.Tensor = read_input(bundle)
+        options = parse_options(
+            parameters, bundle, lambda: self.streams.seed("deploy", request=number)
+        )
+        rows = options.forward_rows(len(x), len(bundle.models))
+        if rows * math.prod(bundle.input_shape) > MAX_ELEMENTS:
+            raise RequestError(
+                400,
+                f"parameters.samples: {len(x)} inputs x {options.forward_rows(1, 1)} samples "
+                f"is {rows} rows, more than this server takes in one request",
+            )
+        outputs = await served.batcher.submit(Job(x, options))
+        request_id = request_id or f"req-{number}"
+        predicted = outputs["predicted"].tolist()
+        for i, label in enumerate(predicted):
+            ledger_id = request_id if len(predicted) == 1 else f"{request_id}/{i}"
+            self.ledger.record_prediction(name, ledger_id, served.version, int(label), routed)
+        arrays = output_arrays(outputs, bundle.classes)
+        return Answer(model, served, routed, options, request_id, arrays)
+
+    def observe(self, model: str, version: str, protocol: str, status: int, start: float) -> None:
+        self.metrics.requests.labels(model, version, protocol, str(status)).inc()
+        self.metrics.latency.labels(model).observe(time.perf_counter() - start)

@@ -1,0 +1,189 @@
+"""Open Inference Protocol (KServe V2) REST routes, plus randkit's repository, feedback and
+experiment extensions."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Request
+from fastapi.responses import JSONResponse
+
+import randkit
+from randkit.serve.experiment import FeedbackError, experiment_report
+from randkit.serve.options import MODES, RequestError
+from randkit.serve.protocol import (
+    INPUT_NAME,
+    OUTPUT_TYPES,
+    FeedbackRequest,
+    V2InferRequest,
+    datatype_of,
+    v2_input,
+    v2_outputs,
+)
+from randkit.serve.repository import ServedModel, ServedVersion
+from randkit.serve.server import Server
+
+router = APIRouter(prefix="/v2")
+KeyHeader = Annotated[str | None, Header(alias="X-Request-Key", max_length=256)]
+
+
+def _server(request: Request) -> Server:
+    return request.app.state.server  # type: ignore[no-any-return]
+
+
+@router.get("/health/live")
+async def live() -> dict[str, bool]:
+    return {"live": True}
+
+
+@router.get("/health/ready")
+async def ready(request: Request) -> JSONResponse:
+    ok = _server(request).ready
+    return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
+
+
+@router.get("")
+async def server_metadata() -> dict[str, Any]:
+    return {
+        "name": "randkit",
+        "version": randkit.__version__,
+        "extensions": ["model_repository", "randomized_inference", "traffic_split"],
+    }
+
+
+def _metadata(model: ServedModel, served: ServedVersion | None) -> dict[str, Any]:
+    versions = [served.version] if served else sorted(model.versions)
+    bundle = (served or next(iter(model.versions.values()))).bundle
+    return {
+        "name": model.name,
+        "versions": versions,
+        "platform": "randkit_pytorch",
+        "inputs": [
+            {
+                "name": INPUT_NAME,
+                "datatype": datatype_of(bundle),
+                "shape": [-1, *bundle.input_shape],
+            }
+        ],
+        "outputs": [
+            {"name": name, "datatype": datatype, "shape": [-1, len(bundle.classes)]}
+            if name == "probabilities"
+            else {"name": name, "datatype": datatype, "shape": [-1]}
+            for name, datatype in OUTPUT_TYPES.items()
+        ],
+        "parameters": {
+            "classes": ",".join(bundle.classes),
+            "labels": ",".join(f"{k}={v}" for k, v in sorted(model.policy.labels.items())),
+            "modes": ",".join(MODES),
+        },
+    }
+
+
+@router.get("/models/{name}")
+async def model_metadata(name: str, request: Request) -> dict[str, Any]:
+    return _metadata(_server(request).repository.model(name), None)
+
+
+@router.get("/models/{name}/versions/{version}")
+async def version_metadata(name: str, version: str, request: Request) -> dict[str, Any]:
+    repository = _server(request).repository
+    model = repository.model(name)
+    return _metadata(model, repository.version(model, version))
+
+
+@router.get("/models/{name}/ready")
+async def model_ready(name: str, request: Request) -> dict[str, Any]:
+    _server(request).repository.model(name)
+    return {"name": name, "ready": True}
+
+
+@router.get("/models/{name}/versions/{version}/ready")
+async def version_ready(name: str, version: str, request: Request) -> dict[str, Any]:
+    repository = _server(request).repository
+    served = repository.version(repository.model(name), version)
+    return {"name": name, "version": served.version, "ready": True}
+
+
+async def _infer(
+    request: Request, name: str, version: str | None, body: V2InferRequest, key: str | None
+) -> dict[str, Any]:
+    server, start = _server(request), time.perf_counter()
+    known = name in server.repository.models
+    try:
+        answer = await server.infer(
+            name, version, key, body.parameters, lambda b: v2_input(body, b), body.id
+        )
+        outputs = v2_outputs(answer.arrays, body.outputs)
+    except RequestError as exc:
+        server.observe(name if known else "unknown", version or "", "v2", exc.status, start)
+        raise
+    server.observe(name, answer.served.version, "v2", 200, start)
+    return {
+        "model_name": name,
+        "model_version": answer.served.version,
+        "id": answer.request_id,
+        "parameters": answer.parameters(),
+        "outputs": outputs,
+    }
+
+
+@router.post("/models/{name}/infer")
+async def infer(
+    name: str, body: V2InferRequest, request: Request, key: KeyHeader = None
+) -> dict[str, Any]:
+    """Infer with the version the traffic policy picks (per request, or sticky by
+    ``X-Request-Key``); the response says which version answered and the seed it used."""
+    return await _infer(request, name, None, body, key)
+
+
+@router.post("/models/{name}/versions/{version}/infer")
+async def infer_version(
+    name: str, version: str, body: V2InferRequest, request: Request, key: KeyHeader = None
+) -> dict[str, Any]:
+    return await _infer(request, name, version, body, key)
+
+
+@router.post("/repository/index")
+async def repository_index(request: Request) -> list[dict[str, Any]]:
+    return _server(request).repository.index()
+
+
+@router.post("/repository/models/{name}/load")
+async def load_model(name: str, request: Request) -> dict[str, Any]:
+    model = await _server(request).repository.load(name)
+    return {"name": name, "versions": sorted(model.versions), "failed": model.failed}
+
+
+@router.post("/repository/models/{name}/unload")
+async def unload_model(name: str, request: Request) -> dict[str, Any]:
+    await _server(request).repository.unload(name)
+    return {"name": name, "unloaded": True}
+
+
+@router.post("/models/{name}/feedback")
+async def feedback(name: str, body: FeedbackRequest, request: Request) -> dict[str, Any]:
+    """The true label of an answered request (its ``id``; ``id/i`` for instance i of a
+    request with several), as a class index or class name."""
+    server = _server(request)
+    model = server.repository.model(name)
+    classes = next(iter(model.versions.values())).bundle.classes
+    label = body.label
+    if isinstance(label, str):
+        if label not in classes:
+            raise RequestError(400, f"label: not a class of model {name!r}, got {label!r}")
+        label = classes.index(label)
+    elif not 0 <= label < len(classes):
+        raise RequestError(400, f"label: must be in [0, {len(classes)}), got {label}")
+    try:
+        return server.ledger.record_feedback(name, body.id, label)
+    except FeedbackError as exc:
+        raise RequestError(exc.status, f"id: {exc.message}") from None
+
+
+@router.get("/models/{name}/experiment")
+async def experiment(name: str, request: Request) -> dict[str, Any]:
+    """Per-version accuracy with 95% CIs, and each version against the baseline."""
+    server = _server(request)
+    model = server.repository.model(name)
+    return experiment_report(name, server.ledger, model.policy, sorted(model.versions))

@@ -1,0 +1,116 @@
+"""Helpers for the server tests: a small model repository and a real uvicorn server on
+127.0.0.1 with a free port, started and stopped inside the test process."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import uvicorn
+
+from randkit.config import validate_config
+from randkit.cv import run_cv
+from randkit.deploy.bundle import export_bundle
+from randkit.serve.app import create_app
+from randkit.serve.server import ServerSettings
+from randkit.train import train_run
+
+CNN: dict[str, Any] = {
+    "seed": 1,
+    "data": {"kind": "digits", "test_fraction": 0.2},
+    "model": {"name": "cnn", "args": {"widths": [8, 16], "hidden": 32, "dropout": 0.3}},
+    "train": {"epochs": 2, "batch_size": 64, "lr": 0.01, "device": "cpu"},
+    "randomize": {
+        "augment": [{"kind": "crop", "padding": 1}],
+        "input_noise": {"kind": "gaussian", "level": 0.25},
+    },
+}
+POLICY = "labels: {stable: '1', canary: '2'}\nweights: {stable: 90, canary: 10}\n"
+
+
+def build_repository(root: Path) -> Path:
+    """``root/repo`` with ``digits`` (CNN, versions 1 and 2, 90/10 policy) and
+    ``digits-ensemble`` (the two fold models of a 2-fold cross-validation)."""
+    repo = root / "repo"
+    for seed in (1, 2):
+        run = root / f"run{seed}"
+        train_run(validate_config({**CNN, "seed": seed}), run, quiet=True)
+        export_bundle(run, repo, "digits")
+    (repo / "digits" / "policy.yaml").write_text(POLICY)
+    mlp = {
+        **CNN,
+        "model": {"name": "mlp", "args": {"hidden": [16]}},
+        "train": {**CNN["train"], "epochs": 1},
+        "randomize": {},
+        "cv": {"folds": 2, "runner": "sequential"},
+    }
+    run_cv(validate_config(mlp), root / "cv", quiet=True, report=False)
+    export_bundle(root / "cv", repo, "digits-ensemble", ensemble=True)
+    return repo
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class RunningServer:
+    def __init__(self, url: str, server: uvicorn.Server, thread: threading.Thread) -> None:
+        self.url, self.server, self.thread = url, server, thread
+
+    def client(self, **kwargs: Any) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=60, **kwargs)
+
+
+@contextmanager
+def running_server(repository: Path, **settings: Any) -> Iterator[RunningServer]:
+    """uvicorn serving ``repository`` on 127.0.0.1:free port in a thread, until the block
+    ends (then a graceful shutdown)."""
+    port = free_port()
+    app = create_app(ServerSettings(repository=repository, port=port, **settings))
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(f"{url}/v2/health/ready", timeout=2).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("the server did not become ready")
+        time.sleep(0.05)
+    try:
+        yield RunningServer(url, server, thread)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=60)
+
+
+def v2_body(x: Any, **parameters: Any) -> dict[str, Any]:
+    import numpy as np
+
+    array = np.asarray(x, dtype=np.float32)
+    body: dict[str, Any] = {
+        "inputs": [
+            {
+                "name": "input",
+                "shape": list(array.shape),
+                "datatype": "FP32",
+                "data": array.reshape(-1).tolist(),
+            }
+        ]
+    }
+    if parameters:
+        body["parameters"] = parameters
+    return body
