@@ -58,3 +58,11 @@ def run_cli(
 @pytest.fixture
 def fast_config(tmp_path: Path) -> Path:
     return write_config(tmp_path, FAST_EXPERIMENT)
+
+
+@pytest.fixture(scope="session")
+def serve_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model repository for the server tests (see tests/serve_support.py)."""
+    from serve_support import build_repository
+
+    return build_repository(tmp_path_factory.mktemp("serve"))
