@@ -51,7 +51,7 @@ class _Guard:
             await self.app(scope, receive, send)
             return
         headers = dict(scope.get("headers") or [])
-        if scope["method"] == "POST" and b"json" not in headers.get(b"content-type", b"json"):
+        if scope["method"] == "POST" and b"json" not in headers.get(b"content-type", b""):
             # Every POST body here is JSON; like Triton, do not insist on the content type.
             scope = {**scope, "headers": _json_content_type(scope["headers"])}
         if self.expected is not None and scope["path"] not in OPEN_PATHS:
@@ -124,13 +124,23 @@ def create_app(settings: ServerSettings) -> FastAPI:
     )
     app.state.server = server
 
+    def refused(request: Request, status: int, message: str) -> JSONResponse:
+        path = request.url.path
+        if path.endswith(("/infer", ":predict")):  # count refused inference requests too
+            name = request.path_params.get("name", "")
+            model = name if name in server.repository.models else "unknown"
+            version = request.path_params.get("version") or request.path_params.get("label", "")
+            protocol = "v2" if path.startswith("/v2/") else "tf"
+            server.metrics.requests.labels(model, version, protocol, str(status)).inc()
+        return error(status, message)
+
     @app.exception_handler(RequestError)
     async def request_error(request: Request, exc: RequestError) -> JSONResponse:
-        return error(exc.status, exc.message)
+        return refused(request, exc.status, exc.message)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return error(400, _one_line(exc))
+        return refused(request, 400, _one_line(exc))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

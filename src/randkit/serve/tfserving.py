@@ -114,15 +114,8 @@ async def _predict(
     request: Request, name: str, version: str | None, body: TFPredictRequest, key: str | None
 ) -> dict[str, Any]:
     server, start = _server(request), time.perf_counter()
-    known = name in server.repository.models
     rows = body.instances is not None
-    try:
-        answer = await server.infer(
-            name, version, key, body.parameters, lambda b: tf_input(body, b)[0]
-        )
-    except RequestError as exc:
-        server.observe(name if known else "unknown", version or "", "tf", exc.status, start)
-        raise
+    answer = await server.infer(name, version, key, body.parameters, lambda b: tf_input(body, b)[0])
     server.observe(name, answer.served.version, "tf", 200, start)
     return {
         **tf_outputs(answer.arrays, rows),

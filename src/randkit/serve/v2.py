@@ -109,15 +109,10 @@ async def _infer(
     request: Request, name: str, version: str | None, body: V2InferRequest, key: str | None
 ) -> dict[str, Any]:
     server, start = _server(request), time.perf_counter()
-    known = name in server.repository.models
-    try:
-        answer = await server.infer(
-            name, version, key, body.parameters, lambda b: v2_input(body, b), body.id
-        )
-        outputs = v2_outputs(answer.arrays, body.outputs)
-    except RequestError as exc:
-        server.observe(name if known else "unknown", version or "", "v2", exc.status, start)
-        raise
+    answer = await server.infer(
+        name, version, key, body.parameters, lambda b: v2_input(body, b), body.id
+    )
+    outputs = v2_outputs(answer.arrays, body.outputs)
     server.observe(name, answer.served.version, "v2", 200, start)
     return {
         "model_name": name,
