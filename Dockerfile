@@ -1,0 +1,22 @@
+# randkit model server: `docker build -t randkit-serve .` then
+# `docker run -p 8000:8000 -v $PWD/repo:/models:ro randkit-serve`.
+# CPU image; torch's pinned wheel comes from PyPI (a CUDA base image and wheel for GPUs).
+FROM python:3.11-slim AS build
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY src ./src
+RUN python -m venv /opt/venv \
+ && /opt/venv/bin/pip install --no-cache-dir --upgrade pip \
+ && /opt/venv/bin/pip install --no-cache-dir .
+
+FROM python:3.11-slim
+COPY --from=build /opt/venv /opt/venv
+RUN useradd --create-home --uid 10001 randkit
+USER randkit
+ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1
+EXPOSE 8000
+HEALTHCHECK --interval=30s --timeout=3s \
+  CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/v2/health/ready')"
+# Inside a container the server must listen on all interfaces to be reachable; the default
+# outside Docker stays 127.0.0.1. Set RANDKIT_TOKEN to require a bearer token.
+ENTRYPOINT ["randkit", "serve", "/models", "--host", "0.0.0.0", "--port", "8000"]
