@@ -449,3 +449,13 @@ def test_serve_cli_refuses_bad_settings(tmp_path: Path):
         assert result.returncode == 2, (args, result.stderr)
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and field in lines[0], result.stderr
+
+
+def test_serving_leaves_the_global_rngs_alone(server):
+    from randkit import global_rng_guard
+
+    with global_rng_guard(), server.client() as client:
+        for params in RANDOM_MODES:
+            body = v2_body(_inputs(2), **params)
+            assert client.post("/v2/models/digits/infer", json=body).status_code == 200
+        assert client.post("/v2/models/digits-ensemble/infer", json=v2_body(_inputs(2))).is_success
