@@ -459,3 +459,28 @@ def test_serving_leaves_the_global_rngs_alone(server):
             body = v2_body(_inputs(2), **params)
             assert client.post("/v2/models/digits/infer", json=body).status_code == 200
         assert client.post("/v2/models/digits-ensemble/infer", json=v2_body(_inputs(2))).is_success
+
+
+def test_a_request_bigger_than_a_batch_runs_alone_in_fixed_chunks_and_replays(server):
+    # 3 inputs x 2,000 samples = 6,000 rows: more than one forward pass (4,096 rows) holds.
+    big = v2_body(_inputs(3, seed=30), mode="mc_dropout", samples=2000, seed=8)
+    small = v2_body(_inputs(1, seed=31), mode="mc_dropout", samples=8)
+    url = "/v2/models/digits/versions/1/infer"
+
+    async def together() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
+            return await asyncio.gather(
+                client.post(url, json=small),
+                client.post(url, json=big),
+                client.post(url, json=small),
+            )
+
+    with server.client() as client:
+        alone = client.post(url, json=big)
+        # 7 x 10,000 = 70,000 rows: more than one request may ask for (65,536).
+        huge = v2_body(_inputs(7), mode="mc_dropout", samples=10_000, seed=1)
+        too_big = client.post(url, json=huge)
+    crowd = asyncio.run(together())
+    assert alone.status_code == 200 and [r.status_code for r in crowd] == [200] * 3
+    assert _outputs(crowd[1].json()) == _outputs(alone.json())
+    assert too_big.status_code == 400 and "samples" in too_big.json()["error"]

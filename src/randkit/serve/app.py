@@ -4,18 +4,23 @@ JSON errors, and the routes of both protocols (``v2.py``, ``tfserving.py``)."""
 from __future__ import annotations
 
 import hmac
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import randkit
-from randkit.serve.options import RequestError
+from randkit.serve.options import RequestError, shown
+from randkit.serve.repository import ServedModel
 from randkit.serve.server import Server, ServerSettings
+from randkit.serve.traffic import resolve_version
 
 OPEN_PATHS = frozenset({"/v2/health/live", "/v2/health/ready"})
 
@@ -24,11 +29,21 @@ def error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
+# Names pydantic gives the members of a union in an error's location (int, list[...], ...).
+_UNION_MEMBER = re.compile(r"^(int|float|str|list\[.*\]|dict\[.*\]|Numbers)$")
+
+
 def _one_line(exc: RequestValidationError) -> str:
     first = exc.errors()[0]
-    where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or "body"
-    got = repr(first.get("input"))
-    got = got if len(got) <= 80 else got[:77] + "..."
+    parts = [str(p) for p in first.get("loc", ()) if p != "body"]
+    tensor_data = any(_UNION_MEMBER.match(p) for p in parts) and parts[0] in (
+        "inputs",
+        "instances",
+    )
+    where = ".".join(p for p in parts if not _UNION_MEMBER.match(p)) or "body"
+    got = shown(first.get("input"))
+    if tensor_data:
+        return f"{where}: holds values that are not numbers (strings, booleans, nulls), got {got}"
     if first.get("type") == "missing":
         return f"{where}: field required"
     if first.get("type") == "json_invalid":
@@ -51,7 +66,7 @@ class _Guard:
             await self.app(scope, receive, send)
             return
         headers = dict(scope.get("headers") or [])
-        if scope["method"] == "POST" and b"json" not in headers.get(b"content-type", b""):
+        if scope["method"] == "POST" and headers.get(b"content-type") != b"application/json":
             # Every POST body here is JSON; like Triton, do not insist on the content type.
             scope = {**scope, "headers": _json_content_type(scope["headers"])}
         if self.expected is not None and scope["path"] not in OPEN_PATHS:
@@ -97,6 +112,47 @@ class _Guard:
             gauge.dec()
 
 
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's schema, with the errors this server really sends: 4xx ``{"error": ...}``
+    instead of its default 422 ``{"detail": [...]}``."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    schema = get_openapi(
+        title=app.title, version=app.version, description=app.description, routes=app.routes
+    )
+    error_ref = {"$ref": "#/components/schemas/ErrorBody"}
+    schema.setdefault("components", {}).setdefault("schemas", {})["ErrorBody"] = {
+        "title": "ErrorBody",
+        "type": "object",
+        "properties": {"error": {"type": "string"}},
+        "required": ["error"],
+    }
+    for operations in schema.get("paths", {}).values():
+        for operation in operations.values():
+            responses = operation.setdefault("responses", {})
+            responses.pop("422", None)
+            for status, why in (("400", "Bad request"), ("404", "Unknown model or version")):
+                responses[status] = {
+                    "description": why,
+                    "content": {"application/json": {"schema": error_ref}},
+                }
+    for unused in ("HTTPValidationError", "ValidationError"):
+        schema["components"]["schemas"].pop(unused, None)
+    app.openapi_schema = schema
+    return schema
+
+
+def _known_version(model: ServedModel | None, asked: str | None) -> str:
+    """A metric label from a URL: a loaded version, or "" / "unknown" (never any string a
+    client sends, which would create a new series per request)."""
+    if asked is None:
+        return ""
+    if model is None:
+        return "unknown"
+    version = resolve_version(model.policy, list(model.versions), asked)
+    return version if version in model.versions else "unknown"
+
+
 def _json_content_type(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
     kept = [(k, v) for k, v in headers if k.lower() != b"content-type"]
     return [*kept, (b"content-type", b"application/json")]
@@ -128,10 +184,12 @@ def create_app(settings: ServerSettings) -> FastAPI:
         path = request.url.path
         if path.endswith(("/infer", ":predict")):  # count refused inference requests too
             name = request.path_params.get("name", "")
-            model = name if name in server.repository.models else "unknown"
-            version = request.path_params.get("version") or request.path_params.get("label", "")
+            model = server.repository.models.get(name)
+            asked = request.path_params.get("version") or request.path_params.get("label")
+            version = _known_version(model, asked)
             protocol = "v2" if path.startswith("/v2/") else "tf"
-            server.metrics.requests.labels(model, version, protocol, str(status)).inc()
+            label = model.name if model else "unknown"
+            server.metrics.requests.labels(label, version, protocol, str(status)).inc()
         return error(status, message)
 
     @app.exception_handler(RequestError)
@@ -152,5 +210,6 @@ def create_app(settings: ServerSettings) -> FastAPI:
 
     app.include_router(v2_router)
     app.include_router(tf_router)
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     app.add_middleware(_Guard, server=server)
     return app

@@ -122,5 +122,9 @@ class Batcher:
             finally:
                 self._busy = False
             for p, result in zip(live, results, strict=True):
-                if not p.future.done():
+                if p.future.done():
+                    continue
+                if isinstance(result, Exception):
+                    p.future.set_exception(result)
+                else:
                     p.future.set_result(result)

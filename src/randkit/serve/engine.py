@@ -37,7 +37,7 @@ from randkit.randomize.base import Compose
 from randkit.randomize.build import _transform
 from randkit.randomize.modules import use_generator
 from randkit.randomize.weights import perturbed_parameters
-from randkit.serve.options import Options
+from randkit.serve.options import Options, RequestError
 from randkit.streams import Streams
 
 MIN_FORWARD_ROWS = 16
@@ -97,8 +97,8 @@ class Engine:
         return job.options.forward_rows(len(job.x), len(self.bundle.models))
 
     @torch.no_grad()
-    def run(self, jobs: Sequence[Job]) -> list[Outputs]:
-        """The outputs of each job, in order."""
+    def run(self, jobs: Sequence[Job]) -> list[Outputs | RequestError]:
+        """The outputs of each job, in order (or the 400 it earned)."""
         results: dict[int, Outputs] = {}
         by_mode: dict[str, list[int]] = {}
         for index, job in enumerate(jobs):
@@ -122,7 +122,7 @@ class Engine:
             results.update(zip(group, outputs, strict=True))
         for i in by_mode.get("weight_noise", []):
             results[i] = self._weight_noise(jobs[i])
-        return [results[i] for i in range(len(jobs))]
+        return [_finite_or_refused(results[i]) for i in range(len(jobs))]
 
     # -- per-request preparation and summaries ----------------------------------------------
 
@@ -194,11 +194,13 @@ class Engine:
 
     def _mc_dropout(self, group: list[Job]) -> list[Outputs]:
         model = self.bundle.models[0]
-        rows = torch.cat([_repeat(job.x, job.options.samples) for job in group])
-        padding = max(0, MIN_FORWARD_ROWS - len(rows))
-        blocks = [(self.rows(job), self._generator(job.options)) for job in group]
         previous = stochastic_only(model)
         try:
+            if len(group) == 1 and self.rows(group[0]) > self.max_rows:
+                return [self._mc_dropout_alone(model, group[0])]
+            rows = torch.cat([_repeat(job.x, job.options.samples) for job in group])
+            padding = max(0, MIN_FORWARD_ROWS - len(rows))
+            blocks = [(self.rows(job), self._generator(job.options)) for job in group]
             with use_generator(_PerRequestSource(blocks, padding)):
                 logits = model(_pad(rows))[: len(rows)]
         finally:
@@ -207,21 +209,42 @@ class Engine:
         parts = logits.split([rows for rows, _ in blocks])
         return [self._finish(job, part) for job, part in zip(group, parts, strict=True)]
 
+    def _mc_dropout_alone(self, model: nn.Module, job: Job) -> Outputs:
+        """A request bigger than a batch runs alone, a fixed number of samples at a time
+        (the same split every time, so it replays)."""
+        g, parts = self._generator(job.options), []
+        for samples in _sample_chunks(job, self.max_rows):
+            rows = _repeat(job.x, samples)
+            padding = max(0, MIN_FORWARD_ROWS - len(rows))
+            with use_generator(_PerRequestSource([(len(rows), g)], padding)):
+                parts.append(model(_pad(rows))[: len(rows)])
+        return self._finish(job, torch.cat(parts))
+
     def _weight_noise(self, job: Job) -> Outputs:
         model, options = self.bundle.models[0], job.options
         g = self._generator(options)
-        draws = [
-            perturbed_parameters(model, g, options.sigma or 0.0, options.relative)
-            for _ in range(options.samples)
-        ]
-        stacked = {name: torch.stack([d[name] for d in draws]) for name in draws[0]}
         x = _pad(job.x)
 
         def one(weights: dict[str, torch.Tensor]) -> torch.Tensor:
             return functional_call(model, weights, (x,))
 
-        logits = vmap(one)(stacked)[:, : len(job.x)]
-        return _outputs(torch.softmax(logits.float(), -1).cpu().numpy(), options.seed)
+        parts = []
+        for samples in _sample_chunks(job, self.max_rows):  # bounds the stacked weights too
+            draws = [
+                perturbed_parameters(model, g, options.sigma or 0.0, options.relative)
+                for _ in range(samples)
+            ]
+            stacked = {name: torch.stack([d[name] for d in draws]) for name in draws[0]}
+            parts.append(vmap(one)(stacked)[:, : len(job.x)])
+        probs = torch.softmax(torch.cat(parts).float(), -1)
+        return _outputs(probs.cpu().numpy(), options.seed)
+
+
+def _sample_chunks(job: Job, max_rows: int) -> list[int]:
+    """Samples per forward pass for one request: as many as fit in max_rows rows."""
+    per_chunk = max(1, max_rows // len(job.x))
+    total = job.options.samples
+    return [min(per_chunk, total - start) for start in range(0, total, per_chunk)]
 
 
 def _repeat(x: torch.Tensor, times: int) -> torch.Tensor:
@@ -234,6 +257,16 @@ def _pad(rows: torch.Tensor) -> torch.Tensor:
     if missing <= 0:
         return rows
     return torch.cat([rows, rows.new_zeros((missing, *rows.shape[1:]))])
+
+
+def _finite_or_refused(outputs: Outputs) -> Outputs | RequestError:
+    """Finite inputs can still overflow inside the model (values far outside the training
+    range); such a request gets a 400, never a response with nulls in it."""
+    if all(np.isfinite(v).all() for v in outputs.values() if v.dtype.kind == "f"):
+        return outputs
+    return RequestError(
+        400, "inputs: the model's outputs overflow for these values (far outside its range)"
+    )
 
 
 def _counts(votes: torch.Tensor, classes: int) -> np.ndarray:

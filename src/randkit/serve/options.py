@@ -22,6 +22,8 @@ CLIENT_PARAMETERS = frozenset(
     {"binary_data_output", "priority", "timeout", "sequence_id", "sequence_start", "sequence_end"}
 )
 OPTION_NAMES = frozenset({"mode", "samples", "seed", "sigma", "alpha", "n0"})
+MAX_REAL = 1000.0  # sigma beyond this is no longer noise but overflow
+MAX_ROWS = 65_536  # forward rows (inputs x samples) of one request
 DEFAULT_WEIGHT_NOISE = 0.01  # relative std when the bundle was trained without weight noise
 
 
@@ -64,8 +66,14 @@ class Options:
         return instances * self.samples
 
 
+def shown(value: object, limit: int = 80) -> str:
+    """``repr(value)``, cut to ``limit`` characters: error messages never echo a whole body."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _bad(name: str, what: str, value: object) -> RequestError:
-    return RequestError(400, f"parameters.{name}: {what}, got {value!r}")
+    return RequestError(400, f"parameters.{name}: {what}, got {shown(value)}")
 
 
 def _integer(params: Mapping[str, Any], name: str, low: int, high: int, default: int) -> int:
@@ -83,8 +91,8 @@ def _real(params: Mapping[str, Any], name: str, default: float | None) -> float 
         return None
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise _bad(name, "must be a finite number", value)
-    if value <= 0:
-        raise _bad(name, "must be > 0", value)
+    if not 0 < value <= MAX_REAL:
+        raise _bad(name, f"must be in (0, {MAX_REAL:g}]", value)
     return float(value)
 
 
@@ -96,14 +104,16 @@ def parse_options(
     unknown = sorted(set(params) - OPTION_NAMES - CLIENT_PARAMETERS)
     if unknown:
         known = ", ".join(sorted(OPTION_NAMES))
-        raise RequestError(400, f"parameters.{unknown[0]}: unknown parameter (known: {known})")
+        raise RequestError(400, f"parameters.{unknown[0][:80]}: unknown parameter (known: {known})")
     if params.get("binary_data_output") not in (None, False):
         raise _bad("binary_data_output", "binary output is not supported; use JSON", True)
     randomized = bundle.meta.get("randomized") or {}
     ensemble = len(bundle.models) > 1
-    mode = (
-        params.get("mode") or randomized.get("default_mode") or ("ensemble" if ensemble else "none")
-    )
+    mode = params.get("mode")
+    if mode is None:
+        mode = randomized.get("default_mode") or ("ensemble" if ensemble else "none")
+    if mode == "none" and ensemble:
+        mode = "ensemble"  # an ensemble bundle's plain prediction is its members' mean
     if mode not in MODES:
         raise _bad("mode", f"must be one of {', '.join(MODES)}", mode)
     _check_mode(mode, bundle)

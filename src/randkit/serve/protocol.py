@@ -8,7 +8,8 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr
+from typing_extensions import TypeAliasType
 
 from randkit.deploy.bundle import LoadedBundle, validate_input
 from randkit.deploy.smoothing import ABSTAIN
@@ -27,6 +28,12 @@ OUTPUT_TYPES = {
     "radius": "FP32",
 }
 MAX_DIMS = 8
+# Numbers only, nested to any depth: pydantic checks this in Rust, and a boolean or a string
+# among the numbers is refused instead of being turned into 1.0 by numpy.
+Numbers = TypeAliasType(
+    "Numbers",
+    "list[StrictInt | StrictFloat | Numbers]",  # type: ignore[misc]
+)
 
 
 class _Strict(BaseModel):
@@ -38,7 +45,7 @@ class V2Tensor(_Strict):
     shape: list[StrictInt] = Field(max_length=MAX_DIMS)
     datatype: StrictStr
     parameters: dict[str, Any] | None = None
-    data: list[Any]
+    data: Numbers
 
 
 class V2RequestedOutput(_Strict):
@@ -55,8 +62,8 @@ class V2InferRequest(_Strict):
 
 class TFPredictRequest(_Strict):
     signature_name: StrictStr | None = None
-    instances: list[Any] | None = None
-    inputs: Any = None
+    instances: list[StrictInt | StrictFloat | Numbers | dict[str, Numbers]] | None = None
+    inputs: Numbers | dict[str, Numbers] | None = None
     parameters: dict[str, Any] | None = None  # randkit's extension: the V2 parameters
 
 
@@ -105,7 +112,13 @@ def v2_input(request: V2InferRequest, bundle: LoadedBundle) -> torch.Tensor:
             f"inputs.0.data: holds {array.size} values but shape {tensor.shape} needs "
             f"{math.prod(tensor.shape)}",
         )
-    return _checked(bundle, array.reshape(tensor.shape), "inputs.0")
+    try:
+        array = array.reshape(tensor.shape)
+    except ValueError:  # e.g. a 0 beside dimensions too large for numpy to size
+        raise RequestError(
+            400, f"inputs.0.shape: cannot hold a tensor, got {tensor.shape}"
+        ) from None
+    return _checked(bundle, array, "inputs.0")
 
 
 def tf_input(request: TFPredictRequest, bundle: LoadedBundle) -> tuple[torch.Tensor, bool]:

@@ -18,7 +18,7 @@ from randkit.deploy.bundle import BUNDLE_FILE, NAME_PATTERN, LoadedBundle, load_
 from randkit.errors import UserError
 from randkit.serve.batcher import Batcher, BatchHook
 from randkit.serve.engine import Engine
-from randkit.serve.options import RequestError
+from randkit.serve.options import RequestError, shown
 from randkit.serve.traffic import Router, TrafficPolicy, load_policy, resolve_version
 
 log = logging.getLogger("randkit.serve")
@@ -86,10 +86,10 @@ class Repository:
 
     def _family(self, name: str) -> Path:
         if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
-            raise RequestError(404, f"model {name!r} not found")
+            raise RequestError(404, f"model {shown(name)} not found")
         family = self.root / name
         if not family.is_dir():
-            raise RequestError(404, f"model {name!r} not found in the repository")
+            raise RequestError(404, f"model {shown(name)} not found in the repository")
         return family
 
     def index(self) -> list[dict[str, Any]]:
@@ -123,11 +123,11 @@ class Repository:
         async with self._lock:
             versions = self._versions_on_disk(name)
             if not versions:
-                raise RequestError(400, f"model {name!r} has no version folder with a bundle")
+                raise RequestError(400, f"model {shown(name)} has no version folder with a bundle")
             try:
                 policy = load_policy(family / "policy.yaml", versions)
             except UserError as exc:
-                raise RequestError(400, f"model {name!r}: {exc}") from None
+                raise RequestError(400, f"model {shown(name)}: {exc}") from None
             served: dict[str, ServedVersion] = {}
             failed: dict[str, str] = {}
             for version in versions:
@@ -149,7 +149,7 @@ class Repository:
                 served[version] = ServedVersion(version, bundle, engine, batcher)
             if not served:
                 first = next(iter(failed.values()))
-                raise RequestError(400, f"no version of model {name!r} loads: {first}")
+                raise RequestError(400, f"no version of model {shown(name)} loads: {first}")
             model = ServedModel(name, served, policy, Router(policy, name, self.seed), failed)
             previous = self.models.get(name)
             self.models[name] = model
@@ -162,7 +162,7 @@ class Repository:
         async with self._lock:
             model = self.models.pop(name, None)
         if model is None:
-            raise RequestError(400, f"model {name!r} is not loaded")
+            raise RequestError(400, f"model {shown(name)} is not loaded")
         await _stop(model)
 
     async def close(self) -> None:
@@ -176,8 +176,8 @@ class Repository:
         if model is None:
             if isinstance(name, str) and NAME_PATTERN.fullmatch(name):
                 if (self.root / name).is_dir():
-                    raise RequestError(404, f"model {name!r} is not loaded")
-            raise RequestError(404, f"model {name!r} not found")
+                    raise RequestError(404, f"model {shown(name)} is not loaded")
+            raise RequestError(404, f"model {shown(name)} not found")
         return model
 
     def version(self, model: ServedModel, requested: str) -> ServedVersion:
@@ -185,7 +185,7 @@ class Repository:
         version = resolve_version(model.policy, list(model.versions), requested)
         if version is None or version not in model.versions:
             raise RequestError(
-                404, f"model {model.name!r} has no loaded version or label {requested!r}"
+                404, f"model {model.name!r} has no loaded version or label {shown(requested)}"
             )
         return model.versions[version]
 

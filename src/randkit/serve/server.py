@@ -17,7 +17,7 @@ from randkit.deploy.bundle import LoadedBundle
 from randkit.serve.engine import Job
 from randkit.serve.experiment import FeedbackLedger
 from randkit.serve.metrics import ServerMetrics
-from randkit.serve.options import Options, RequestError, parse_options
+from randkit.serve.options import MAX_ROWS, Options, RequestError, parse_options, shown
 from randkit.serve.protocol import output_arrays
 from randkit.serve.repository import BatchSettings, Repository, ServedModel, ServedVersion
 from randkit.streams import Streams
@@ -104,7 +104,7 @@ class Server:
         else:
             chosen = model.router.route(number, key, list(model.versions))
             if chosen is None:
-                raise RequestError(404, f"model {name!r} has no version to route to")
+                raise RequestError(404, f"model {shown(name)} has no version to route to")
             served, routed = model.versions[chosen], True
         bundle: LoadedBundle = served.bundle
         x: torch.Tensor = read_input(bundle)
@@ -112,7 +112,7 @@ class Server:
             parameters, bundle, lambda: self.streams.seed("deploy", request=number)
         )
         rows = options.forward_rows(len(x), len(bundle.models))
-        if rows * math.prod(bundle.input_shape) > MAX_ELEMENTS:
+        if rows > MAX_ROWS or rows * math.prod(bundle.input_shape) > MAX_ELEMENTS:
             raise RequestError(
                 400,
                 f"parameters.samples: {len(x)} inputs x {options.forward_rows(1, 1)} samples "

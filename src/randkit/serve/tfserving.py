@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Request
 
-from randkit.serve.options import RequestError
+from randkit.serve.options import RequestError, shown
 from randkit.serve.protocol import INPUT_NAME, OUTPUT_TYPES, TFPredictRequest, tf_input, tf_outputs
 from randkit.serve.repository import ServedModel
 from randkit.serve.server import Server
@@ -106,7 +106,7 @@ async def label_metadata(name: str, label: str, request: Request) -> dict[str, A
 def _label(request: Request, name: str, label: str) -> str:
     model = _server(request).repository.model(name)
     if label not in model.policy.labels:
-        raise RequestError(404, f"model {name!r} has no label {label!r}")
+        raise RequestError(404, f"model {shown(name)} has no label {shown(label)}")
     return label
 
 
