@@ -598,17 +598,37 @@ def validate_input(bundle: LoadedBundle, x: np.ndarray | torch.Tensor) -> torch.
     ``x`` must have shape ``(N, *input_shape)`` with N >= 1; float bundles take any floating
     dtype (converted to float32) and need finite values; text bundles take integer token ids
     in ``[0, vocab_size)``. A problem raises ``ValueError`` naming it.
+
+    NumPy input is checked with NumPy: a server validates on its event-loop thread, where a
+    torch operation on a large tensor would start a second OpenMP pool that then competes
+    with the inference thread's for the cores (measured: 11 -> 19 ms per forward on 2 cores).
     """
     if isinstance(x, np.ndarray):
         if x.dtype == object or x.dtype.kind not in "biuf":
             raise ValueError(f"input dtype {x.dtype} is not numeric")
-        tensor = torch.from_numpy(np.array(x, copy=True))
-    elif isinstance(x, torch.Tensor):
-        tensor = x.detach()
-    else:
+        _check_shape(bundle, list(x.shape))
+        array = _checked_values(bundle, x)
+        return torch.from_numpy(np.ascontiguousarray(array)).to(bundle.device)
+    if not isinstance(x, torch.Tensor):
         raise ValueError(f"input must be a numpy array or a torch tensor, got {type(x).__name__}")
+    tensor = x.detach()
+    _check_shape(bundle, list(tensor.shape))
+    if bundle.input_dtype == torch.int64:
+        if tensor.dtype == torch.bool or tensor.is_floating_point() or tensor.is_complex():
+            raise ValueError(_not_integer(str(tensor.dtype).removeprefix("torch.")))
+        tensor = tensor.to(torch.int64)
+        _check_token_range(bundle, int(tensor.min()), int(tensor.max()))
+    else:
+        if not tensor.is_floating_point():
+            raise ValueError(_not_float(str(tensor.dtype).removeprefix("torch.")))
+        tensor = tensor.to(torch.float32)
+        if not torch.isfinite(tensor).all():
+            raise ValueError("input holds NaN or Inf")
+    return tensor.contiguous().to(bundle.device)
+
+
+def _check_shape(bundle: LoadedBundle, got: list[int]) -> None:
     want = list(bundle.input_shape)
-    got = list(tensor.shape)
     if len(got) == len(want) and got == want:
         raise ValueError(
             f"input shape {got} has no batch dimension; expected (N, {', '.join(map(str, want))})"
@@ -621,26 +641,31 @@ def validate_input(bundle: LoadedBundle, x: np.ndarray | torch.Tensor) -> torch.
         raise ValueError(f"input shape {got[1:]} does not match the bundle's {want}")
     if got[0] == 0:
         raise ValueError("input holds no examples (N = 0)")
+
+
+def _checked_values(bundle: LoadedBundle, x: np.ndarray) -> np.ndarray:
     if bundle.input_dtype == torch.int64:
-        if tensor.dtype == torch.bool or tensor.is_floating_point() or tensor.is_complex():
-            raise ValueError(
-                f"input dtype {str(tensor.dtype).removeprefix('torch.')} is not an integer "
-                "type; the bundle expects int64 token ids"
-            )
-        tensor = tensor.to(torch.int64)
-        vocab = bundle.meta["input"]["vocab_size"]
-        low, high = int(tensor.min()), int(tensor.max())
-        if low < 0 or high >= vocab:
-            raise ValueError(
-                f"input token ids must lie in [0, {vocab}), got values in [{low}, {high}]"
-            )
-    else:
-        if not tensor.is_floating_point():
-            raise ValueError(
-                f"input dtype {str(tensor.dtype).removeprefix('torch.')} is not floating "
-                "point; the bundle expects float32"
-            )
-        tensor = tensor.to(torch.float32)
-        if not torch.isfinite(tensor).all():
-            raise ValueError("input holds NaN or Inf")
-    return tensor.contiguous().to(bundle.device)
+        if x.dtype.kind not in "iu":
+            raise ValueError(_not_integer(str(x.dtype)))
+        _check_token_range(bundle, int(x.min()), int(x.max()))
+        return x.astype(np.int64)
+    if x.dtype.kind != "f":
+        raise ValueError(_not_float(str(x.dtype)))
+    array = x.astype(np.float32)  # a copy: the caller's array is never shared
+    if not np.isfinite(array).all():
+        raise ValueError("input holds NaN or Inf")
+    return array
+
+
+def _check_token_range(bundle: LoadedBundle, low: int, high: int) -> None:
+    vocab = bundle.meta["input"]["vocab_size"]
+    if low < 0 or high >= vocab:
+        raise ValueError(f"input token ids must lie in [0, {vocab}), got values in [{low}, {high}]")
+
+
+def _not_integer(dtype: str) -> str:
+    return f"input dtype {dtype} is not an integer type; the bundle expects int64 token ids"
+
+
+def _not_float(dtype: str) -> str:
+    return f"input dtype {dtype} is not floating point; the bundle expects float32"

@@ -132,7 +132,11 @@ class Repository:
             failed: dict[str, str] = {}
             for version in versions:
                 try:
-                    bundle = await asyncio.to_thread(load_bundle, family / version, self.device)
+                    # In the inference thread: a second thread running torch would keep its own
+                    # OpenMP pool, and the two pools fight over the cores at every forward pass.
+                    bundle = await asyncio.get_running_loop().run_in_executor(
+                        self.executor, load_bundle, family / version, self.device
+                    )
                 except UserError as exc:
                     failed[version] = str(exc)
                     log.warning("model %s version %s not loaded: %s", name, version, exc)
