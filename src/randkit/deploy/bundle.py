@@ -651,7 +651,8 @@ def _checked_values(bundle: LoadedBundle, x: np.ndarray) -> np.ndarray:
         return x.astype(np.int64)
     if x.dtype.kind != "f":
         raise ValueError(_not_float(str(x.dtype)))
-    array = x.astype(np.float32)  # a copy: the caller's array is never shared
+    with np.errstate(over="ignore"):  # beyond float32's range becomes inf, refused below
+        array = x.astype(np.float32)  # a copy: the caller's array is never shared
     if not np.isfinite(array).all():
         raise ValueError("input holds NaN or Inf")
     return array
