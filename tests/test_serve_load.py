@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from serve_support import RunningServer, running_server
+from serve_support import RunningServer, running_server, v2_body
 
 REQUESTS = 20_000
 CONCURRENCY = 64
@@ -46,18 +46,7 @@ def plan(i: int) -> dict[str, Any]:
     if i % 50 == 0:  # a few randomized ones, with a seed that repeats
         mode = "mc_dropout"
         parameters = {"mode": mode, "samples": 2 + i % 3, "seed": i % 4}
-    body = {
-        "inputs": [
-            {
-                "name": "input",
-                "shape": list(x.shape),
-                "datatype": "FP32",
-                "data": x.reshape(-1).tolist(),
-            }
-        ]
-    }
-    if parameters:
-        body["parameters"] = parameters
+    body = v2_body(x, **parameters)
     return {
         "protocol": "v2",
         "path": "/v2/models/digits/infer",
