@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import uvicorn
 
 from randkit.config import validate_config
@@ -98,8 +99,6 @@ def running_server(repository: Path, **settings: Any) -> Iterator[RunningServer]
 
 
 def v2_body(x: Any, **parameters: Any) -> dict[str, Any]:
-    import numpy as np
-
     array = np.asarray(x, dtype=np.float32)
     body: dict[str, Any] = {
         "inputs": [

@@ -39,7 +39,7 @@ class Randomization:
         return self.weight_noise_std > 0 or self.drop_connect > 0
 
 
-def _transform(spec) -> BatchTransform:  # type: ignore[no-untyped-def]
+def build_transform(spec) -> BatchTransform:  # type: ignore[no-untyped-def]
     options = spec.model_dump(exclude={"kind"})
     kind = spec.kind
     if kind == "crop":
@@ -73,7 +73,7 @@ def build_randomization(
                 f"{spec.kind!r} needs images (C, H, W), got input shape {input_shape}",
             )
         try:
-            transforms.append(_transform(spec))
+            transforms.append(build_transform(spec))
         except ValueError as exc:
             raise UserError(f"randomize.augment.{index}", str(exc)) from None
     noise = None

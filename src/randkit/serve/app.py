@@ -18,6 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import randkit
 from randkit.serve.options import RequestError, shown
+from randkit.serve.protocol import ErrorBody
 from randkit.serve.repository import ServedModel
 from randkit.serve.server import Server, ServerSettings
 from randkit.serve.traffic import resolve_version
@@ -121,12 +122,8 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
         title=app.title, version=app.version, description=app.description, routes=app.routes
     )
     error_ref = {"$ref": "#/components/schemas/ErrorBody"}
-    schema.setdefault("components", {}).setdefault("schemas", {})["ErrorBody"] = {
-        "title": "ErrorBody",
-        "type": "object",
-        "properties": {"error": {"type": "string"}},
-        "required": ["error"],
-    }
+    schemas = schema.setdefault("components", {}).setdefault("schemas", {})
+    schemas["ErrorBody"] = ErrorBody.model_json_schema()
     for operations in schema.get("paths", {}).values():
         for operation in operations.values():
             responses = operation.setdefault("responses", {})
@@ -137,7 +134,7 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
                     "content": {"application/json": {"schema": error_ref}},
                 }
     for unused in ("HTTPValidationError", "ValidationError"):
-        schema["components"]["schemas"].pop(unused, None)
+        schemas.pop(unused, None)
     app.openapi_schema = schema
     return schema
 

@@ -34,7 +34,7 @@ from randkit.deploy.bundle import LoadedBundle
 from randkit.deploy.mc import stochastic_only, summarize_samples
 from randkit.deploy.smoothing import ABSTAIN, lower_confidence_bound
 from randkit.randomize.base import Compose
-from randkit.randomize.build import _transform
+from randkit.randomize.build import build_transform
 from randkit.randomize.modules import use_generator
 from randkit.randomize.weights import perturbed_parameters
 from randkit.serve.options import Options, RequestError
@@ -90,7 +90,7 @@ class Engine:
         self.max_rows = max(max_rows, MIN_FORWARD_ROWS)
         specs = (bundle.meta.get("randomized") or {}).get("augment") or []
         adapter: TypeAdapter = TypeAdapter(TransformSpec)
-        transforms = [_transform(adapter.validate_python(spec)) for spec in specs]
+        transforms = [build_transform(adapter.validate_python(spec)) for spec in specs]
         self.tta = Compose(transforms) if transforms else None
 
     def rows(self, job: Job) -> int:
@@ -137,12 +137,8 @@ class Engine:
         if options.mode == "tta":
             assert self.tta is not None
             return self.tta(_repeat(x, options.samples), g)
-        noise = torch.randn(
-            (len(x) * (options.n0 + options.samples), *x.shape[1:]),
-            generator=g,
-            device=x.device,
-            dtype=x.dtype,
-        )
+        shape = (len(x) * (options.n0 + options.samples), *x.shape[1:])
+        noise = torch.randn(shape, generator=g, device=x.device, dtype=x.dtype)
         assert options.sigma is not None
         return _repeat(x, options.n0 + options.samples) + options.sigma * noise
 

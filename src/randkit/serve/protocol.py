@@ -121,15 +121,15 @@ def v2_input(request: V2InferRequest, bundle: LoadedBundle) -> torch.Tensor:
     return _checked(bundle, array, "inputs.0")
 
 
-def tf_input(request: TFPredictRequest, bundle: LoadedBundle) -> tuple[torch.Tensor, bool]:
-    """(inputs, row format?) of a TF Serving predict request."""
+def tf_input(request: TFPredictRequest, bundle: LoadedBundle) -> torch.Tensor:
+    """The inputs of a TF Serving predict request (rows or columns)."""
     if (request.instances is None) == (request.inputs is None):
         raise RequestError(400, "give exactly one of 'instances' (rows) and 'inputs' (columns)")
     if request.instances is not None:
         rows = [_unwrap(row, "instances") for row in request.instances]
-        return _checked(bundle, _numeric(rows, "instances"), "instances"), True
+        return _checked(bundle, _numeric(rows, "instances"), "instances")
     data = _unwrap(request.inputs, "inputs")
-    return _checked(bundle, _numeric(data, "inputs"), "inputs"), False
+    return _checked(bundle, _numeric(data, "inputs"), "inputs")
 
 
 def _unwrap(value: Any, where: str) -> Any:

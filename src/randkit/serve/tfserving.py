@@ -9,7 +9,14 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Request
 
 from randkit.serve.options import RequestError, shown
-from randkit.serve.protocol import INPUT_NAME, OUTPUT_TYPES, TFPredictRequest, tf_input, tf_outputs
+from randkit.serve.protocol import (
+    INPUT_NAME,
+    OUTPUT_TYPES,
+    TFPredictRequest,
+    datatype_of,
+    tf_input,
+    tf_outputs,
+)
 from randkit.serve.repository import ServedModel
 from randkit.serve.server import Server
 
@@ -38,7 +45,6 @@ def _status(model: ServedModel, versions: list[str]) -> dict[str, Any]:
 def _signature(model: ServedModel, version: str) -> dict[str, Any]:
     bundle = model.versions[version].bundle
     dims = [{"size": "-1"}] + [{"size": str(s)} for s in bundle.input_shape]
-    input_type = "DT_FLOAT" if bundle.kind != "text" else "DT_INT64"
     outputs = {
         name: {"dtype": _TF_TYPES[datatype], "name": name}
         for name, datatype in OUTPUT_TYPES.items()
@@ -51,7 +57,7 @@ def _signature(model: ServedModel, version: str) -> dict[str, Any]:
                     "serving_default": {
                         "inputs": {
                             INPUT_NAME: {
-                                "dtype": input_type,
+                                "dtype": _TF_TYPES[datatype_of(bundle)],
                                 "tensor_shape": {"dim": dims, "unknown_rank": False},
                                 "name": INPUT_NAME,
                             }
@@ -115,7 +121,7 @@ async def _predict(
 ) -> dict[str, Any]:
     server, start = _server(request), time.perf_counter()
     rows = body.instances is not None
-    answer = await server.infer(name, version, key, body.parameters, lambda b: tf_input(body, b)[0])
+    answer = await server.infer(name, version, key, body.parameters, lambda b: tf_input(body, b))
     server.observe(name, answer.served.version, "tf", 200, start)
     return {
         **tf_outputs(answer.arrays, rows),
