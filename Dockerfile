@@ -3,9 +3,12 @@
 # CPU image; torch's pinned wheel comes from PyPI (a CUDA base image and wheel for GPUs).
 FROM python:3.11-slim AS build
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
 COPY src ./src
-RUN python -m venv /opt/venv \
+# gcc builds the Gaussian-noise kernel (without it randkit falls back to torch operations).
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
+ && rm -rf /var/lib/apt/lists/* \
+ && python -m venv /opt/venv \
  && /opt/venv/bin/pip install --no-cache-dir --upgrade pip \
  && /opt/venv/bin/pip install --no-cache-dir .
 

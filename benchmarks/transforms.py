@@ -5,7 +5,7 @@ Pipeline: random crop (padding 4) + horizontal flip + Gaussian noise (std 0.1) +
 erasing, on batches of 256 images of 3x32x32, CPU. Also shown: torchvision v2 on the whole
 batch at once, which is fast but gives every image the same crop, flip and erasing box.
 
-    python benchmarks/transforms.py [--batches 20] [--batch-size 256] [--device cpu]
+    python benchmarks/transforms.py [--batches 20] [--batch-size 256] [--rounds 5] [--device cpu]
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import time
 import torch
 from torchvision.transforms import v2
 
+from randkit.memory import keep_freed_memory
 from randkit.randomize import Compose, HorizontalFlip, InputNoise, RandomCrop, RandomErasing
 
 
@@ -41,27 +42,42 @@ def torchvision_pipeline(noise: bool = True) -> v2.Compose:
     return v2.Compose([t for t in stages if noise or not isinstance(t, v2.GaussianNoise)])
 
 
-def best_rate(fn, batches: list[torch.Tensor], repeats: int) -> float:  # type: ignore[no-untyped-def]
-    """Images per second, best of ``repeats`` passes over ``batches``."""
-    fn(batches[0])  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for batch in batches:
-            fn(batch)
-        if batches[0].device.type == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    return sum(len(b) for b in batches) / best
+def best_rates(fns: dict, batches: list[torch.Tensor], rounds: int) -> dict[str, float]:  # type: ignore[type-arg]
+    """Images per second of each function, best of ``rounds`` passes over ``batches``.
+
+    The passes of the functions are interleaved, so that a slow phase of this shared machine
+    (other virtual machines on the same cores) hits every side alike instead of one.
+    """
+    for fn in fns.values():
+        fn(batches[0])  # warm-up
+    best = dict.fromkeys(fns, float("inf"))
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            for batch in batches:
+                fn(batch)
+            if batches[0].device.type == "cuda":
+                torch.cuda.synchronize()
+            best[name] = min(best[name], time.perf_counter() - start)
+    images = sum(len(b) for b in batches)
+    return {name: images / seconds for name, seconds in best.items()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--batches", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--default-malloc",
+        action="store_true",
+        help="leave glibc returning freed memory to the kernel (the randkit commands don't)",
+    )
     args = parser.parse_args()
+    if not args.default_malloc:
+        # What the randkit commands do at start; process-wide, so both sides run under it.
+        keep_freed_memory()
     device = torch.device(args.device)
     data = torch.Generator(device=device).manual_seed(0)
     batches = [
@@ -77,15 +93,12 @@ def main() -> None:
         def per_sample(batch: torch.Tensor, tv: v2.Compose = tv) -> torch.Tensor:
             return torch.stack([tv(image) for image in batch])
 
-        rates[f"randkit_per_sample_batched{suffix}"] = best_rate(
-            lambda b, ours=ours: ours(b, generator), batches, args.repeats
-        )
-        rates[f"torchvision_v2_per_sample_loop{suffix}"] = best_rate(
-            per_sample, batches, args.repeats
-        )
-        rates[f"torchvision_v2_whole_batch_shared_params{suffix}"] = best_rate(
-            tv, batches, args.repeats
-        )
+        fns = {
+            f"randkit_per_sample_batched{suffix}": lambda b, ours=ours: ours(b, generator),
+            f"torchvision_v2_per_sample_loop{suffix}": per_sample,
+            f"torchvision_v2_whole_batch_shared_params{suffix}": tv,
+        }
+        rates.update(best_rates(fns, batches, args.rounds))
     ratio = rates["randkit_per_sample_batched"] / rates["torchvision_v2_per_sample_loop"]
     ratio_without_noise = (
         rates["randkit_per_sample_batched_without_noise"]
@@ -105,6 +118,7 @@ def main() -> None:
                 "batch_size": args.batch_size,
                 "device": str(device),
                 "threads": torch.get_num_threads(),
+                "keep_freed_memory": not args.default_malloc,
                 "machine": platform.machine(),
                 "torch": torch.__version__,
             }

@@ -563,6 +563,31 @@ def test_compose_replays_like_the_transforms_one_by_one(device, shape, seed, dty
     assert not torch.equal(compose(x, gen(seed + 1, device)), out)
 
 
+IN_PLACE_CAPABLE = [c for c in SAME_SIZE if not c.mixing]
+
+
+@pytest.mark.parametrize("case", IN_PLACE_CAPABLE, ids=[c.id for c in IN_PLACE_CAPABLE])
+@pytest.mark.parametrize("first", ["copying-crop", "in-place-first"])
+@FAST
+@given(shape=big_batch, seed=SEEDS, p=st.sampled_from([0.0, 0.5, 1.0]), dtype=DTYPES)
+def test_compose_works_in_place_only_on_its_own_tensors(case, first, shape, seed, p, dtype) -> None:
+    # After a transform that makes a new tensor (a crop), Compose lets the next ones write in
+    # place; that must give the same bits as apply() and never touch the caller's batch.
+    x = images(shape, seed, dtype=dtype)
+    original = x.clone()
+    stages = [case.make(p), InputNoise("gaussian", 0.1, p=p), RandomErasing(p=p)]
+    if first == "copying-crop":
+        stages.insert(0, RandomCrop(1, p=1.0))
+    compose = Compose(stages)
+    params = compose.draw(x.shape, gen(seed), "cpu")
+    out = compose.apply(x, params)
+    expected = x
+    for transform, drawn in zip(compose.transforms, params, strict=True):
+        expected = transform.apply(expected, drawn)
+    assert torch.equal(out, expected)
+    assert torch.equal(x, original)
+
+
 def test_compose_needs_num_classes_for_integer_targets() -> None:
     x = images((4, 1, 6, 6), 0)
     labels = torch.tensor([0, 1, 2, 1])

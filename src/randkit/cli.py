@@ -11,6 +11,7 @@ from rich.console import Console
 
 import randkit
 from randkit.errors import UserError
+from randkit.memory import keep_freed_memory
 
 app = typer.Typer(
     name="randkit",
@@ -21,6 +22,12 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 _out = Console(highlight=False)
+
+
+@app.callback()
+def _every_command() -> None:
+    """Randomness as a controlled resource: training, cross-validation, deployment."""
+    keep_freed_memory()  # large tensors otherwise page-fault on every allocation
 
 
 @app.command()

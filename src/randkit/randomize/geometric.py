@@ -65,20 +65,30 @@ class RandomCrop(BatchTransform):
         return picked.reshape(n, c, h, w)
 
 
-class HorizontalFlip(BatchTransform):
+class _Flip(BatchTransform):
+    dim = -1
+
     def __init__(self, p: float = 0.5) -> None:
         super().__init__(p)
 
+    def apply_(self, x: torch.Tensor, params: Params) -> torch.Tensor:
+        applied = params["applied"]
+        if applied.all() or not applied.any():
+            return self.apply(x, params)
+        index = applied.nonzero().squeeze(1)
+        x[index] = x[index].flip(self.dim)
+        return x
+
     def _apply(self, x: torch.Tensor, params: Params) -> torch.Tensor:
-        return x.flip(-1)
+        return x.flip(self.dim)
 
 
-class VerticalFlip(BatchTransform):
-    def __init__(self, p: float = 0.5) -> None:
-        super().__init__(p)
+class HorizontalFlip(_Flip):
+    dim = -1
 
-    def _apply(self, x: torch.Tensor, params: Params) -> torch.Tensor:
-        return x.flip(-2)
+
+class VerticalFlip(_Flip):
+    dim = -2
 
 
 def _sample_grid(x: torch.Tensor, theta: torch.Tensor, size: Sequence[int]) -> torch.Tensor:

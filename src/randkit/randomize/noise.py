@@ -19,6 +19,7 @@ import math
 import torch
 
 from randkit.randomize.base import BatchTransform, Params, Shape
+from randkit.randomize.philox import gaussian_noise
 from randkit.randomize.rng import random_fill
 from randkit.streams import seeded_generator
 
@@ -49,6 +50,23 @@ class InputNoise(BatchTransform):
             return x
         return super().apply(x, params)
 
+    def apply_(self, x: torch.Tensor, params: Params) -> torch.Tensor:
+        if self._fused(x) and x.is_contiguous() and self.level != 0 and params["applied"].all():
+            return self._fused_noise(x, int(params["seed"][0]), out=x)
+        return self.apply(x, params)
+
+    def _fused(self, x: torch.Tensor) -> bool:
+        """Whether the compiled Philox kernel does the whole job in one pass."""
+        return (
+            self.kind in ("gaussian", "speckle")
+            and x.device.type == "cpu"
+            and x.dtype == torch.float32
+        )
+
+    def _fused_noise(self, x: torch.Tensor, seed: int, out: torch.Tensor | None = None):  # type: ignore[no-untyped-def]
+        mode = "add" if self.kind == "gaussian" else "multiply"
+        return gaussian_noise(x, seed, self.level, mode, clip=self.clip, out=out)
+
     def _apply(self, x: torch.Tensor, params: Params) -> torch.Tensor:
         seed = int(params["seed"][0])
         level, kind = self.level, self.kind
@@ -61,6 +79,9 @@ class InputNoise(BatchTransform):
             u = random_fill((2, *x.shape), seed, x.device, kind="uniform")
             hit, salt = u[0] < level, u[1] < 0.5
             out = torch.where(hit, salt.to(x.dtype), x)
+        elif self._fused(x):
+            # One pass of the compiled Philox kernel: noise, scale, add and clip together.
+            return self._fused_noise(x.contiguous(), seed)
         else:
             # In place on the fresh random tensor: one allocation, no temporaries.
             draw = "uniform" if kind == "uniform" else "normal"

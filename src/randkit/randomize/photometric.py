@@ -76,23 +76,39 @@ class RandomErasing(BatchTransform):
             return x
         return self._apply(x, params)  # the box mask already leaves undrawn samples alone
 
+    def apply_(self, x: torch.Tensor, params: Params) -> torch.Tensor:
+        if self.value == "random" or not params["applied"].any():
+            return self.apply(x, params)
+        return self._fill_constant(x, params, out=x)
+
     def _apply(self, x: torch.Tensor, params: Params) -> torch.Tensor:
+        if self.value != "random":
+            return self._fill_constant(x, params)
+        mask = self._keep(x, params) == 0
+        fill = random_fill(x.shape, int(params["fill_seed"][0]), x.device, x.dtype, "uniform")
+        return torch.where(mask, fill, x)
+
+    def _keep(self, x: torch.Tensor, params: Params) -> torch.Tensor:
+        """``(N, 1, H, W)``: 0 inside the box of each drawn sample, 1 elsewhere."""
         h, w = x.shape[-2:]
         rows = torch.arange(h, device=x.device)[None, :]
         cols = torch.arange(w, device=x.device)[None, :]
-        in_rows = (rows >= params["top"][:, None]) & (
-            rows < (params["top"] + params["height"])[:, None]
-        )
-        in_cols = (cols >= params["left"][:, None]) & (
-            cols < (params["left"] + params["width"])[:, None]
-        )
-        mask = in_rows[:, :, None] & in_cols[:, None, :] & params["applied"][:, None, None]
-        mask = mask[:, None]  # (N, 1, H, W)
-        if self.value != "random":
-            # A multiply by the 0/1 mask is several times faster than a broadcast masked_fill.
-            out = x * (~mask).to(x.dtype)
-            if float(self.value) != 0.0:
-                out.add_(mask.to(x.dtype), alpha=float(self.value))
-            return out
-        fill = random_fill(x.shape, int(params["fill_seed"][0]), x.device, x.dtype, "uniform")
-        return torch.where(mask, fill, x)
+        top, left = params["top"][:, None], params["left"][:, None]
+        in_rows = (rows >= top) & (rows < top + params["height"][:, None])
+        in_rows &= params["applied"][:, None]
+        in_cols = (cols >= left) & (cols < left + params["width"][:, None])
+        # The box as an outer product of its row and column ranges: two small (N, H) and
+        # (N, W) masks and one (N, H, W) op, instead of boolean ops on the whole batch.
+        one = torch.ones((), dtype=x.dtype, device=x.device)
+        r, c = in_rows.to(x.dtype)[:, :, None], in_cols.to(x.dtype)[:, None, :]
+        return torch.addcmul(one, r, c, value=-1)[:, None]
+
+    def _fill_constant(
+        self, x: torch.Tensor, params: Params, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        keep = self._keep(x, params)
+        # A multiply by the 0/1 mask is several times faster than a broadcast masked_fill.
+        out = torch.mul(x, keep, out=out)
+        if float(self.value) != 0.0:
+            out.add_(1 - keep, alpha=float(self.value))
+        return out

@@ -3,17 +3,15 @@
 
 from __future__ import annotations
 
-import ctypes
 import math
-import sys
 from pathlib import Path
 
 from randkit.errors import UserError
+from randkit.memory import keep_freed_memory
 from randkit.serve.server import ServerSettings
 from randkit.streams import check_seed
 
 GRACEFUL_SHUTDOWN_S = 30
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt parameters of glibc's malloc.h
 
 
 def check_settings(settings: ServerSettings) -> ServerSettings:
@@ -35,21 +33,6 @@ def check_settings(settings: ServerSettings) -> ServerSettings:
     except ValueError as exc:
         raise UserError("--seed", str(exc)) from None
     return settings
-
-
-def keep_freed_memory() -> None:
-    """Tell glibc's malloc to keep freed memory instead of returning it to the kernel: each
-    forward pass otherwise pages its activations in again (measured: thousands of page faults
-    and 10-24 ms of kernel time per 32-row ResNet-20 forward on 2 cores). The server then
-    holds its peak memory. No-op where glibc is not the C library."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)
-        libc.mallopt(M_TRIM_THRESHOLD, (1 << 31) - 1)  # the largest C int: about 2 GB
-    except (OSError, AttributeError, ctypes.ArgumentError):
-        pass
 
 
 def serve_forever(repository: Path, quiet: bool = False, **options: object) -> None:

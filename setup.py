@@ -1,0 +1,25 @@
+"""Only the compiled Gaussian-noise kernel lives here; everything else is in pyproject.toml.
+
+The extension is optional: without a C compiler randkit falls back to the same generator
+written in torch operations (same bits, about 5x slower).
+"""
+
+import sys
+
+from setuptools import Extension, setup
+
+# Torch's CPU ops run on libgomp; the kernel joins the same thread pool (see philox.c).
+OPENMP = ["-fopenmp"] if sys.platform.startswith("linux") else []
+
+setup(
+    ext_modules=[
+        Extension(
+            "randkit._native._philox",
+            sources=["src/randkit/_native/philox.c"],
+            # No FMA contraction and no fast-math: every build gives the same bits.
+            extra_compile_args=["-O3", "-ffp-contract=off", "-fno-math-errno", "-std=c11", *OPENMP],
+            extra_link_args=OPENMP,
+            optional=True,
+        )
+    ]
+)
