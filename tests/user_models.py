@@ -36,3 +36,14 @@ def not_a_module(in_shape: Sequence[int], num_classes: int) -> dict[str, int]:
 
 
 NOT_CALLABLE = 42
+
+
+def with_layer_norm(in_shape: Sequence[int], num_classes: int, hidden: int = 16) -> nn.Module:
+    """A layer the vectorized runner's stacked path does not know: it falls back to vmap."""
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(math.prod(in_shape), hidden),
+        nn.LayerNorm(hidden),
+        nn.ReLU(),
+        nn.Linear(hidden, num_classes),
+    )

@@ -11,6 +11,7 @@ from torch.func import functional_call, vmap
 from torch.nn import functional as F
 
 from randkit.config import ExperimentConfig
+from randkit.cv.stacked import StackedForward
 from randkit.cv.stacked_optim import StackedOptimizer
 from randkit.randomize import Randomization, use_generator
 from randkit.randomize.build import randomize_batch
@@ -47,6 +48,7 @@ class Lockstep:
         self.recorder, self.pre_drawn = recorder, pre_drawn
         self._calls: dict[tuple[int, ...], list[tuple[str, tuple[int, ...]]]] = {}
         self.num_classes = len(states[0].prepared.classes)
+        self.stacked = StackedForward.build(base)  # None: the model needs vmap
 
     # -- weights and evaluation ---------------------------------------------------------
     def weights(self, k: int) -> dict[str, torch.Tensor]:
@@ -122,17 +124,28 @@ class Lockstep:
         params = self._perturbed(rows, keys)
         smoothing = cfg.label_smoothing
 
-        def per_trial(
-            p: dict, b: dict, xb: torch.Tensor, tb: torch.Tensor, wb: torch.Tensor, db: list
-        ) -> tuple[torch.Tensor, torch.Tensor]:
-            with use_generator(self.pre_drawn(db)):
-                logits = functional_call(self.base, (p, b), (xb,))
-            ce = F.cross_entropy(logits, tb, reduction="none", label_smoothing=smoothing)
-            return (ce * wb).sum() / wb.sum().clamp(min=1), logits
+        if self.stacked is not None:
+            logits = self.stacked(params, self.buffers, x, draws)
+            ce = F.cross_entropy(
+                logits.flatten(0, 1),
+                target.flatten(0, 1),
+                reduction="none",
+                label_smoothing=smoothing,
+            ).view(len(rows), width)
+            losses = (ce * weight).sum(1) / weight.sum(1).clamp(min=1)
+        else:
 
-        losses, logits = vmap(per_trial, randomness="error")(
-            params, self.buffers, x, target, weight, draws
-        )
+            def per_trial(
+                p: dict, b: dict, xb: torch.Tensor, tb: torch.Tensor, wb: torch.Tensor, db: list
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+                with use_generator(self.pre_drawn(db)):
+                    logits = functional_call(self.base, (p, b), (xb,))
+                ce = F.cross_entropy(logits, tb, reduction="none", label_smoothing=smoothing)
+                return (ce * wb).sum() / wb.sum().clamp(min=1), logits
+
+            losses, logits = vmap(per_trial, randomness="error")(
+                params, self.buffers, x, target, weight, draws
+            )
         for p in self.params.values():
             p.grad = None
         losses.sum().backward()

@@ -1,0 +1,138 @@
+"""K models of one plain architecture run as one: batched matmuls and grouped convolutions.
+
+Written by hand because ``vmap`` pays its Python overhead on every step (measured on the digits
+MLP: about 1.4 ms of flattening and dispatch per step for 5 trials, more than the arithmetic)
+and no library runs K stacked ``nn.Sequential`` models directly. For a ``Classifier`` whose
+network is an ``nn.Sequential`` of the layers below, the K trials' stacked weights (as
+``stack_module_state`` gives them) drive:
+
+- ``Linear``: one ``baddbmm`` over the K models;
+- ``Conv2d``: one convolution with ``groups`` multiplied by K, the models side by side in the
+  channel dimension (what ``vmap``'s own batching rule does, without its overhead);
+- pooling and activations: as they are, on the side-by-side channels;
+- randkit's ``Dropout`` / ``GaussianDropout``: the numbers pre-drawn from each trial's stream.
+
+Anything else (``resnet``, ``text``, custom modules) keeps the ``vmap`` path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from randkit.models import Classifier, Standardize
+from randkit.randomize.modules import Dropout, GaussianDropout
+
+ELEMENTWISE = (nn.ReLU, nn.GELU, nn.Tanh, nn.Sigmoid, nn.SiLU, nn.LeakyReLU, nn.ELU, nn.Identity)
+POOLING = (nn.MaxPool2d, nn.AvgPool2d)
+
+
+def _supported(layer: nn.Module) -> bool:
+    if isinstance(layer, nn.Flatten):
+        return layer.start_dim == 1 and layer.end_dim == -1
+    if isinstance(layer, nn.Conv2d):
+        return layer.padding_mode == "zeros" and not isinstance(layer.padding, str)
+    return isinstance(layer, (nn.Linear, Dropout, GaussianDropout, *ELEMENTWISE, *POOLING))
+
+
+class StackedForward:
+    """``forward(params, buffers, x, draws)``: logits ``(K, B, classes)`` of the K models for
+    inputs ``x`` of shape ``(K, B, ...)``; ``draws`` the pre-drawn numbers of the stochastic
+    layers, one ``(K, B, ...)`` tensor per call, in call order."""
+
+    def __init__(self, model: Classifier) -> None:
+        self.model = model
+        self.layers = list(model.net.named_children())
+
+    @classmethod
+    def build(cls, model: nn.Module) -> StackedForward | None:
+        """The stacked forward of ``model``, or None where only ``vmap`` can run it."""
+        if not isinstance(model, Classifier) or not isinstance(model.net, nn.Sequential):
+            return None
+        if not isinstance(model.standardize, (Standardize, nn.Identity)):
+            return None
+        if not all(_supported(layer) for layer in model.net):
+            return None
+        return cls(model)
+
+    def __call__(
+        self,
+        params: dict[str, torch.Tensor],
+        buffers: dict[str, torch.Tensor],
+        x: torch.Tensor,
+        draws: list[torch.Tensor],
+    ) -> torch.Tensor:
+        k, b = x.shape[:2]
+        if isinstance(self.model.standardize, Standardize):
+            # Stacked buffers are (K, 1, ...): they broadcast over each model's batch.
+            x = (x - buffers["standardize.mean"]) / buffers["standardize.std"]
+        pending = list(draws)
+        grouped = False  # False: (K, B, ...); True: (B, K * C, H, W), the models side by side
+        for name, layer in self.layers:
+            if isinstance(layer, (nn.Conv2d, *POOLING)):
+                if not grouped:
+                    x = x.transpose(0, 1).reshape(b, k * x.shape[2], *x.shape[3:])
+                    grouped = True
+                x = (
+                    self._conv(layer, name, params, x, k)
+                    if isinstance(layer, nn.Conv2d)
+                    else layer(x)
+                )
+                continue
+            if isinstance(layer, ELEMENTWISE):
+                x = layer(x)
+                continue
+            if grouped:
+                x = x.reshape(b, k, -1, *x.shape[2:]).transpose(0, 1)
+                grouped = False
+            if isinstance(layer, nn.Flatten):
+                x = x.flatten(2)
+            elif isinstance(layer, nn.Linear):
+                x = _linear(x, params[f"net.{name}.weight"], params.get(f"net.{name}.bias"))
+            else:
+                x = _stochastic(layer, x, pending)
+        if grouped:
+            x = x.reshape(b, k, -1, *x.shape[2:]).transpose(0, 1)
+        return x
+
+    @staticmethod
+    def _conv(
+        layer: nn.Conv2d, name: str, params: dict[str, torch.Tensor], x: torch.Tensor, k: int
+    ) -> torch.Tensor:
+        weight = params[f"net.{name}.weight"]
+        bias = params.get(f"net.{name}.bias")
+        return F.conv2d(
+            x,
+            weight.reshape(-1, *weight.shape[2:]),
+            None if bias is None else bias.reshape(-1),
+            layer.stride,
+            layer.padding,
+            layer.dilation,
+            layer.groups * k,
+        )
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    if bias is None:
+        return torch.bmm(x, weight.transpose(1, 2))
+    return torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
+
+
+def _stochastic(layer: nn.Module, x: torch.Tensor, pending: list[torch.Tensor]) -> torch.Tensor:
+    """randkit's dropout layers on the stacked batch, with each trial's pre-drawn numbers."""
+    if not layer.training or layer.p == 0:
+        return x
+    numbers = pending.pop(0)
+    if isinstance(layer, Dropout):
+        return x * (numbers >= layer.p).to(x.dtype) / (1 - layer.p)
+    std = (layer.p / (1 - layer.p)) ** 0.5
+    return x * (1 + std * numbers)
+
+
+StackedCall = Callable[
+    [dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor, list[torch.Tensor]],
+    torch.Tensor,
+]

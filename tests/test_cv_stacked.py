@@ -1,0 +1,139 @@
+"""The vectorized runner's stacked forward (batched matmuls, grouped convolutions) computes
+what ``vmap`` of ``functional_call`` computes, and hands every other model to ``vmap``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call, stack_module_state, vmap
+
+from randkit.config import validate_config
+from randkit.cv import run_cv
+from randkit.cv.lockstep import Lockstep
+from randkit.cv.stacked import StackedForward
+from randkit.models import Classifier, Standardize, zoo
+from randkit.randomize import GaussianDropout, use_generator
+from test_cv import SMALL
+
+K, BATCH = 3, 7
+
+
+class _Handout:
+    def __init__(self, tensors: list[torch.Tensor]) -> None:
+        self.tensors = list(tensors)
+
+    def draw(self, kind, shape, device, dtype):  # type: ignore[no-untyped-def]
+        return self.tensors.pop(0)
+
+
+def _odd_net() -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(2, 4, 3, stride=2, padding=1, bias=False),
+        nn.Tanh(),
+        nn.AvgPool2d(2),
+        nn.Conv2d(4, 6, 1),
+        nn.GELU(),
+        nn.Flatten(),
+        GaussianDropout(0.3),
+        nn.Linear(6 * 2 * 2, 5, bias=False),
+    )
+
+
+NETS = {
+    "mlp": (lambda: zoo.mlp([1, 8, 8], 10, hidden=[12, 9], dropout=0.25), (1, 8, 8), "image"),
+    "cnn": (
+        lambda: zoo.cnn([1, 8, 8], 10, widths=[4, 6], hidden=8, dropout=0.2),
+        (1, 8, 8),
+        "image",
+    ),
+    "odd": (_odd_net, (2, 8, 8), "image"),
+    "tabular": (lambda: zoo.mlp([5], 3, hidden=[4]), (5,), "tabular"),
+}
+
+
+def _models(name: str) -> list[Classifier]:
+    make, shape, kind = NETS[name]
+    out = []
+    for k in range(K):
+        with torch.random.fork_rng():  # different weights per model, global state kept
+            torch.manual_seed(k)
+            mean, std = torch.rand(shape[0]), torch.rand(shape[0]) + 0.5
+            out.append(Classifier(make(), Standardize(mean, std, kind)).train())
+    return out
+
+
+@pytest.mark.parametrize("name", list(NETS))
+def test_stacked_forward_and_gradients_equal_vmap(name: str) -> None:
+    models = _models(name)
+    params, buffers = stack_module_state(models)
+    params = {n: p.detach().requires_grad_(True) for n, p in params.items()}
+    shape = NETS[name][1]
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(K, BATCH, *shape, generator=g)
+    # Record what the stochastic layers draw, then pre-draw it per model.
+    calls: list[tuple[str, tuple[int, ...]]] = []
+
+    class Recorder:
+        def draw(self, kind, shape, device, dtype):  # type: ignore[no-untyped-def]
+            calls.append((kind, shape))
+            return torch.zeros(shape)
+
+    with torch.no_grad(), use_generator(Recorder()):
+        models[0](x[0])
+    draws = [
+        torch.rand(K, *s, generator=g) if kind == "uniform" else torch.randn(K, *s, generator=g)
+        for kind, s in calls
+    ]
+    stacked = StackedForward.build(models[0])
+    assert stacked is not None
+    ours = stacked(params, buffers, x, draws)
+
+    def one(p, b, xb, db):  # type: ignore[no-untyped-def]
+        with use_generator(_Handout(db)):
+            return functional_call(models[0], (p, b), (xb,))
+
+    theirs = vmap(one, randomness="error")(params, buffers, x, draws)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    (grad_ours,) = torch.autograd.grad(ours.square().sum(), [params[next(iter(params))]])
+    (grad_theirs,) = torch.autograd.grad(theirs.square().sum(), [params[next(iter(params))]])
+    torch.testing.assert_close(grad_ours, grad_theirs, atol=1e-5, rtol=1e-5)
+    if calls:  # the draws matter: other numbers give other outputs
+        other = [d.flip(1) for d in draws]
+        assert not torch.allclose(stacked(params, buffers, x, other), ours)
+
+
+def test_models_it_does_not_know_are_left_to_vmap() -> None:
+    assert StackedForward.build(zoo.resnet([3, 8, 8], 10, depth=8)) is None
+    plain = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
+    assert StackedForward.build(plain) is None  # not behind randkit's Classifier
+    norm = Classifier(nn.Sequential(nn.Flatten(), nn.Linear(4, 3), nn.LayerNorm(3)))
+    assert StackedForward.build(norm) is None
+    reflect = Classifier(nn.Sequential(nn.Conv2d(1, 2, 3, padding=1, padding_mode="reflect")))
+    assert StackedForward.build(reflect) is None
+    assert StackedForward.build(Classifier(nn.Sequential(nn.Flatten(0)))) is None
+
+
+def test_the_vmap_path_still_agrees_with_sequential(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    raw = json.loads(json.dumps(SMALL))
+    raw["model"] = {"name": "user_models:with_layer_norm", "args": {"hidden": 16}}
+    raw["train"].update({"optimizer": "sgd", "lr": 0.05, "momentum": 0.9})
+    raw["cv"].update({"folds": 3})
+    used = []
+    original = Lockstep.__init__
+
+    def spy(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        original(self, *args, **kwargs)
+        used.append(self.stacked)
+
+    monkeypatch.setattr(Lockstep, "__init__", spy)
+    sequential = run_cv(validate_config(raw), tmp_path / "seq", quiet=True, report=False)
+    raw["cv"]["runner"] = "vectorized"
+    vectorized = run_cv(validate_config(raw), tmp_path / "vec", quiet=True, report=False)
+    assert used == [None]  # the LayerNorm model went through vmap
+    assert np.array_equal(sequential.table["accuracy"], vectorized.table["accuracy"])
+    assert np.allclose(sequential.table["loss"], vectorized.table["loss"], atol=1e-4, rtol=0)
