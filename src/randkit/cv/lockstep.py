@@ -119,7 +119,8 @@ class Lockstep:
             ]
         x = torch.stack([_pad(t, width) for t in xs])
         target = torch.stack([_pad(t, width) for t in targets])
-        weight = torch.stack([_pad(torch.ones(r, device=self.device), width) for r in rows])
+        label = torch.stack([_pad(t, width, -1) for t in labels])  # -1: a padded row
+        weight = (label >= 0).to(x.dtype)
         draws = self._dropout_draws(rows, keys, x.shape[2:])
         params = self._perturbed(rows, keys)
         smoothing = cfg.label_smoothing
@@ -149,19 +150,23 @@ class Lockstep:
         for p in self.params.values():
             p.grad = None
         losses.sum().backward()
-        active = torch.tensor([r > 0 for r in rows])
+        active = weight[:, 0] > 0
         self._gradient_noise(rows, keys)
         if cfg.grad_clip is not None:
             self._clip(cfg.grad_clip)
         lrs = torch.tensor([s.lr for s in self.states], dtype=torch.float64)
         self.optimizer.step(lrs, active)
+        # The running metrics of all trials in two tensors, read back once per step.
+        with torch.no_grad():
+            loss_sums = (losses * weight.sum(1)).tolist()
+            corrects = (logits.argmax(-1) == label).sum(1).tolist()
         for k, s in enumerate(self.states):
             if rows[k]:
                 if s.scheduler is not None:
                     s.lr_optimizer.step()  # a no-op that keeps the scheduler's order check happy
                     s.scheduler.step()
-                s.loss_sum += float(losses[k].detach()) * rows[k]
-                s.correct += int((logits[k, : rows[k]].argmax(1) == labels[k]).sum())
+                s.loss_sum += loss_sums[k]
+                s.correct += int(corrects[k])
                 s.seen += rows[k]
 
     def _dropout_draws(

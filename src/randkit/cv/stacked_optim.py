@@ -63,8 +63,9 @@ class StackedOptimizer:
         grads = [p.grad for p in params]
         states = [self.state[n] for n, _ in named]
         for state, p in zip(states, params, strict=True):
-            state.setdefault("exp_avg", torch.zeros_like(p))
-            state.setdefault("exp_avg_sq", torch.zeros_like(p))
+            if "exp_avg" not in state:  # not setdefault: it would allocate on every step
+                state["exp_avg"] = torch.zeros_like(p)
+                state["exp_avg_sq"] = torch.zeros_like(p)
         if cfg.optimizer == "adamw" and cfg.weight_decay:
             torch._foreach_mul_(params, 1 - lr * cfg.weight_decay)
         elif cfg.weight_decay:
@@ -119,8 +120,9 @@ class StackedOptimizer:
             p = p * (1 - lr * cfg.weight_decay)
         elif cfg.weight_decay:
             g = g + cfg.weight_decay * p
-        m = state.setdefault("exp_avg", torch.zeros_like(p))
-        v = state.setdefault("exp_avg_sq", torch.zeros_like(p))
+        if "exp_avg" not in state:
+            state["exp_avg"], state["exp_avg_sq"] = torch.zeros_like(p), torch.zeros_like(p)
+        m, v = state["exp_avg"], state["exp_avg_sq"]
         state["exp_avg"] = torch.where(mask, m.lerp(g, 1 - beta1), m)
         state["exp_avg_sq"] = torch.where(mask, v * beta2 + (1 - beta2) * g * g, v)
         steps = self._per_trial(self.steps, p).clamp(min=1)
