@@ -45,7 +45,7 @@ class StackedForward:
 
     def __init__(self, model: Classifier) -> None:
         self.model = model
-        self.layers = list(model.net.named_children())
+        self.layers = _pool_before_relu(list(model.net.named_children()))
 
     @classmethod
     def build(cls, model: nn.Module) -> StackedForward | None:
@@ -75,6 +75,10 @@ class StackedForward:
             if isinstance(layer, (nn.Conv2d, *POOLING)):
                 if not grouped:
                     x = x.transpose(0, 1).reshape(b, k * x.shape[2], *x.shape[3:])
+                    # Channels-last: torch's CPU max pooling is about 20x faster on it than
+                    # on NCHW (measured: 47 us against 960 us for 64 x 160 x 8 x 8), and
+                    # the convolutions and activations keep the format.
+                    x = x.contiguous(memory_format=torch.channels_last)
                     grouped = True
                 x = (
                     self._conv(layer, name, params, x, k)
@@ -113,6 +117,17 @@ class StackedForward:
             layer.dilation,
             layer.groups * k,
         )
+
+
+def _pool_before_relu(layers: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
+    """ReLU then max pooling, swapped: the same numbers and gradients (max commutes with a
+    non-decreasing function, and both gradients reach only a positive maximum), with the
+    ReLU and its backward on a quarter of the values."""
+    out = list(layers)
+    for i in range(len(out) - 1):
+        if isinstance(out[i][1], nn.ReLU) and isinstance(out[i + 1][1], nn.MaxPool2d):
+            out[i], out[i + 1] = out[i + 1], out[i]
+    return out
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
