@@ -54,8 +54,8 @@ class StackedOptimizer:
         )
 
     def _adam_all(self, lr: float, step: float) -> None:
-        """Adam/AdamW for all trials at once with in-place foreach ops (as torch.optim's
-        foreach implementation does), no masks."""
+        """Adam/AdamW for all trials at once, no masks: torch's fused CPU/CUDA kernel (one
+        pass per tensor, as ``torch.optim.Adam(fused=True)``), else in-place foreach ops."""
         cfg = self.cfg
         beta1, beta2 = BETAS
         named = [(n, p) for n, p in self.params.items() if p.grad is not None]
@@ -66,12 +66,33 @@ class StackedOptimizer:
             if "exp_avg" not in state:  # not setdefault: it would allocate on every step
                 state["exp_avg"] = torch.zeros_like(p)
                 state["exp_avg_sq"] = torch.zeros_like(p)
-        if cfg.optimizer == "adamw" and cfg.weight_decay:
+        exp_avg = [s["exp_avg"] for s in states]
+        exp_avg_sq = [s["exp_avg_sq"] for s in states]
+        adamw = cfg.optimizer == "adamw"
+        # The fused op is what torch.optim.Adam(fused=True) calls; torch is pinned exactly.
+        fused = getattr(torch, "_fused_adamw_" if adamw else "_fused_adam_", None)
+        if fused is not None and params and params[0].dtype in (torch.float32, torch.float64):
+            steps = [torch.tensor(step, dtype=torch.float32, device=params[0].device)]
+            fused(
+                params,
+                grads,
+                exp_avg,
+                exp_avg_sq,
+                [],
+                steps * len(params),  # the kernel only reads the (shared) step count
+                lr=lr,
+                beta1=beta1,
+                beta2=beta2,
+                weight_decay=cfg.weight_decay,
+                eps=EPS,
+                amsgrad=False,
+                maximize=False,
+            )
+            return
+        if adamw and cfg.weight_decay:
             torch._foreach_mul_(params, 1 - lr * cfg.weight_decay)
         elif cfg.weight_decay:
             grads = torch._foreach_add(grads, params, alpha=cfg.weight_decay)
-        exp_avg = [s["exp_avg"] for s in states]
-        exp_avg_sq = [s["exp_avg_sq"] for s in states]
         torch._foreach_lerp_(exp_avg, grads, 1 - beta1)
         torch._foreach_mul_(exp_avg_sq, beta2)
         torch._foreach_addcmul_(exp_avg_sq, grads, grads, 1 - beta2)
