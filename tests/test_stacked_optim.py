@@ -8,6 +8,7 @@ import torch
 
 from randkit.config import TrainConfig
 from randkit.cv.stacked_optim import StackedOptimizer
+from randkit.train.optim import make_optimizer
 
 K, STEPS = 4, 30
 SETTINGS = {
@@ -16,19 +17,6 @@ SETTINGS = {
     "sgd-momentum": dict(optimizer="sgd", lr=0.05, momentum=0.9, weight_decay=1e-3),
     "sgd-nesterov": dict(optimizer="sgd", lr=0.05, momentum=0.9, nesterov=True),
 }
-
-
-def _torch_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(
-            params,
-            lr=cfg.lr,
-            momentum=cfg.momentum,
-            nesterov=cfg.nesterov,
-            weight_decay=cfg.weight_decay,
-        )
-    cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-    return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 @pytest.mark.parametrize("name", list(SETTINGS))
@@ -40,7 +28,8 @@ def test_each_stacked_model_follows_torch_optim(name: str, skipping: bool) -> No
     stacked = {n: t.clone() for n, t in start.items()}
     optimizer = StackedOptimizer(stacked, cfg, K)
     models = [{n: torch.nn.Parameter(t[k].clone()) for n, t in start.items()} for k in range(K)]
-    references = [_torch_optimizer(list(m.values()), cfg) for m in models]
+    # What the sequential runner uses, one model at a time.
+    references = [make_optimizer(torch.nn.ParameterDict(m), cfg) for m in models]
     for step in range(STEPS):
         grads = {n: torch.randn(t.shape, generator=g) for n, t in start.items()}
         # With skipping, trial k sits out every (k + 2)-th step, as a trial whose epoch has
