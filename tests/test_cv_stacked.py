@@ -35,12 +35,16 @@ def _odd_net() -> nn.Sequential:
     return nn.Sequential(
         nn.Conv2d(2, 4, 3, stride=2, padding=1, bias=False),
         nn.Tanh(),
+        nn.Linear(4, 3),  # over the last (width) dimension of (B, C, H, W)
         nn.AvgPool2d(2),
-        nn.Conv2d(4, 6, 1),
+        nn.Conv2d(4, 6, 1, groups=2),
+        nn.ReLU(),
+        nn.MaxPool2d(3, stride=1, padding=1),
         nn.GELU(),
+        nn.Conv2d(6, 4, 2, dilation=2, padding=1),
         nn.Flatten(),
         GaussianDropout(0.3),
-        nn.Linear(6 * 2 * 2, 5, bias=False),
+        nn.Linear(4 * 2 * 1, 5, bias=False),
     )
 
 

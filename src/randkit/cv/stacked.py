@@ -131,9 +131,13 @@ def _pool_before_relu(layers: list[tuple[str, nn.Module]]) -> list[tuple[str, nn
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x`` of shape (K, B, ..., in): like ``nn.Linear``, over the last dimension."""
+    rows = x.reshape(x.shape[0], -1, x.shape[-1])
     if bias is None:
-        return torch.bmm(x, weight.transpose(1, 2))
-    return torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
+        out = torch.bmm(rows, weight.transpose(1, 2))
+    else:
+        out = torch.baddbmm(bias.unsqueeze(1), rows, weight.transpose(1, 2))
+    return out.view(*x.shape[:-1], weight.shape[1])
 
 
 def _stochastic(layer: nn.Module, x: torch.Tensor, pending: list[torch.Tensor]) -> torch.Tensor:
