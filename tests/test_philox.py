@@ -29,7 +29,7 @@ def bits(t: torch.Tensor) -> torch.Tensor:
 
 
 def test_the_compiled_kernel_is_built() -> None:
-    # `pip install -e .` builds it; without it the reference (about 10x slower) stands in.
+    # `pip install -e .` builds it; without it the reference (about 35x slower) stands in.
     assert has_native_kernel(), "randkit._native._philox was not built (is a C compiler there?)"
 
 
