@@ -169,35 +169,31 @@ static void gaussian_parallel(float *out, const float *x, int64_t n, uint64_t se
     gaussian_kernel(out, x, 0, n, seed, mode, level, clip);
 }
 
-/* gaussian(out_address, x_address, first, n, seed, mode, level, clip): addresses of float32
+/* gaussian(out_address, x_address, n, seed, mode, level, clip): addresses of float32
  * buffers of n elements (x_address 0 for mode 0); the GIL is released while it runs. */
 static PyObject *gaussian(PyObject *self, PyObject *args) {
     unsigned long long out_address, x_address, seed;
-    long long first, n;
+    long long n;
     int mode, clip;
     float level;
-    if (!PyArg_ParseTuple(args, "KKLLKifp", &out_address, &x_address, &first, &n, &seed, &mode,
-                          &level, &clip))
+    if (!PyArg_ParseTuple(args, "KKLKifp", &out_address, &x_address, &n, &seed, &mode, &level,
+                          &clip))
         return NULL;
-    if (first < 0 || n < 0 || mode < MODE_FILL || mode > MODE_MULTIPLY || out_address == 0 ||
+    if (n < 0 || mode < MODE_FILL || mode > MODE_MULTIPLY || out_address == 0 ||
         (mode != MODE_FILL && x_address == 0)) {
         PyErr_SetString(PyExc_ValueError, "gaussian: bad arguments");
         return NULL;
     }
     Py_BEGIN_ALLOW_THREADS
-    float *out = (float *)(uintptr_t)out_address;
-    const float *x = (const float *)(uintptr_t)x_address;
-    if (first == 0)
-        gaussian_parallel(out, x, (int64_t)n, (uint64_t)seed, mode, level, clip);
-    else
-        gaussian_kernel(out, x, (int64_t)first, (int64_t)n, (uint64_t)seed, mode, level, clip);
+    gaussian_parallel((float *)(uintptr_t)out_address, (const float *)(uintptr_t)x_address,
+                      (int64_t)n, (uint64_t)seed, mode, level, clip);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
 
 static PyMethodDef methods[] = {
     {"gaussian", gaussian, METH_VARARGS,
-     "gaussian(out, x, first, n, seed, mode, level, clip): Philox4x32-10 Box-Muller noise"},
+     "gaussian(out, x, n, seed, mode, level, clip): Philox4x32-10 Box-Muller noise"},
     {NULL, NULL, 0, NULL},
 };
 

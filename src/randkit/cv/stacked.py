@@ -17,8 +17,6 @@ Anything else (``resnet``, ``text``, custom modules) keeps the ``vmap`` path.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -149,9 +147,3 @@ def _stochastic(layer: nn.Module, x: torch.Tensor, pending: list[torch.Tensor]) 
         return x * (numbers >= layer.p).to(x.dtype) / (1 - layer.p)
     std = (layer.p / (1 - layer.p)) ** 0.5
     return x * (1 + std * numbers)
-
-
-StackedCall = Callable[
-    [dict[str, torch.Tensor], dict[str, torch.Tensor], torch.Tensor, list[torch.Tensor]],
-    torch.Tensor,
-]

@@ -66,7 +66,7 @@ class RandomCrop(BatchTransform):
 
 
 class _Flip(BatchTransform):
-    dim = -1
+    dim: int  # the flipped dimension, set by each subclass
 
     def __init__(self, p: float = 0.5) -> None:
         super().__init__(p)

@@ -63,7 +63,9 @@ class InputNoise(BatchTransform):
             and x.dtype == torch.float32
         )
 
-    def _fused_noise(self, x: torch.Tensor, seed: int, out: torch.Tensor | None = None):  # type: ignore[no-untyped-def]
+    def _fused_noise(
+        self, x: torch.Tensor, seed: int, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
         mode = "add" if self.kind == "gaussian" else "multiply"
         return gaussian_noise(x, seed, self.level, mode, clip=self.clip, out=out)
 

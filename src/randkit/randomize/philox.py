@@ -11,6 +11,8 @@ by one. The C file's header documents the layout of the outputs.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 try:
@@ -41,17 +43,15 @@ def gaussian_noise(
     """Standard normals (``mode="fill"``, of ``shape``), ``x + level * z`` (``"add"``) or
     ``x * (1 + level * z)`` (``"multiply"``), clipped to [0, 1] when ``clip``; float32 on
     the CPU. ``out`` may be ``x`` itself (in place)."""
-    shape = tuple(x.shape) if x is not None else tuple(shape or ())
-    n = 1
-    for size in shape:
-        n *= int(size)
-    if out is None:
-        out = torch.empty(shape, dtype=torch.float32)
     if x is not None and not (x.dtype == torch.float32 and x.is_contiguous()):
         raise ValueError("gaussian_noise needs a contiguous float32 tensor")
+    shape = tuple(x.shape) if x is not None else tuple(shape or ())
+    n = math.prod(shape)
+    if out is None:
+        out = torch.empty(shape, dtype=torch.float32)
     if native is not None and out.is_contiguous() and out.dtype == torch.float32:
         x_address = 0 if x is None else x.data_ptr()
-        native.gaussian(out.data_ptr(), x_address, 0, n, seed, MODE[mode], level, clip)
+        native.gaussian(out.data_ptr(), x_address, n, seed, MODE[mode], level, clip)
         return out
     z = philox_normal_reference(n, seed).reshape(shape)
     result = z if x is None else _combine(x, z, level, mode)

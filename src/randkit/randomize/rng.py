@@ -19,11 +19,11 @@ def random_fill(
 ) -> torch.Tensor:
     """A tensor of N(0, 1) or U[0, 1) numbers, a pure function of (shape, seed, device type).
 
-    Normals on the CPU come from the counter-based Philox kernel (:mod:`.philox`), about 3x
-    faster than torch's mt19937; everything else from one torch generator seeded with
-    ``seed``. (Filling fixed blocks from separate mt19937 generators on a thread pool was
-    tried and measured: on 2 cores it was no faster, because torch's OpenMP workers spin on
-    the same cores.)
+    Normals on the CPU come from the counter-based Philox kernel (:mod:`.philox`, faster
+    than torch's mt19937); everything else from one torch generator seeded with ``seed``.
+    (Filling fixed blocks from separate mt19937 generators on a thread pool was tried and
+    measured: on 2 cores it was no faster, because torch's OpenMP workers spin on the same
+    cores.)
     """
     if kind == "normal" and torch.device(device).type == "cpu":
         return gaussian_noise(None, seed, shape=tuple(shape)).to(dtype)
