@@ -1,7 +1,9 @@
-"""Only the compiled Gaussian-noise kernel lives here; everything else is in pyproject.toml.
+"""Only randkit's two compiled kernels live here; everything else is in pyproject.toml.
 
-The extension is optional: without a C compiler randkit falls back to the same generator
-written in torch operations (same bits, about 35x slower than the kernel).
+Both extensions are optional: without a C compiler randkit falls back to the same
+computations written in torch operations (the Gaussian-noise generator gives the same bits,
+about 35x slower; the convolution + pooling of the vectorized runner the same values up to
+float rounding, slower).
 """
 
 import sys
@@ -20,6 +22,14 @@ setup(
             extra_compile_args=["-O3", "-ffp-contract=off", "-fno-math-errno", "-std=c11", *OPENMP],
             extra_link_args=OPENMP,
             optional=True,
-        )
+        ),
+        Extension(
+            "randkit._native._patchpool",
+            sources=["src/randkit/_native/patchpool.c"],
+            # gnu11 (not c11) lets gcc contract multiply-adds into FMA instructions.
+            extra_compile_args=["-O3", "-fno-math-errno", "-std=gnu11", *OPENMP],
+            extra_link_args=OPENMP,
+            optional=True,
+        ),
     ]
 )

@@ -55,6 +55,8 @@ NETS = {
         (1, 8, 8),
         "image",
     ),
+    # 16 channels: the first convolution and its pooling take the compiled kernel
+    "cnn16": (lambda: zoo.cnn([1, 8, 8], 10, widths=[16, 8], hidden=8), (1, 8, 8), "image"),
     "odd": (_odd_net, (2, 8, 8), "image"),
     "tabular": (lambda: zoo.mlp([5], 3, hidden=[4]), (5,), "tabular"),
 }

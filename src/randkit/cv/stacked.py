@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from randkit.cv.conv_pool import applies, conv_max_pool
 from randkit.models import Classifier, Standardize
 from randkit.randomize.modules import Dropout, GaussianDropout
 
@@ -69,8 +70,23 @@ class StackedForward:
             x = (x - buffers["standardize.mean"]) / buffers["standardize.std"]
         pending = list(draws)
         grouped = False  # False: (K, B, ...); True: (B, K * C, H, W), the models side by side
-        for name, layer in self.layers:
+        fused_pool: nn.Module | None = None  # the max pooling run inside the last convolution
+        for i, (name, layer) in enumerate(self.layers):
+            if layer is fused_pool:
+                continue
             if isinstance(layer, (nn.Conv2d, *POOLING)):
+                following = self.layers[i + 1][1] if i + 1 < len(self.layers) else None
+                if not grouped and isinstance(layer, nn.Conv2d) and applies(layer, following, x):
+                    fused_pool = following
+                    x = conv_max_pool(
+                        x,
+                        params[f"net.{name}.weight"],
+                        params.get(f"net.{name}.bias"),
+                        layer,
+                        following,
+                    )
+                    grouped = True
+                    continue
                 if not grouped:
                     x = x.transpose(0, 1).reshape(b, k * x.shape[2], *x.shape[3:])
                     # Channels-last: torch's CPU max pooling is about 20x faster on it than
@@ -78,11 +94,10 @@ class StackedForward:
                     # the convolutions and activations keep the format.
                     x = x.contiguous(memory_format=torch.channels_last)
                     grouped = True
-                x = (
-                    self._conv(layer, name, params, x, k)
-                    if isinstance(layer, nn.Conv2d)
-                    else layer(x)
-                )
+                if isinstance(layer, nn.Conv2d):
+                    x = self._conv(layer, name, params, x, k)
+                else:
+                    x = layer(x)
                 continue
             if isinstance(layer, ELEMENTWISE):
                 x = layer(x)
@@ -102,7 +117,11 @@ class StackedForward:
 
     @staticmethod
     def _conv(
-        layer: nn.Conv2d, name: str, params: dict[str, torch.Tensor], x: torch.Tensor, k: int
+        layer: nn.Conv2d,
+        name: str,
+        params: dict[str, torch.Tensor],
+        x: torch.Tensor,
+        k: int,
     ) -> torch.Tensor:
         weight = params[f"net.{name}.weight"]
         bias = params.get(f"net.{name}.bias")
@@ -130,12 +149,16 @@ def _pool_before_relu(layers: list[tuple[str, nn.Module]]) -> list[tuple[str, nn
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``x`` of shape (K, B, ..., in): like ``nn.Linear``, over the last dimension."""
-    rows = x.reshape(x.shape[0], -1, x.shape[-1])
+    # Computed transposed, weight @ rows^T: the weight's gradient then comes out of the
+    # backward matmul in the weight's own (contiguous) layout. rows @ weight^T would give a
+    # transposed gradient that autograd copies on every step (measured: 50 ms of the 0.33 s
+    # of the digits MLP benchmark).
+    rows = x.reshape(x.shape[0], -1, x.shape[-1]).transpose(1, 2)
     if bias is None:
-        out = torch.bmm(rows, weight.transpose(1, 2))
+        out = torch.bmm(weight, rows)
     else:
-        out = torch.baddbmm(bias.unsqueeze(1), rows, weight.transpose(1, 2))
-    return out.view(*x.shape[:-1], weight.shape[1])
+        out = torch.baddbmm(bias.unsqueeze(2), weight, rows)
+    return out.transpose(1, 2).reshape(*x.shape[:-1], weight.shape[1])
 
 
 def _stochastic(layer: nn.Module, x: torch.Tensor, pending: list[torch.Tensor]) -> torch.Tensor:
