@@ -143,3 +143,55 @@ def test_the_vmap_path_still_agrees_with_sequential(tmp_path: Path, monkeypatch)
     assert used == [None]  # the LayerNorm model went through vmap
     assert np.array_equal(sequential.table["accuracy"], vectorized.table["accuracy"])
     assert np.allclose(sequential.table["loss"], vectorized.table["loss"], atol=1e-4, rtol=0)
+
+
+def test_batches_gathered_from_the_shared_pool_match_the_per_trial_gathers(
+    tmp_path: Path, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    """Without per-trial augmentation or noise, all K batches come from one index op on the
+    trials' pooled examples. Unequal folds (padded rows) and early stopping (trials that
+    stop at different epochs) give the same bits as per-trial gathers, and the sequential
+    runner's results."""
+    raw = json.loads(json.dumps(SMALL))
+    del raw["randomize"]
+    raw["model"]["args"]["dropout"] = 0.2  # dropout still draws from each trial's stream
+    raw["train"].update(
+        {
+            "optimizer": "sgd",
+            "lr": 0.05,
+            "momentum": 0.9,
+            "epochs": 4,
+            "early_stopping": {"patience": 1, "metric": "loss", "min_delta": 0.05},
+        }
+    )
+    raw["cv"].update({"folds": 4, "inner_val_fraction": 0.1})
+    sequential = run_cv(validate_config(raw), tmp_path / "seq", quiet=True, report=False)
+    raw["cv"]["runner"] = "vectorized"
+    pooled_used = []
+    original = Lockstep._pooled_batch
+
+    def spy(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        pooled_used.append(True)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Lockstep, "_pooled_batch", spy)
+    pooled = run_cv(validate_config(raw), tmp_path / "pool", quiet=True, report=False)
+    assert pooled_used
+    monkeypatch.setattr(Lockstep, "_shared_pool", lambda self: None)
+    pooled_used.clear()
+    per_trial = run_cv(validate_config(raw), tmp_path / "per", quiet=True, report=False)
+    assert not pooled_used
+    epochs = [
+        len(json.loads((tmp_path / "pool" / "trials" / t / "metrics.json").read_text())["history"])
+        for t in pooled.table["id"]
+    ]
+    assert min(epochs) < 4  # some trial stopped early
+    assert sorted(set(pooled.table["train_size"])) == [1212, 1213]  # unequal: padded rows
+    for metric in ("accuracy", "loss", "macro_f1"):
+        assert pooled.table[metric].tolist() == per_trial.table[metric].tolist(), metric
+    for trial in pooled.table["id"]:
+        a = (tmp_path / "pool" / "trials" / trial / "model.safetensors").read_bytes()
+        b = (tmp_path / "per" / "trials" / trial / "model.safetensors").read_bytes()
+        assert a == b, trial
+    assert np.array_equal(sequential.table["accuracy"], pooled.table["accuracy"])
+    assert np.allclose(sequential.table["loss"], pooled.table["loss"], atol=1e-4, rtol=0)

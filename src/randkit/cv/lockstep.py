@@ -28,6 +28,17 @@ def _pad(t: torch.Tensor, rows: int, value: float = 0.0) -> torch.Tensor:
     return torch.cat([t, filler])
 
 
+def _trial_channels_last(p: torch.Tensor) -> torch.Tensor:
+    """A copy of stacked parameter ``p``; a stack of convolution weights (K, out, in, kh, kw)
+    is laid out so that its (K * out, in, kh, kw) view is channels-last. oneDNN otherwise
+    reorders the weight and its gradient on every step: measured 1.22 ms against 1.88 ms
+    for the digits CNN's second convolution, forward and backward, K = 5."""
+    p = p.detach()
+    if p.dim() != 5:
+        return p.clone()
+    return p.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
+
+
 class Lockstep:
     def __init__(
         self,
@@ -42,17 +53,27 @@ class Lockstep:
         pre_drawn: Any,
     ) -> None:
         self.cfg, self.base, self.states, self.plan, self.device = cfg, base, states, plan, device
-        self.params = {n: p.detach().clone().requires_grad_(True) for n, p in params.items()}
+        self.stacked = StackedForward.build(base)  # None: the model needs vmap
+        self.params = {
+            n: _trial_channels_last(p) if self.stacked is not None else p.detach().clone()
+            for n, p in params.items()
+        }
+        for p in self.params.values():
+            p.requires_grad_(True)
         self.buffers = buffers
         self.optimizer = StackedOptimizer(self.params, cfg.train, len(states))
         self.recorder, self.pre_drawn = recorder, pre_drawn
         self._calls: dict[tuple[int, ...], list[tuple[str, tuple[int, ...]]]] = {}
         self.num_classes = len(states[0].prepared.classes)
-        self.stacked = StackedForward.build(base)  # None: the model needs vmap
+        self._pool = self._shared_pool()
+        self._epoch_index: torch.Tensor | None = None
 
     # -- weights and evaluation ---------------------------------------------------------
     def weights(self, k: int) -> dict[str, torch.Tensor]:
-        out = {n: p[k].detach().clone() for n, p in self.params.items()}
+        out = {
+            n: p[k].detach().clone(memory_format=torch.contiguous_format)
+            for n, p in self.params.items()
+        }
         out.update({n: b[k].clone() for n, b in self.buffers.items()})
         return out
 
@@ -61,9 +82,15 @@ class Lockstep:
         self, weights: dict[str, torch.Tensor], x: torch.Tensor, batch_size: int = 1024
     ) -> torch.Tensor:
         self.base.eval()
+        # Images in channels-last memory: torch's CPU max pooling is about 20x faster on it.
+        layout = torch.channels_last if x.dim() == 4 else torch.preserve_format
         try:
             parts = [
-                functional_call(self.base, weights, (x[i : i + batch_size].to(self.device),))
+                functional_call(
+                    self.base,
+                    weights,
+                    (x[i : i + batch_size].to(self.device).contiguous(memory_format=layout),),
+                )
                 .float()
                 .cpu()
                 for i in range(0, len(x), batch_size)
@@ -82,6 +109,7 @@ class Lockstep:
             for s in running:
                 generator = s.streams.torch("order", epoch=epoch)
                 s.order = torch.randperm(len(s.y), generator=generator)
+            self._epoch_index = self._gather_index(running) if self._pool is not None else None
             for batch in range(max(s.steps_per_epoch for s in running)):
                 self._step(epoch, batch)
             for s in running:
@@ -93,8 +121,58 @@ class Lockstep:
                         target = self.params.get(name, self.buffers.get(name))
                         target[k].copy_(value)
 
+    def _shared_pool(self) -> tuple[torch.Tensor, torch.Tensor, list[int]] | None:
+        """Every trial's training examples in one tensor, plus a zero row labelled -1 for
+        padding, when batches need no per-trial randomization: then one index op per step
+        gathers all K batches (the per-trial gathers, pads and stacks cost about 0.2 ms a
+        step on the digits CNN, 7% of it)."""
+        plan = self.plan
+        if plan.augment is not None or plan.input_noise is not None:
+            return None
+        xs = [s.x for s in self.states]
+        if any(x.shape[1:] != xs[0].shape[1:] or x.dtype != xs[0].dtype for x in xs):
+            return None
+        pad_x = torch.zeros((1, *xs[0].shape[1:]), dtype=xs[0].dtype, device=self.device)
+        pad_y = torch.full((1,), -1, dtype=self.states[0].y.dtype, device=self.device)
+        offsets = [0]
+        for x in xs:
+            offsets.append(offsets[-1] + len(x))
+        x_all = torch.cat([*(x.to(self.device) for x in xs), pad_x])
+        y_all = torch.cat([*(s.y.to(self.device) for s in self.states), pad_y])
+        return x_all, y_all, offsets
+
+    def _gather_index(self, running: list[Any]) -> torch.Tensor:
+        """(K, steps * batch size): this epoch's example indices into the shared pool, in
+        each trial's order; the padding row's index where a trial has no example."""
+        _, y_all, offsets = self._pool
+        size = self.cfg.train.batch_size
+        steps = max(s.steps_per_epoch for s in running)
+        index = torch.full((len(self.states), steps * size), len(y_all) - 1, dtype=torch.long)
+        for k, s in enumerate(self.states):
+            if s in running:
+                index[k, : len(s.order)] = s.order + offsets[k]
+        return index.to(self.device)
+
+    def _pooled_batch(
+        self, epoch: int, batch: int
+    ) -> tuple[list[int], list[dict[str, int]], torch.Tensor, torch.Tensor, torch.Tensor]:
+        size = self.cfg.train.batch_size
+        rows, keys = [], []
+        for s in self.states:
+            live = not s.stopped and batch < s.steps_per_epoch
+            rows.append(min(size, len(s.order) - batch * size) if live else 0)
+            keys.append({"epoch": epoch, "step": epoch * s.steps_per_epoch + batch})
+        x_all, y_all, _ = self._pool
+        index = self._epoch_index[:, batch * size : batch * size + max(rows)]
+        label = y_all[index]
+        return rows, keys, x_all[index], label.clamp(min=0), label
+
     def _step(self, epoch: int, batch: int) -> None:
-        cfg, size = self.cfg.train, self.cfg.train.batch_size
+        if self._epoch_index is not None:
+            rows, keys, x, target, label = self._pooled_batch(epoch, batch)
+            self._train_on(rows, keys, x, target, label)
+            return
+        size = self.cfg.train.batch_size
         rows, keys, xs, targets, labels = [], [], [], [], []
         for s in self.states:
             live = not s.stopped and batch < s.steps_per_epoch
@@ -120,13 +198,28 @@ class Lockstep:
         x = torch.stack([_pad(t, width) for t in xs])
         target = torch.stack([_pad(t, width) for t in targets])
         label = torch.stack([_pad(t, width, -1) for t in labels])  # -1: a padded row
+        self._train_on(rows, keys, x, target, label)
+
+    def _train_on(
+        self,
+        rows: list[int],
+        keys: list[dict[str, int]],
+        x: torch.Tensor,
+        target: torch.Tensor,
+        label: torch.Tensor,
+    ) -> None:
+        """One step of all trials on their stacked batches (K, width, ...); ``label`` -1
+        marks a padded row."""
+        cfg, width = self.cfg.train, x.shape[1]
         weight = (label >= 0).to(x.dtype)
         draws = self._dropout_draws(rows, keys, x.shape[2:])
         params = self._perturbed(rows, keys)
         smoothing = cfg.label_smoothing
 
         if self.stacked is not None:
-            logits = self.stacked(params, self.buffers, x, draws)
+            # contiguous: cross-entropy and argmax below are several times slower on the
+            # transposed view the last matmul leaves
+            logits = self.stacked(params, self.buffers, x, draws).contiguous()
             ce = F.cross_entropy(
                 logits.flatten(0, 1),
                 target.flatten(0, 1),
