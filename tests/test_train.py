@@ -215,3 +215,27 @@ def test_cuda_training_runs_and_is_repeatable(tmp_path: Path) -> None:
     b = _train(tmp_path, "b", train={"device": "cuda"})
     for name, tensor in _weights(a).items():
         assert torch.allclose(tensor, _weights(b)[name], atol=1e-6), name
+
+
+def test_macro_f1_from_per_class_f1_equals_scikit_learns_macro_average() -> None:
+    """The cross-validation record passes the per-class F1 it already has; the macro-F1 must
+    be scikit-learn's own, classes never predicted or absent included."""
+    import numpy as np
+    from sklearn.metrics import precision_recall_fscore_support
+
+    from randkit.train.metrics import classification_metrics
+
+    g = torch.Generator().manual_seed(0)
+    for trial in range(200):
+        k = 2 + trial % 9
+        n = 5 + trial
+        targets = torch.randint(0, k, (n,), generator=g)
+        logits = torch.randn(n, k, generator=g)
+        logits[:, -1] -= 10  # the last class is never predicted
+        f1 = precision_recall_fscore_support(
+            targets.numpy(), logits.argmax(1).numpy(), labels=list(range(k)), zero_division=0
+        )[2]
+        plain = classification_metrics(logits, targets, k)
+        given = classification_metrics(logits, targets, k, per_class_f1=f1)
+        assert given == plain
+        assert np.isclose(plain["macro_f1"], f1.mean(), rtol=0, atol=0)

@@ -71,7 +71,7 @@ def trial_record(
         "seeds": {source: streams.seed(source) for source in PLAN_SOURCES},
         "train_size": len(prepared.train),
         "test_size": len(prepared.test),
-        "test": classification_metrics(logits, prepared.test.y, k),
+        "test": classification_metrics(logits, prepared.test.y, k, per_class_f1=f1),
         "per_class": {
             "precision": precision.tolist(),
             "recall": recall.tolist(),
