@@ -1,9 +1,9 @@
 """Only randkit's two compiled kernels live here; everything else is in pyproject.toml.
 
-Both extensions are optional: without a C compiler randkit falls back to the same
-computations written in torch operations (the Gaussian-noise generator gives the same bits,
-about 35x slower; the convolution + pooling of the vectorized runner the same values up to
-float rounding, slower).
+Both extensions are optional. Without a C compiler the Gaussian noise comes from the same
+generator written in torch operations (same bits, about 35x slower), and the vectorized
+runner keeps oneDNN's grouped convolution for a CNN's first layer (same values up to float
+rounding, slower).
 """
 
 import sys

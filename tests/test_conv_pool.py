@@ -1,5 +1,5 @@
-"""The vectorized runner's convolution + max pooling as patch products (compiled kernel and
-its torch stand-in) gives torch's values and gradients, ties and floor-mode edges included."""
+"""The vectorized runner's convolution + max pooling in one compiled kernel gives torch's
+values and gradients, ties, NaN and floor-mode edges included."""
 
 from __future__ import annotations
 
@@ -20,18 +20,12 @@ CASES = {
     "odd-size-floor": (1, 16, {"kernel_size": 3, "padding": 1}, 2, 9),
     "3x3-pool": (1, 32, {"kernel_size": 3, "padding": 1}, 3, 9),
     "strided-dilated": (2, 16, {"kernel_size": 2, "stride": 2, "dilation": 2, "padding": 2}, 2, 11),
-    "no-bias-narrow": (1, 4, {"kernel_size": 3, "bias": False}, 2, 8),
+    "no-bias": (1, 16, {"kernel_size": 3, "bias": False}, 2, 8),
 }
 
-PATHS = ["native", "torch"]
-
-
-def _path(monkeypatch: pytest.MonkeyPatch, path: str) -> None:
-    if path == "native":
-        if not conv_pool.has_native_kernel():
-            pytest.skip("the compiled kernel is not built")
-    else:
-        monkeypatch.setattr(conv_pool, "native", None)
+needs_kernel = pytest.mark.skipif(
+    not conv_pool.has_native_kernel(), reason="the compiled kernel is not built"
+)
 
 
 def _reference(x: torch.Tensor, weight: torch.Tensor, bias, conv: nn.Conv2d, window: int):  # type: ignore[no-untyped-def]
@@ -55,12 +49,9 @@ def _layers(case: str) -> tuple[nn.Conv2d, nn.MaxPool2d, int, int]:
     return nn.Conv2d(cin, cout, **kwargs), nn.MaxPool2d(window), window, size
 
 
-@pytest.mark.parametrize("path", PATHS)
+@needs_kernel
 @pytest.mark.parametrize("case", list(CASES))
-def test_values_and_gradients_equal_torch(
-    case: str, path: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    _path(monkeypatch, path)
+def test_values_and_gradients_equal_torch(case: str) -> None:
     conv, pool, window, size = _layers(case)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(K, B, conv.in_channels, size, size, generator=g)
@@ -81,15 +72,12 @@ def test_values_and_gradients_equal_torch(
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-5)
 
 
-@pytest.mark.parametrize("path", PATHS)
-def test_ties_send_the_gradient_to_the_first_maximum(
-    path: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@needs_kernel
+def test_ties_send_the_gradient_to_the_first_maximum() -> None:
     """max_pool2d's backward gives each pooled gradient to the first maximum of its window
     only. Here every window ties (each 2x2 block of pixels is one value and the kernels use
     only their centre tap) while the patches differ (their neighbours), so the weight
     gradient shows which position got it."""
-    _path(monkeypatch, path)
     conv, pool, window, size = _layers("digits")
     g = torch.Generator().manual_seed(1)
     blocks = torch.rand(K, B, 1, size // 2, size // 2, generator=g)
@@ -106,27 +94,8 @@ def test_ties_send_the_gradient_to_the_first_maximum(
     torch.testing.assert_close(grad_ours, grad_theirs, atol=1e-5, rtol=1e-5)
 
 
-def test_the_kernel_and_the_torch_stand_in_agree(monkeypatch: pytest.MonkeyPatch) -> None:
-    if not conv_pool.has_native_kernel():
-        pytest.skip("the compiled kernel is not built")
-    conv, pool, _, size = _layers("digits")
-    g = torch.Generator().manual_seed(2)
-    x = torch.randn(K, 64, 1, size, size, generator=g)
-    weight = torch.randn(K, *conv.weight.shape, generator=g).requires_grad_(True)
-    bias = torch.randn(K, conv.out_channels, generator=g).requires_grad_(True)
-    native_out = conv_max_pool(x, weight, bias, conv, pool)
-    native_grads = torch.autograd.grad(native_out.square().sum(), [weight, bias])
-    monkeypatch.setattr(conv_pool, "native", None)
-    torch_out = conv_max_pool(x, weight, bias, conv, pool)
-    torch_grads = torch.autograd.grad(torch_out.square().sum(), [weight, bias])
-    torch.testing.assert_close(native_out, torch_out, atol=1e-5, rtol=1e-6)
-    for a, b in zip(native_grads, torch_grads, strict=True):
-        torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-5)
-
-
+@needs_kernel
 def test_a_nan_wins_its_window_as_in_max_pool2d() -> None:
-    if not conv_pool.has_native_kernel():
-        pytest.skip("the compiled kernel is not built")
     conv, pool, window, size = _layers("digits")
     x = torch.randn(K, B, 1, size, size, generator=torch.Generator().manual_seed(3))
     x[0, 0, 0, 5, 5] = float("nan")
@@ -138,6 +107,7 @@ def test_a_nan_wins_its_window_as_in_max_pool2d() -> None:
     torch.testing.assert_close(ours.nan_to_num(), theirs.nan_to_num(), atol=1e-5, rtol=1e-5)
 
 
+@needs_kernel
 def test_only_a_first_layer_with_tiling_max_pooling_takes_the_path() -> None:
     conv = nn.Conv2d(1, 16, 3, padding=1)
     x = torch.zeros(K, B, 1, 8, 8)
@@ -148,5 +118,14 @@ def test_only_a_first_layer_with_tiling_max_pooling_takes_the_path() -> None:
     assert not applies(conv, nn.AvgPool2d(2), x)
     assert not applies(conv, None, x)
     assert not applies(conv, nn.MaxPool2d(2), x.clone().requires_grad_(True))  # not first
+    assert not applies(conv, nn.MaxPool2d(2), x.double())
     assert not applies(nn.Conv2d(4, 16, 3), nn.MaxPool2d(2), x)  # 36 taps: oneDNN's job
     assert not applies(nn.Conv2d(2, 16, 3, groups=2), nn.MaxPool2d(2), x)
+    assert not applies(nn.Conv2d(1, 24, 3), nn.MaxPool2d(2), x)  # not a multiple of 16
+
+
+def test_without_the_kernel_the_stacked_forward_keeps_onednn(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(conv_pool, "native", None)
+    assert not applies(nn.Conv2d(1, 16, 3, padding=1), nn.MaxPool2d(2), torch.zeros(K, B, 1, 8, 8))
