@@ -20,7 +20,6 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
-#include <math.h>
 #include <stdint.h>
 #include <string.h>
 #ifdef _OPENMP
@@ -29,16 +28,14 @@
 
 #define MAX_WINDOW 16 /* positions in a pooling window */
 #define MAX_PATCH 27  /* in_channels * kh * kw */
-
-
 #define LANES 16 /* channels per block: one AVX-512 register, two AVX2 registers */
 
-/* GCC vector extensions: the compiler maps them onto each clone's registers. */
+/* GCC vector extensions: each instruction set's copy below maps them onto its registers. */
 typedef float vfloat __attribute__((vector_size(LANES * sizeof(float))));
 typedef int32_t vint __attribute__((vector_size(LANES * sizeof(int32_t))));
 typedef uint8_t vbyte __attribute__((vector_size(LANES)));
 
-/* Unaligned loads and stores, as macros so that each clone compiles its own. */
+/* Unaligned loads and stores, as macros so that each copy compiles its own. */
 #define LOAD(v, p) memcpy(&(v), (p), sizeof(vfloat))
 #define STORE(p, v) memcpy((p), &(v), sizeof(vfloat))
 
@@ -51,6 +48,7 @@ typedef uint8_t vbyte __attribute__((vector_size(LANES)));
         where = (where & ~take) | (((vint){0} + (int32_t)(q)) & take);                       \
     } while (0)
 
+/* The kernels, defined once per instruction set (see choose_kernels). */
 #define KERNELS(SUFFIX, TARGET)                                                                \
 /* Pooled rows [lo, hi) of model k, channels in blocks of LANES: the Q window outputs of a     \
  * block stay in registers while the T patch numbers are multiplied in. */                     \
