@@ -195,3 +195,25 @@ def test_batches_gathered_from_the_shared_pool_match_the_per_trial_gathers(
         assert a == b, trial
     assert np.array_equal(sequential.table["accuracy"], pooled.table["accuracy"])
     assert np.allclose(sequential.table["loss"], pooled.table["loss"], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["cnn16", "mlp"])
+def test_test_logits_of_all_trials_at_once_equal_each_models_own(name: str) -> None:
+    """The vectorized runner scores every trial's test set in one stacked pass (eval mode:
+    no dropout), the shorter sets padded; each trial gets what its own model gives."""
+    models = _models(name)
+    params, buffers = stack_module_state(models)
+    shape = NETS[name][1]
+    g = torch.Generator().manual_seed(4)
+    sizes = [9, 1030, 17]  # unequal, and one longer than a 1,024-row pass
+    xs = [torch.rand(n, *shape, generator=g) for n in sizes]
+    trainer = Lockstep.__new__(Lockstep)  # only what test_logits reads
+    trainer.base, trainer.params, trainer.buffers = models[0], params, buffers
+    trainer.stacked, trainer.device = StackedForward.build(models[0]), torch.device("cpu")
+    ours = trainer.test_logits(xs)
+    assert models[0].training  # back in training mode
+    for k, (model, x) in enumerate(zip(models, xs, strict=True)):
+        with torch.no_grad():
+            theirs = model.eval()(x)
+        assert ours[k].shape == theirs.shape
+        torch.testing.assert_close(ours[k], theirs, atol=1e-5, rtol=1e-5)

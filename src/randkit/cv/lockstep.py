@@ -100,6 +100,27 @@ class Lockstep:
             self.base.train()
         return torch.cat(parts)
 
+    @torch.no_grad()
+    def test_logits(self, xs: list[torch.Tensor], batch_size: int = 1024) -> list[torch.Tensor]:
+        """Trial k's logits for its examples ``xs[k]``, in eval mode, on the CPU. Through the
+        stacked forward when there is one: all trials per pass (for the digits CNN 5 ms
+        instead of 16 ms trial by trial), the shorter sets padded with zero rows."""
+        if self.stacked is None:
+            return [self.logits(self.weights(k), x) for k, x in enumerate(xs)]
+        longest = max(len(x) for x in xs)
+        self.base.eval()
+        try:
+            parts = []
+            for start in range(0, longest, batch_size):
+                rows = min(batch_size, longest - start)
+                chunk = torch.stack([_pad(x[start : start + rows], rows) for x in xs])
+                out = self.stacked(self.params, self.buffers, chunk.to(self.device), [])
+                parts.append(out.float().cpu())
+        finally:
+            self.base.train()
+        logits = torch.cat(parts, dim=1)
+        return [logits[k, : len(x)] for k, x in enumerate(xs)]
+
     # -- training -----------------------------------------------------------------------
     def fit(self) -> None:
         self.base.train()
