@@ -129,3 +129,30 @@ def test_without_the_kernel_the_stacked_forward_keeps_onednn(
 ) -> None:
     monkeypatch.setattr(conv_pool, "native", None)
     assert not applies(nn.Conv2d(1, 16, 3, padding=1), nn.MaxPool2d(2), torch.zeros(K, B, 1, 8, 8))
+
+
+@needs_kernel
+@pytest.mark.parametrize("isa", ["v4", "v3", "base"])
+@pytest.mark.parametrize("case", ["digits", "3x3-pool", "rgb-27-taps"])
+def test_every_compiled_copy_gives_the_same_numbers(isa: str, case: str) -> None:
+    """gcc builds the kernel for AVX-512, AVX2 and plain x86-64; the CPU picks the widest at
+    import. Each copy this CPU can run is pinned in turn and checked against torch."""
+    native = conv_pool.native
+    if not native.kernels(isa):
+        pytest.skip(f"this CPU cannot run the {isa} copy")
+    try:
+        conv, pool, window, size = _layers(case)
+        g = torch.Generator().manual_seed(5)
+        x = torch.randn(K, 70, conv.in_channels, size, size, generator=g)
+        weight = torch.randn(K, *conv.weight.shape, generator=g).requires_grad_(True)
+        bias = torch.randn(K, conv.out_channels, generator=g).requires_grad_(True)
+        ours = conv_max_pool(x, weight, bias, conv, pool)
+        theirs = _reference(x, weight, bias, conv, window)
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+        upstream = torch.randn(theirs.shape, generator=g)
+        grads_ours = torch.autograd.grad((ours * upstream).sum(), [weight, bias])
+        grads_theirs = torch.autograd.grad((theirs * upstream).sum(), [weight, bias])
+        for a, b in zip(grads_ours, grads_theirs, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-5)
+    finally:  # back to the widest copy, as at import
+        assert native.kernels("v4") or native.kernels("v3") or native.kernels("base")

@@ -28,29 +28,36 @@
 
 #define MAX_WINDOW 16 /* positions in a pooling window */
 #define MAX_PATCH 27  /* in_channels * kh * kw */
-#define LANES 16 /* channels per block: one AVX-512 register, two AVX2 registers */
-
-/* GCC vector extensions: each instruction set's copy below maps them onto its registers. */
-typedef float vfloat __attribute__((vector_size(LANES * sizeof(float))));
-typedef int32_t vint __attribute__((vector_size(LANES * sizeof(int32_t))));
-typedef uint8_t vbyte __attribute__((vector_size(LANES)));
+/* Channels are taken in blocks of one vector: 16 floats with AVX-512, 8 with AVX2, 4 with
+ * SSE2. GCC vector extensions of each width; each instruction set's copy of the kernels
+ * uses its own width (a 16-float vector lowered onto AVX2 measured 20x slower). */
+#define LANES 16 /* channels must be a multiple of the widest block */
+typedef float vfloat16 __attribute__((vector_size(64)));
+typedef int32_t vint16 __attribute__((vector_size(64)));
+typedef uint8_t vbyte16 __attribute__((vector_size(16)));
+typedef float vfloat8 __attribute__((vector_size(32)));
+typedef int32_t vint8 __attribute__((vector_size(32)));
+typedef uint8_t vbyte8 __attribute__((vector_size(8)));
+typedef float vfloat4 __attribute__((vector_size(16)));
+typedef int32_t vint4 __attribute__((vector_size(16)));
+typedef uint8_t vbyte4 __attribute__((vector_size(4)));
 
 /* Unaligned loads and stores, as macros so that each copy compiles its own. */
-#define LOAD(v, p) memcpy(&(v), (p), sizeof(vfloat))
-#define STORE(p, v) memcpy((p), &(v), sizeof(vfloat))
+#define LOAD(v, p) memcpy(&(v), (p), sizeof(v))
+#define STORE(p, v) memcpy((p), &(v), sizeof(v))
 
 /* best and where take value v of window position q where it beats best (the first maximum
  * wins; a NaN wins, as in torch's max_pool2d). */
-#define TAKE(v, q)                                                                           \
+#define TAKE(v, q, VI)                                                                       \
     do {                                                                                     \
-        const vint take = ((v) > best) | ((v) != (v));                                       \
-        best = (vfloat)(((vint)(v) & take) | ((vint)best & ~take));                          \
-        where = (where & ~take) | (((vint){0} + (int32_t)(q)) & take);                       \
+        const VI take = ((v) > best) | ((v) != (v));                                         \
+        best = (__typeof__(best))(((VI)(v) & take) | ((VI)best & ~take));                    \
+        where = (where & ~take) | (((VI){0} + (int32_t)(q)) & take);                         \
     } while (0)
 
 /* The kernels, defined once per instruction set (see choose_kernels). */
-#define KERNELS(SUFFIX, TARGET)                                                                \
-/* Pooled rows [lo, hi) of model k, channels in blocks of LANES: the Q window outputs of a     \
+#define KERNELS(SUFFIX, TARGET, VF, VI, VB, W)                                                                \
+/* Pooled rows [lo, hi) of model k, channels in blocks of W: the Q window outputs of a     \
  * block stay in registers while the T patch numbers are multiplied in. */                     \
 TARGET static void forward_rows##SUFFIX(const float *patches, const float *weight, const float *bias, \
                          float *out, uint8_t *position, int64_t k, int64_t models, int64_t q_count, \
@@ -60,13 +67,13 @@ TARGET static void forward_rows##SUFFIX(const float *patches, const float *weigh
     for (int64_t n = lo; n < hi; n++) {                                                        \
         const float *p = patches + (k * q_count * n_count + n) * t_count;                      \
         const int64_t q_step = n_count * t_count; /* from one window position to the next */   \
-        for (int64_t c0 = 0; c0 < channels; c0 += LANES) {                                     \
-            vfloat best;                                                                       \
-            vint where = (vint){0};                                                            \
+        for (int64_t c0 = 0; c0 < channels; c0 += W) {                                     \
+            VF best;                                                                       \
+            VI where = (VI){0};                                                            \
             if (q_count == 4) { /* 2x2 pooling written out, so that its sums stay in registers */ \
-                vfloat v0 = {0}, v1 = {0}, v2 = {0}, v3 = {0};                                 \
+                VF v0 = {0}, v1 = {0}, v2 = {0}, v3 = {0};                                 \
                 for (int64_t t = 0; t < t_count; t++) {                                        \
-                    vfloat wt;                                                                 \
+                    VF wt;                                                                 \
                     LOAD(wt, w + t * channels + c0);                                           \
                     v0 += p[t] * wt;                                                           \
                     v1 += p[q_step + t] * wt;                                                  \
@@ -74,27 +81,27 @@ TARGET static void forward_rows##SUFFIX(const float *patches, const float *weigh
                     v3 += p[3 * q_step + t] * wt;                                              \
                 }                                                                              \
                 best = v0;                                                                     \
-                TAKE(v1, 1);                                                                   \
-                TAKE(v2, 2);                                                                   \
-                TAKE(v3, 3);                                                                   \
+                TAKE(v1, 1, VI);                                                                   \
+                TAKE(v2, 2, VI);                                                                   \
+                TAKE(v3, 3, VI);                                                                   \
             } else {                                                                           \
-                vfloat value[MAX_WINDOW] = {0};                                                    \
-                for (int64_t q = 0; q < q_count; q++) value[q] = (vfloat){0};                  \
+                VF value[MAX_WINDOW] = {0};                                                    \
+                for (int64_t q = 0; q < q_count; q++) value[q] = (VF){0};                  \
                 for (int64_t t = 0; t < t_count; t++) {                                        \
-                    vfloat wt;                                                                 \
+                    VF wt;                                                                 \
                     LOAD(wt, w + t * channels + c0);                                           \
                     for (int64_t q = 0; q < q_count; q++) value[q] += p[q * q_step + t] * wt;  \
                 }                                                                              \
                 best = value[0];                                                               \
-                for (int64_t q = 1; q < q_count; q++) TAKE(value[q], q);                       \
+                for (int64_t q = 1; q < q_count; q++) TAKE(value[q], q, VI);                       \
             }                                                                                  \
             if (bias) {                                                                        \
-                vfloat b;                                                                      \
+                VF b;                                                                      \
                 LOAD(b, bias + k * channels + c0);                                             \
                 best += b;                                                                     \
             }                                                                                  \
             STORE(out + (n * models + k) * channels + c0, best);                               \
-            const vbyte narrow = __builtin_convertvector(where, vbyte);                     \
+            const VB narrow = __builtin_convertvector(where, VB);                     \
             memcpy(position + (n * models + k) * channels + c0, &narrow, sizeof narrow);         \
         }                                                                                      \
     }                                                                                          \
@@ -107,20 +114,20 @@ TARGET static void backward_rows##SUFFIX(const float *patches, const uint8_t *po
                           int64_t n_count, int64_t t_count, int64_t channels, int64_t lo,      \
                           int64_t hi) {                                                        \
     const int64_t q_step = n_count * t_count;                                                  \
-    for (int64_t c0 = 0; c0 < channels; c0 += LANES) {                                         \
-        vfloat acc[MAX_PATCH];                                                                 \
-        for (int64_t t = 0; t < t_count; t++) acc[t] = (vfloat){0};                            \
+    for (int64_t c0 = 0; c0 < channels; c0 += W) {                                         \
+        VF acc[MAX_PATCH];                                                                 \
+        for (int64_t t = 0; t < t_count; t++) acc[t] = (VF){0};                            \
         for (int64_t n = lo; n < hi; n++) {                                                    \
-            vfloat g;                                                                          \
+            VF g;                                                                          \
             LOAD(g, grad + (n * models + k) * channels + c0);                                  \
             const uint8_t *pos = position + (n * models + k) * channels + c0;                  \
-            vbyte narrow;                                                                  \
+            VB narrow;                                                                  \
             memcpy(&narrow, pos, sizeof narrow);                                           \
-            const vint won = __builtin_convertvector(narrow, vint);                            \
+            const VI won = __builtin_convertvector(narrow, VI);                            \
             const float *p = patches + (k * q_count * n_count + n) * t_count;                  \
             for (int64_t q = 0; q < q_count; q++) {                                            \
-                const vint mine = won == ((vint){0} + (int32_t)q);                             \
-                const vfloat routed = (vfloat)((vint)g & mine);                                \
+                const VI mine = won == ((VI){0} + (int32_t)q);                             \
+                const VF routed = (VF)((VI)g & mine);                                \
                 for (int64_t t = 0; t < t_count; t++) acc[t] += p[q * q_step + t] * routed;    \
             }                                                                                  \
         }                                                                                      \
@@ -131,10 +138,10 @@ TARGET static void backward_rows##SUFFIX(const float *patches, const uint8_t *po
 /* Each instruction set gets its own compiled copy, chosen once at import. (gcc's
  * target_clones compiles these vector types element by element: 10x slower, measured.) */
 #if defined(__GNUC__) && defined(__x86_64__)
-KERNELS(_v4, __attribute__((target("arch=x86-64-v4"))))
-KERNELS(_v3, __attribute__((target("arch=x86-64-v3"))))
+KERNELS(_v4, __attribute__((target("arch=x86-64-v4"))), vfloat16, vint16, vbyte16, 16)
+KERNELS(_v3, __attribute__((target("arch=x86-64-v3"))), vfloat8, vint8, vbyte8, 8)
 #endif
-KERNELS(_base, )
+KERNELS(_base, , vfloat4, vint4, vbyte4, 4)
 
 typedef void (*ForwardRows)(const float *, const float *, const float *, float *, uint8_t *,
                             int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
@@ -144,18 +151,58 @@ typedef void (*BackwardRows)(const float *, const uint8_t *, const float *, floa
 static ForwardRows forward_rows = forward_rows_base;
 static BackwardRows backward_rows = backward_rows_base;
 
+static int supports_v4(void) {
+#if defined(__GNUC__) && defined(__x86_64__)
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+#else
+    return 0;
+#endif
+}
+
+static int supports_v3(void) {
+#if defined(__GNUC__) && defined(__x86_64__)
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+    return 0;
+#endif
+}
+
+/* Use the copy for instruction set "v4", "v3" or "base"; returns the name in use. The
+ * widest the CPU supports is chosen at import; tests pin the others to check them too. */
+static const char *use_kernels(const char *isa) {
+#if defined(__GNUC__) && defined(__x86_64__)
+    if (strcmp(isa, "v4") == 0 && supports_v4()) {
+        forward_rows = forward_rows_v4;
+        backward_rows = backward_rows_v4;
+        return "v4";
+    }
+    if (strcmp(isa, "v3") == 0 && supports_v3()) {
+        forward_rows = forward_rows_v3;
+        backward_rows = backward_rows_v3;
+        return "v3";
+    }
+#endif
+    if (strcmp(isa, "base") == 0) {
+        forward_rows = forward_rows_base;
+        backward_rows = backward_rows_base;
+        return "base";
+    }
+    return NULL;
+}
+
 static void choose_kernels(void) {
 #if defined(__GNUC__) && defined(__x86_64__)
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-        __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl")) {
-        forward_rows = forward_rows_v4;
-        backward_rows = backward_rows_v4;
-    } else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
-        forward_rows = forward_rows_v3;
-        backward_rows = backward_rows_v3;
-    }
 #endif
+    if (!use_kernels("v4") && !use_kernels("v3")) use_kernels("base");
+}
+
+/* kernels(isa): pin the copy for "v4", "v3" or "base"; returns False where the CPU lacks it. */
+static PyObject *kernels(PyObject *self, PyObject *args) {
+    const char *isa;
+    if (!PyArg_ParseTuple(args, "s", &isa)) return NULL;
+    return PyBool_FromLong(use_kernels(isa) != NULL);
 }
 
 typedef struct {
@@ -246,6 +293,8 @@ static PyMethodDef methods[] = {
      "forward(patches, weight, bias, out, position, K, Q, N, T, C): pooled patch products"},
     {"backward", backward, METH_VARARGS,
      "backward(patches, position, grad, grad_weight, K, Q, N, T, C): weight gradient"},
+    {"kernels", kernels, METH_VARARGS,
+     "kernels(isa): use the copy for 'v4', 'v3' or 'base'; False where the CPU lacks it"},
     {NULL, NULL, 0, NULL},
 };
 
