@@ -55,8 +55,10 @@ class Lockstep:
     ) -> None:
         self.cfg, self.base, self.states, self.plan, self.device = cfg, base, states, plan, device
         self.stacked = StackedForward.build(base)  # None: the model needs vmap
+        # Measured on the CPU only; CUDA keeps the usual layout.
+        relayout = self.stacked is not None and device.type == "cpu"
         self.params = {
-            n: _trial_channels_last(p) if self.stacked is not None else p.detach().clone()
+            n: _trial_channels_last(p) if relayout else p.detach().clone()
             for n, p in params.items()
         }
         for p in self.params.values():
