@@ -122,6 +122,9 @@ def test_only_a_first_layer_with_tiling_max_pooling_takes_the_path() -> None:
     assert not applies(nn.Conv2d(4, 16, 3), nn.MaxPool2d(2), x)  # 36 taps: oneDNN's job
     assert not applies(nn.Conv2d(2, 16, 3, groups=2), nn.MaxPool2d(2), x)
     assert not applies(nn.Conv2d(1, 24, 3), nn.MaxPool2d(2), x)  # not a multiple of 16
+    big = torch.zeros(5, 256, 1, 32, 32)  # 35M patch numbers: oneDNN's job
+    assert not applies(conv, nn.MaxPool2d(2), big)
+    assert applies(conv, nn.MaxPool2d(2), torch.zeros(5, 256, 1, 8, 8))
 
 
 def test_without_the_kernel_the_stacked_forward_keeps_onednn(

@@ -37,6 +37,10 @@ except ImportError:  # pragma: no cover  (no C compiler at install)
     native = None
 
 MAX_PATCH = 27  # in_channels * kh * kw: MAX_PATCH of patchpool.c
+# The gathered patches (and their cached int64 offsets, twice their size) grow with the
+# image: beyond this many numbers oneDNN's convolution keeps the job. The digits CNN's
+# steps need 184k; a batch of 256 32x32 images for 5 trials would need 35M.
+MAX_PATCH_NUMBERS = 1 << 22
 NATIVE_LANES, NATIVE_MAX_WINDOW = 16, 16  # LANES and MAX_WINDOW of patchpool.c
 
 
@@ -48,7 +52,8 @@ def applies(conv: nn.Conv2d, pool: nn.Module, x: torch.Tensor) -> bool:
     """Whether ``pool(conv(x))`` can take this path: the compiled kernel is built; a plain
     convolution with a small patch, zero padding and a multiple of 16 output channels, then
     max pooling whose windows tile the output (kernel = stride, no padding or dilation), on a
-    float32 CPU input that needs no gradient (the network's first layer)."""
+    float32 CPU input (K, B, C, H, W) that needs no gradient (the network's first layer) and
+    is small enough (``MAX_PATCH_NUMBERS``)."""
     if native is None or not isinstance(pool, nn.MaxPool2d) or x.requires_grad:
         return False
     kernel = _pair(pool.kernel_size)
@@ -66,6 +71,7 @@ def applies(conv: nn.Conv2d, pool: nn.Module, x: torch.Tensor) -> bool:
         and conv.weight.dtype == torch.float32
         and conv.out_channels % NATIVE_LANES == 0
         and conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1] <= MAX_PATCH
+        and x.shape[0] * x.shape[1] * x.shape[3] * x.shape[4] * MAX_PATCH <= MAX_PATCH_NUMBERS
     )
 
 

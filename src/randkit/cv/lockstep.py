@@ -103,7 +103,7 @@ class Lockstep:
         return torch.cat(parts)
 
     @torch.no_grad()
-    def test_logits(self, xs: list[torch.Tensor], batch_size: int = 1024) -> list[torch.Tensor]:
+    def test_logits(self, xs: list[torch.Tensor], batch_size: int = 256) -> list[torch.Tensor]:
         """Trial k's logits for its examples ``xs[k]``, in eval mode, on the CPU. Through the
         stacked forward when there is one: all trials per pass (for the digits CNN 5 ms
         instead of 16 ms trial by trial), the shorter sets padded with zero rows."""
