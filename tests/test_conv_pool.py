@@ -52,9 +52,16 @@ def _layers(case: str) -> tuple[nn.Conv2d, nn.MaxPool2d, int, int]:
 @needs_kernel
 @pytest.mark.parametrize("case", list(CASES))
 def test_values_and_gradients_equal_torch(case: str) -> None:
+    ours = _assert_matches_torch(case, batch=B, seed=0)
+    assert ours.is_contiguous(memory_format=torch.channels_last)
+
+
+def _assert_matches_torch(case: str, batch: int, seed: int) -> torch.Tensor:
+    """Random inputs for ``case``: the path's values and weight (and bias) gradients equal
+    torch's conv2d + max_pool2d; returns the path's output."""
     conv, pool, window, size = _layers(case)
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(K, B, conv.in_channels, size, size, generator=g)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(K, batch, conv.in_channels, size, size, generator=g)
     weight = torch.randn(K, *conv.weight.shape, generator=g).requires_grad_(True)
     bias = torch.randn(K, conv.out_channels, generator=g).requires_grad_(True)
     bias_or_none = bias if conv.bias is not None else None
@@ -62,7 +69,6 @@ def test_values_and_gradients_equal_torch(case: str) -> None:
     ours = conv_max_pool(x, weight, bias_or_none, conv, pool)
     theirs = _reference(x, weight, bias_or_none, conv, window)
     assert ours.shape == theirs.shape
-    assert ours.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
     upstream = torch.randn(theirs.shape, generator=g)
     wanted = [weight] + ([bias] if bias_or_none is not None else [])
@@ -70,6 +76,7 @@ def test_values_and_gradients_equal_torch(case: str) -> None:
     grads_theirs = torch.autograd.grad((theirs * upstream).sum(), wanted)
     for a, b in zip(grads_ours, grads_theirs, strict=True):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-5)
+    return ours
 
 
 @needs_kernel
@@ -144,18 +151,6 @@ def test_every_compiled_copy_gives_the_same_numbers(isa: str, case: str) -> None
     if not native.kernels(isa):
         pytest.skip(f"this CPU cannot run the {isa} copy")
     try:
-        conv, pool, window, size = _layers(case)
-        g = torch.Generator().manual_seed(5)
-        x = torch.randn(K, 70, conv.in_channels, size, size, generator=g)
-        weight = torch.randn(K, *conv.weight.shape, generator=g).requires_grad_(True)
-        bias = torch.randn(K, conv.out_channels, generator=g).requires_grad_(True)
-        ours = conv_max_pool(x, weight, bias, conv, pool)
-        theirs = _reference(x, weight, bias, conv, window)
-        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
-        upstream = torch.randn(theirs.shape, generator=g)
-        grads_ours = torch.autograd.grad((ours * upstream).sum(), [weight, bias])
-        grads_theirs = torch.autograd.grad((theirs * upstream).sum(), [weight, bias])
-        for a, b in zip(grads_ours, grads_theirs, strict=True):
-            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-5)
+        _assert_matches_torch(case, batch=70, seed=5)
     finally:  # back to the widest copy, as at import
         assert native.kernels("v4") or native.kernels("v3") or native.kernels("base")

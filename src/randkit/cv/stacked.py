@@ -70,14 +70,14 @@ class StackedForward:
             x = (x - buffers["standardize.mean"]) / buffers["standardize.std"]
         pending = list(draws)
         grouped = False  # False: (K, B, ...); True: (B, K * C, H, W), the models side by side
-        fused_pool: nn.Module | None = None  # the max pooling run inside the last convolution
+        skip = -1  # the index of a max pooling already run inside the convolution before it
         for i, (name, layer) in enumerate(self.layers):
-            if layer is fused_pool:
+            if i == skip:
                 continue
             if isinstance(layer, (nn.Conv2d, *POOLING)):
                 following = self.layers[i + 1][1] if i + 1 < len(self.layers) else None
                 if not grouped and isinstance(layer, nn.Conv2d) and applies(layer, following, x):
-                    fused_pool = following
+                    skip = i + 1
                     x = conv_max_pool(
                         x,
                         params[f"net.{name}.weight"],

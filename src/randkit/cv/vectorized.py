@@ -2,8 +2,9 @@
 
 Written by hand because no library trains K differently-seeded models in lockstep with
 per-model data order, augmentation and dropout: the models' weights are stacked with
-``torch.func.stack_module_state`` and one ``vmap`` of ``functional_call`` computes all K
-forward passes per step. Each trial keeps its own streams: its batch order, augmentation and
+``torch.func.stack_module_state`` and one pass computes all K forward passes per step: the
+stacked forward of ``stacked.py`` for plain ``nn.Sequential`` networks, else ``vmap`` of
+``functional_call``. Each trial keeps its own streams: its batch order, augmentation and
 input noise are drawn outside ``vmap`` from its own generators exactly as the sequential
 runner draws them, and its dropout numbers are drawn beforehand from its own dropout stream
 and handed to the layers inside ``vmap``. Unequal fold sizes are padded with zero-weight rows;
