@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
+from torch.nn import functional as F
 
 from randkit.config import validate_config
 from randkit.cv import run_cv
@@ -59,6 +60,18 @@ NETS = {
     "cnn16": (lambda: zoo.cnn([1, 8, 8], 10, widths=[16, 8], hidden=8), (1, 8, 8), "image"),
     "odd": (_odd_net, (2, 8, 8), "image"),
     "tabular": (lambda: zoo.mlp([5], 3, hidden=[4]), (5,), "tabular"),
+    # a dense tail with Gaussian dropout and a Linear without bias
+    "gauss": (
+        lambda: nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(64, 12),
+            nn.ReLU(),
+            GaussianDropout(0.3),
+            nn.Linear(12, 10, bias=False),
+        ),
+        (1, 8, 8),
+        "image",
+    ),
 }
 
 
@@ -73,15 +86,11 @@ def _models(name: str) -> list[Classifier]:
     return out
 
 
-@pytest.mark.parametrize("name", list(NETS))
-def test_stacked_forward_and_gradients_equal_vmap(name: str) -> None:
-    models = _models(name)
-    params, buffers = stack_module_state(models)
-    params = {n: p.detach().requires_grad_(True) for n, p in params.items()}
-    shape = NETS[name][1]
-    g = torch.Generator().manual_seed(1)
+def _inputs_and_draws(
+    models: list[Classifier], shape: tuple[int, ...], g: torch.Generator
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """A stacked batch, and per model the numbers its stochastic layers draw for it."""
     x = torch.rand(K, BATCH, *shape, generator=g)
-    # Record what the stochastic layers draw, then pre-draw it per model.
     calls: list[tuple[str, tuple[int, ...]]] = []
 
     class Recorder:
@@ -95,6 +104,19 @@ def test_stacked_forward_and_gradients_equal_vmap(name: str) -> None:
         torch.rand(K, *s, generator=g) if kind == "uniform" else torch.randn(K, *s, generator=g)
         for kind, s in calls
     ]
+    return x, draws
+
+
+def _stacked_params(models: list[Classifier]) -> tuple[dict, dict]:
+    params, buffers = stack_module_state(models)
+    return {n: p.detach().requires_grad_(True) for n, p in params.items()}, buffers
+
+
+@pytest.mark.parametrize("name", list(NETS))
+def test_stacked_forward_and_gradients_equal_vmap(name: str) -> None:
+    models = _models(name)
+    params, buffers = _stacked_params(models)
+    x, draws = _inputs_and_draws(models, NETS[name][1], torch.Generator().manual_seed(1))
     stacked = StackedForward.build(models[0])
     assert stacked is not None
     ours = stacked(params, buffers, x, draws)
@@ -108,7 +130,7 @@ def test_stacked_forward_and_gradients_equal_vmap(name: str) -> None:
     (grad_ours,) = torch.autograd.grad(ours.square().sum(), [params[next(iter(params))]])
     (grad_theirs,) = torch.autograd.grad(theirs.square().sum(), [params[next(iter(params))]])
     torch.testing.assert_close(grad_ours, grad_theirs, atol=1e-5, rtol=1e-5)
-    if calls:  # the draws matter: other numbers give other outputs
+    if draws:  # the draws matter: other numbers give other outputs
         other = [d.flip(1) for d in draws]
         assert not torch.allclose(stacked(params, buffers, x, other), ours)
 
@@ -217,3 +239,42 @@ def test_test_logits_of_all_trials_at_once_equal_each_models_own(name: str) -> N
             theirs = model.eval()(x)
         assert ours[k].shape == theirs.shape
         torch.testing.assert_close(ours[k], theirs, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("target_kind", ["classes", "smoothed", "probabilities"])
+@pytest.mark.parametrize("name", ["mlp", "cnn", "gauss", "odd", "tabular"])
+def test_the_hand_written_dense_tail_equals_autograd(name: str, target_kind: str) -> None:
+    """``StackedForward.loss`` runs the Linear/ReLU/dropout end of the network and the
+    cross-entropy as one node with a hand-written backward; losses, logits and every
+    parameter's gradient (the convolutions' too, through the tail's input gradient) equal
+    autograd's through the plain stacked forward, with padded rows and per-trial weights."""
+    models = _models(name)
+    stacked = StackedForward.build(models[0])
+    assert stacked is not None and stacked.tail is not None
+    params, buffers = _stacked_params(models)
+    g = torch.Generator().manual_seed(2)
+    x, draws = _inputs_and_draws(models, NETS[name][1], g)
+    classes = stacked(params, buffers, x, draws).shape[-1]
+    row_weight = torch.ones(K, BATCH)
+    row_weight[1, -3:] = 0  # padded rows
+    if target_kind == "probabilities":
+        target = torch.softmax(3 * torch.randn(K, BATCH, classes, generator=g), -1)
+    else:
+        target = torch.randint(0, classes, (K, BATCH), generator=g)
+    smoothing = 0.0 if target_kind == "classes" else 0.1
+    per_trial = torch.rand(K, generator=g) + 0.5  # the backward scales each trial's loss
+
+    losses, logits = stacked.loss(params, buffers, x, target, row_weight, draws, smoothing)
+    ours = torch.autograd.grad((losses * per_trial).sum(), list(params.values()))
+
+    ref_logits = stacked(params, buffers, x, draws)
+    ce = F.cross_entropy(
+        ref_logits.flatten(0, 1), target.flatten(0, 1), reduction="none", label_smoothing=smoothing
+    ).view(K, BATCH)
+    ref_losses = (ce * row_weight).sum(1) / row_weight.sum(1)
+    theirs = torch.autograd.grad((ref_losses * per_trial).sum(), list(params.values()))
+    torch.testing.assert_close(losses, ref_losses, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(logits, ref_logits.detach(), atol=1e-6, rtol=1e-5)
+    assert not logits.requires_grad
+    for name_, a, b in zip(params, ours, theirs, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4, msg=name_)

@@ -234,23 +234,16 @@ class Lockstep:
     ) -> None:
         """One step of all trials on their stacked batches (K, width, ...); ``label`` -1
         marks a padded row."""
-        cfg, width = self.cfg.train, x.shape[1]
+        cfg = self.cfg.train
         weight = (label >= 0).to(x.dtype)
         draws = self._dropout_draws(rows, keys, x.shape[2:])
         params = self._perturbed(rows, keys)
         smoothing = cfg.label_smoothing
 
         if self.stacked is not None:
-            # contiguous: argmax below takes 35 us on the transposed view the last matmul
-            # leaves and 4 us on a copy that costs 2 us (digits, 5 trials)
-            logits = self.stacked(params, self.buffers, x, draws).contiguous()
-            ce = F.cross_entropy(
-                logits.flatten(0, 1),
-                target.flatten(0, 1),
-                reduction="none",
-                label_smoothing=smoothing,
-            ).view(len(rows), width)
-            losses = (ce * weight).sum(1) / weight.sum(1).clamp(min=1)
+            losses, logits = self.stacked.loss(
+                params, self.buffers, x, target, weight, draws, smoothing
+            )
         else:
 
             def per_trial(

@@ -22,6 +22,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from randkit.cv.conv_pool import applies, conv_max_pool
+from randkit.cv.dense_tail import dense_tail_loss, tail_start
 from randkit.models import Classifier, Standardize
 from randkit.randomize.modules import Dropout, GaussianDropout
 
@@ -45,6 +46,7 @@ class StackedForward:
     def __init__(self, model: Classifier) -> None:
         self.model = model
         self.layers = _pool_before_relu(list(model.net.named_children()))
+        self.tail = tail_start(self.layers)  # None: no dense tail, autograd all the way
 
     @classmethod
     def build(cls, model: nn.Module) -> StackedForward | None:
@@ -64,18 +66,66 @@ class StackedForward:
         x: torch.Tensor,
         draws: list[torch.Tensor],
     ) -> torch.Tensor:
+        return self._run(params, buffers, x, list(draws), len(self.layers))
+
+    def loss(
+        self,
+        params: dict[str, torch.Tensor],
+        buffers: dict[str, torch.Tensor],
+        x: torch.Tensor,
+        target: torch.Tensor,
+        row_weight: torch.Tensor,
+        draws: list[torch.Tensor],
+        smoothing: float = 0.0,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(losses (K,), logits (K, B, classes)): each trial's mean cross-entropy over its
+        rows, row b weighted by ``row_weight[k, b]`` (0: a padded row); ``target`` class
+        indices (K, B) or probabilities (K, B, classes). A dense tail (``dense_tail.py``)
+        runs as one autograd node with its backward written out."""
+        pending = list(draws)
+        if self.tail is not None:
+            h = self._run(params, buffers, x, pending, self.tail)
+            if h.dim() == 3:
+                tail = self.layers[self.tail :]
+                return dense_tail_loss(tail, params, h, target, row_weight, pending, smoothing)
+            logits = self._run(params, buffers, h, pending, len(self.layers), self.tail)
+        else:
+            logits = self._run(params, buffers, x, pending, len(self.layers))
+        # contiguous: argmax takes 35 us on the transposed view the last matmul leaves and
+        # 4 us on a copy that costs 2 us (digits, 5 trials)
+        logits = logits.contiguous()
+        k, width = row_weight.shape
+        ce = F.cross_entropy(
+            logits.flatten(0, 1),
+            target.flatten(0, 1),
+            reduction="none",
+            label_smoothing=smoothing,
+        ).view(k, width)
+        return (ce * row_weight).sum(1) / row_weight.sum(1).clamp(min=1), logits
+
+    def _run(
+        self,
+        params: dict[str, torch.Tensor],
+        buffers: dict[str, torch.Tensor],
+        x: torch.Tensor,
+        pending: list[torch.Tensor],
+        end: int,
+        begin: int = 0,
+    ) -> torch.Tensor:
+        """Layers ``begin`` to ``end`` (exclusive) on ``x`` (K, B, ...), drawing from
+        ``pending``; the result is (K, B, ...) again."""
         k, b = x.shape[:2]
-        if isinstance(self.model.standardize, Standardize):
+        if begin == 0 and isinstance(self.model.standardize, Standardize):
             # Stacked buffers are (K, 1, ...): they broadcast over each model's batch.
             x = (x - buffers["standardize.mean"]) / buffers["standardize.std"]
-        pending = list(draws)
         grouped = False  # False: (K, B, ...); True: (B, K * C, H, W), the models side by side
         skip = -1  # the index of a max pooling already run inside the convolution before it
-        for i, (name, layer) in enumerate(self.layers):
+        for i in range(begin, end):
+            name, layer = self.layers[i]
             if i == skip:
                 continue
             if isinstance(layer, (nn.Conv2d, *POOLING)):
-                following = self.layers[i + 1][1] if i + 1 < len(self.layers) else None
+                following = self.layers[i + 1][1] if i + 1 < end else None
                 if not grouped and isinstance(layer, nn.Conv2d) and applies(layer, following, x):
                     skip = i + 1
                     x = conv_max_pool(
