@@ -278,3 +278,19 @@ def test_the_hand_written_dense_tail_equals_autograd(name: str, target_kind: str
     assert not logits.requires_grad
     for name_, a, b in zip(params, ours, theirs, strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4, msg=name_)
+
+
+def test_the_dense_tail_refuses_a_backward_after_its_input_changed_in_place() -> None:
+    """The tail saves what its backward needs through autograd, which notices a tensor
+    changed in place in between instead of returning a silently wrong gradient."""
+    models = _models("cnn")
+    stacked = StackedForward.build(models[0])
+    params, buffers = _stacked_params(models)
+    x, draws = _inputs_and_draws(models, NETS["cnn"][1], torch.Generator().manual_seed(3))
+    row_weight = torch.ones(K, BATCH)
+    target = torch.zeros(K, BATCH, dtype=torch.long)
+    losses, _ = stacked.loss(params, buffers, x, target, row_weight, draws)
+    with torch.no_grad():
+        params["net.10.weight"].add_(1.0)  # the head's last Linear
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        losses.sum().backward()

@@ -106,8 +106,9 @@ class _DenseTailLoss(torch.autograd.Function):
                 ce = (1 - smoothing) * ce - smoothing / classes * log_p.sum(-1)
         count = row_weight.sum(1).clamp(min=1)
         losses = (ce * row_weight).sum(1) / count
-        ctx.ops, ctx.saved, ctx.smoothing = ops, saved, smoothing
-        ctx.save_for_backward(target, row_weight, count, log_p, *tensors)
+        ctx.ops, ctx.smoothing, ctx.params = ops, smoothing, len(tensors)
+        # through save_for_backward, so that an in-place change before the backward is caught
+        ctx.save_for_backward(target, row_weight, count, log_p, *tensors, *saved)
         ctx.mark_non_differentiable(logits)
         return losses, logits
 
@@ -116,11 +117,11 @@ class _DenseTailLoss(torch.autograd.Function):
     def backward(
         ctx: Any, grad_losses: torch.Tensor, _grad_logits: torch.Tensor | None
     ) -> tuple[torch.Tensor | None, ...]:
-        target, row_weight, count, log_p, *tensors = ctx.saved_tensors
+        target, row_weight, count, log_p, *rest = ctx.saved_tensors
+        tensors, saved = rest[: ctx.params], rest[ctx.params :]
         g = _logit_gradient(log_p, target, ctx.smoothing)
         g.mul_((row_weight * (grad_losses / count).unsqueeze(1)).unsqueeze(-1))
         grads: list[torch.Tensor | None] = [None] * len(tensors)
-        saved = list(ctx.saved)
         slot = len(tensors)
         for kind, factor in reversed(ctx.ops):
             if kind == "linear":
