@@ -60,12 +60,13 @@ def dense_tail_loss(
         elif isinstance(layer, nn.ReLU):
             ops.append(("relu", None))
         elif isinstance(layer, (Dropout, GaussianDropout)) and layer.training and layer.p:
-            ops.append(("scale", _dropout_factor(layer, pending.pop(0))))
+            ops.append(("scale", dropout_factor(layer, pending.pop(0))))
     return _DenseTailLoss.apply(x, target, row_weight, smoothing, ops, *tensors)
 
 
-def _dropout_factor(layer: nn.Module, numbers: torch.Tensor) -> torch.Tensor:
-    """What the layer multiplies its input by, as ``stacked._stochastic`` computes it."""
+def dropout_factor(layer: nn.Module, numbers: torch.Tensor) -> torch.Tensor:
+    """What randkit's ``Dropout`` or ``GaussianDropout`` multiplies its input by, given the
+    uniform or normal ``numbers`` it drew."""
     if isinstance(layer, Dropout):
         return (numbers >= layer.p).to(numbers.dtype) / (1 - layer.p)
     return 1 + (layer.p / (1 - layer.p)) ** 0.5 * numbers
@@ -90,7 +91,8 @@ class _DenseTailLoss(torch.autograd.Function):
                 w_t = weight.transpose(1, 2)
                 h = torch.bmm(h, w_t) if bias is None else torch.baddbmm(bias.unsqueeze(1), h, w_t)
             elif kind == "relu":
-                h = h.relu_() if saved and h is not saved[-1] else h.relu()
+                # in place on a fresh output; not on one saved for a backward
+                h = h.relu() if h is saved[-1] else h.relu_()
                 saved.append(h)  # the output, for threshold_backward
             else:
                 h = h * factor

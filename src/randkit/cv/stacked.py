@@ -22,7 +22,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from randkit.cv.conv_pool import applies, conv_max_pool
-from randkit.cv.dense_tail import dense_tail_loss, tail_start
+from randkit.cv.dense_tail import dense_tail_loss, dropout_factor, tail_start
 from randkit.models import Classifier, Standardize
 from randkit.randomize.modules import Dropout, GaussianDropout
 
@@ -215,8 +215,4 @@ def _stochastic(layer: nn.Module, x: torch.Tensor, pending: list[torch.Tensor]) 
     """randkit's dropout layers on the stacked batch, with each trial's pre-drawn numbers."""
     if not layer.training or layer.p == 0:
         return x
-    numbers = pending.pop(0)
-    if isinstance(layer, Dropout):
-        return x * (numbers >= layer.p).to(x.dtype) / (1 - layer.p)
-    std = (layer.p / (1 - layer.p)) ** 0.5
-    return x * (1 + std * numbers)
+    return x * dropout_factor(layer, pending.pop(0))
