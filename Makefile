@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 
 .PHONY: demo test bench lint clean
 
-$(BIN)/randkit: pyproject.toml setup.py src/randkit/_native/philox.c src/randkit/_native/patchpool.c
+$(BIN)/randkit: pyproject.toml setup.py src/randkit/_native/philox.c src/randkit/_native/patchpool.c src/randkit/_native/densemm.c
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev,ray,bench]'
