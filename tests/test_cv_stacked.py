@@ -14,7 +14,7 @@ from torch.func import functional_call, stack_module_state, vmap
 from torch.nn import functional as F
 
 from randkit.config import validate_config
-from randkit.cv import run_cv
+from randkit.cv import native_matmul, run_cv
 from randkit.cv.lockstep import Lockstep
 from randkit.cv.stacked import StackedForward
 from randkit.models import Classifier, Standardize, zoo
@@ -241,13 +241,21 @@ def test_test_logits_of_all_trials_at_once_equal_each_models_own(name: str) -> N
         torch.testing.assert_close(ours[k], theirs, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("kernel", ["avx512", "torch"])
 @pytest.mark.parametrize("target_kind", ["classes", "smoothed", "probabilities"])
 @pytest.mark.parametrize("name", ["mlp", "cnn", "gauss", "odd", "tabular"])
-def test_the_hand_written_dense_tail_equals_autograd(name: str, target_kind: str) -> None:
+def test_the_hand_written_dense_tail_equals_autograd(
+    name: str, target_kind: str, kernel: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """``StackedForward.loss`` runs the Linear/ReLU/dropout end of the network and the
     cross-entropy as one node with a hand-written backward; losses, logits and every
     parameter's gradient (the convolutions' too, through the tail's input gradient) equal
-    autograd's through the plain stacked forward, with padded rows and per-trial weights."""
+    autograd's through the plain stacked forward, with padded rows and per-trial weights,
+    whether the products run on randkit's AVX-512 kernel or on torch.bmm."""
+    if kernel == "torch":
+        monkeypatch.setattr(native_matmul, "native", None)
+    elif not native_matmul.has_native_kernel():
+        pytest.skip("the AVX-512 kernel is not built or this CPU lacks AVX-512")
     models = _models(name)
     stacked = StackedForward.build(models[0])
     assert stacked is not None and stacked.tail is not None

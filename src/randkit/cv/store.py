@@ -89,6 +89,7 @@ class RunStore:
                 "data_hash": data_hash,
                 **plan.to_json(),
             },
+            compact=True,  # thousands of indices
         )
 
     def finished(self) -> dict[str, dict[str, Any]]:

@@ -1,0 +1,106 @@
+"""randkit's AVX-512 kernel for the stacked dense layers' products (``randkit/_native/densemm.c``)
+against torch, on the shapes and views the dense tail hands it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from randkit.cv import native_matmul
+
+pytestmark = pytest.mark.skipif(
+    not native_matmul.has_native_kernel(),
+    reason="the AVX-512 kernel is not built or this CPU lacks AVX-512",
+)
+
+
+def _reference(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    out = torch.bmm(a.double(), b.double())
+    return out if bias is None else out + bias.double().unsqueeze(1)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8, 13, 64])
+@pytest.mark.parametrize("columns", [1, 10, 16, 17, 32, 33, 128])
+@pytest.mark.parametrize("depth", [0, 1, 7, 64])
+def test_products_equal_torch_for_every_tile_edge(rows: int, columns: int, depth: int) -> None:
+    """Row counts that leave 4-row and 1-row tiles, column counts that end inside a vector
+    or inside the second vector of a tile, an empty sum (bias only), with and without bias."""
+    g = torch.Generator().manual_seed(rows * 1000 + columns * 10 + depth)
+    models = 3
+    a = torch.randn(models, rows, depth, generator=g)
+    b = torch.randn(models, depth, columns, generator=g)
+    bias = torch.randn(models, columns, generator=g)
+    for with_bias in (None, bias):
+        ours = native_matmul.bmm(a, b, with_bias)
+        assert ours.shape == (models, rows, columns) and ours.dtype == torch.float32
+        torch.testing.assert_close(ours.double(), _reference(a, b, with_bias), atol=1e-5, rtol=1e-5)
+
+
+def test_strided_operands_are_read_through_their_strides() -> None:
+    """The weight gradient passes a transposed view as ``a``; a ``b`` whose rows are not
+    contiguous is copied first; neither input is changed."""
+    g = torch.Generator().manual_seed(1)
+    grad = torch.randn(5, 64, 10, generator=g)
+    h = torch.randn(5, 64, 128, generator=g)
+    a, b = grad.transpose(1, 2), h
+    before = (grad.clone(), h.clone())
+    torch.testing.assert_close(
+        native_matmul.bmm(a, b).double(), _reference(a, b, None), atol=1e-5, rtol=1e-5
+    )
+    b_t = torch.randn(5, 128, 64, generator=g).transpose(1, 2)  # (5, 64, 128), strided rows
+    torch.testing.assert_close(
+        native_matmul.bmm(grad.transpose(1, 2), b_t).double(),
+        _reference(grad.transpose(1, 2), b_t, None),
+        atol=1e-5,
+        rtol=1e-5,
+    )
+    assert torch.equal(grad, before[0]) and torch.equal(h, before[1])
+
+
+def test_relu_and_mask_epilogues_follow_torch_including_nan() -> None:
+    """relu as torch.relu (a NaN stays NaN); the mask as threshold_backward(v, mask, 0): zero
+    where the mask is 0 or negative, kept where it is positive or NaN."""
+    a = torch.tensor([[[1.0], [-1.0], [float("nan")], [2.0]]])  # (1, 4, 1)
+    b = torch.ones(1, 1, 3)
+    out = native_matmul.bmm(a, b, relu=True)
+    torch.testing.assert_close(out, torch.relu(torch.bmm(a, b)), equal_nan=True)
+    assert torch.isnan(out[0, 2]).all()
+    mask = torch.tensor([[[1.0, 0.0, -1.0]] * 2 + [[float("nan"), 2.0, 0.5]] * 2])
+    values = torch.ones(1, 4, 1) * 3
+    expected = torch.ops.aten.threshold_backward(torch.bmm(values, b), mask, 0)
+    assert torch.equal(native_matmul.bmm(values, b, mask=mask), expected)
+    assert expected[0, 2, 0] == 3  # torch keeps the value where the mask is NaN
+
+
+@pytest.mark.parametrize(
+    "shape", [(5, 256, 64), (5, 128, 256), (3, 10, 128), (2, 17, 33), (1, 1, 1)]
+)
+def test_transposed_copies_exactly(shape: tuple[int, int, int]) -> None:
+    w = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(native_matmul.transposed(w), w.transpose(1, 2).contiguous())
+    assert torch.equal(native_matmul.transposed(w.transpose(1, 2)), w)  # a view is copied first
+
+
+def test_results_do_not_depend_on_the_thread_count() -> None:
+    """Each output is one thread's sum in a fixed order: 1 and 2 threads agree bit for bit."""
+    g = torch.Generator().manual_seed(4)
+    a, b = torch.randn(5, 64, 256, generator=g), torch.randn(5, 256, 128, generator=g)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = native_matmul.bmm(a, b)
+        torch.set_num_threads(2)
+        two = native_matmul.bmm(a, b)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+
+
+def test_mismatched_shapes_are_refused_before_the_kernel_reads_memory() -> None:
+    a = torch.zeros(2, 4, 3)
+    with pytest.raises(ValueError, match="do not match"):
+        native_matmul.bmm(a, torch.zeros(2, 5, 6))
+    with pytest.raises(ValueError, match="do not match"):
+        native_matmul.bmm(a, torch.zeros(2, 3, 6), torch.zeros(2, 5))
+    with pytest.raises(ValueError, match="mask shape"):
+        native_matmul.bmm(a, torch.zeros(2, 3, 6), mask=torch.zeros(2, 4, 5))
