@@ -260,12 +260,10 @@ class Lockstep:
         for p in self.params.values():
             p.grad = None
         losses.sum().backward()
-        active = weight[:, 0] > 0
         self._gradient_noise(rows, keys)
         if cfg.grad_clip is not None:
             self._clip(cfg.grad_clip)
-        lrs = torch.tensor([s.lr for s in self.states], dtype=torch.float64)
-        self.optimizer.step(lrs, active)
+        self.optimizer.step([s.lr for s in self.states], [r > 0 for r in rows])
         # The running metrics of all trials in two tensors, read back once per step.
         with torch.no_grad():
             loss_sums = (losses * weight.sum(1)).tolist()

@@ -5,6 +5,8 @@ formulas follow ``torch.optim.SGD``, ``Adam`` and ``AdamW`` exactly."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from randkit.config import TrainConfig
@@ -17,7 +19,7 @@ class StackedOptimizer:
     def __init__(self, params: dict[str, torch.Tensor], cfg: TrainConfig, trials: int) -> None:
         self.params = params
         self.cfg = cfg
-        self.steps = torch.zeros(trials, dtype=torch.float64)
+        self.steps = [0] * trials  # Python numbers: the lockstep check reads no tensor
         self.state: dict[str, dict[str, torch.Tensor]] = {name: {} for name in params}
 
     @staticmethod
@@ -25,18 +27,24 @@ class StackedOptimizer:
         return values.to(like.device, like.dtype).view(-1, *([1] * (like.dim() - 1)))
 
     @torch.no_grad()
-    def step(self, lrs: torch.Tensor, active: torch.Tensor) -> None:
+    def step(
+        self, lrs: Sequence[float] | torch.Tensor, active: Sequence[bool] | torch.Tensor
+    ) -> None:
         """One update with learning rate ``lrs[k]`` for every trial ``k`` with ``active[k]``."""
         cfg = self.cfg
-        self.steps += active.double()
+        lrs = lrs.tolist() if isinstance(lrs, torch.Tensor) else list(lrs)
+        active = active.tolist() if isinstance(active, torch.Tensor) else list(active)
+        self.steps = [n + bool(a) for n, a in zip(self.steps, active, strict=True)]
         if cfg.optimizer != "sgd" and self._in_lockstep(lrs, active):
             self._adam_all(float(lrs[0]), float(self.steps[0]))
             return
+        active_t = torch.tensor(active, dtype=torch.float32)
+        lrs_t = torch.tensor(lrs, dtype=torch.float64)
         for name, p in self.params.items():
             if p.grad is None:
                 continue
-            mask = self._per_trial(active.float(), p) > 0
-            lr = self._per_trial(lrs, p)
+            mask = self._per_trial(active_t, p) > 0
+            lr = self._per_trial(lrs_t, p)
             g = p.grad
             state = self.state[name]
             if cfg.optimizer == "sgd":
@@ -45,13 +53,9 @@ class StackedOptimizer:
                 new = self._adam(p, g, lr, state, mask)
             p.copy_(torch.where(mask, new, p))
 
-    def _in_lockstep(self, lrs: torch.Tensor, active: torch.Tensor) -> bool:
+    def _in_lockstep(self, lrs: list[float], active: list[bool]) -> bool:
         """Every trial active, same learning rate and step count: one scalar update fits all."""
-        return (
-            bool(active.all())
-            and bool((lrs == lrs[0]).all())
-            and bool((self.steps == self.steps[0]).all())
-        )
+        return all(active) and len(set(lrs)) == 1 and len(set(self.steps)) == 1
 
     def _adam_all(self, lr: float, step: float) -> None:
         """Adam/AdamW for all trials at once, no masks: torch's fused CPU/CUDA kernel (one
@@ -146,7 +150,7 @@ class StackedOptimizer:
         m, v = state["exp_avg"], state["exp_avg_sq"]
         state["exp_avg"] = torch.where(mask, m.lerp(g, 1 - beta1), m)
         state["exp_avg_sq"] = torch.where(mask, v * beta2 + (1 - beta2) * g * g, v)
-        steps = self._per_trial(self.steps, p).clamp(min=1)
+        steps = self._per_trial(torch.tensor(self.steps, dtype=torch.float64), p).clamp(min=1)
         bias1 = 1 - beta1**steps
         bias2 = 1 - beta2**steps
         denom = state["exp_avg_sq"].sqrt() / bias2.sqrt() + EPS
