@@ -23,18 +23,17 @@ except ImportError:  # pragma: no cover  (no C compiler at install)
     native = None
 
 NONE, RELU, MASK = 0, 1, 2  # the kernel's epilogues
+CPU_HAS_AVX512 = native is not None and native.available()  # asked once: checked every step
 
 
 def has_native_kernel() -> bool:
     """Whether the kernel is built and this CPU runs it (AVX-512)."""
-    return native is not None and native.available()
+    return native is not None and CPU_HAS_AVX512
 
 
 def usable(*tensors: torch.Tensor) -> bool:
     """Whether the kernel can take products of these tensors: float32 on the CPU."""
-    return has_native_kernel() and all(
-        t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors
-    )
+    return has_native_kernel() and all(t.is_cpu and t.dtype == torch.float32 for t in tensors)
 
 
 def transposed(w: torch.Tensor) -> torch.Tensor:
