@@ -104,3 +104,21 @@ def test_mismatched_shapes_are_refused_before_the_kernel_reads_memory() -> None:
         native_matmul.bmm(a, torch.zeros(2, 3, 6), torch.zeros(2, 5))
     with pytest.raises(ValueError, match="mask shape"):
         native_matmul.bmm(a, torch.zeros(2, 3, 6), mask=torch.zeros(2, 4, 5))
+
+
+def test_other_dtypes_are_refused_and_empty_products_need_no_kernel() -> None:
+    """The kernel reads raw float32 memory, so a float64, half or bool operand (which it
+    would read past its end) is refused with the operand's name; an empty product returns
+    its empty result, as torch does, even with a mask."""
+    a, b = torch.randn(1, 4, 3), torch.randn(1, 3, 5)
+    with pytest.raises(ValueError, match="a must be a 3-d float32 CPU tensor"):
+        native_matmul.bmm(a.double(), b)
+    with pytest.raises(ValueError, match="mask must be"):
+        native_matmul.bmm(a, b, mask=torch.ones(1, 4, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="bias must be a 2-d"):
+        native_matmul.bmm(a, b, torch.zeros(1, 5, dtype=torch.float16))
+    with pytest.raises(ValueError, match="w must be"):
+        native_matmul.transposed(torch.randn(1, 64, 64).half())
+    empty = native_matmul.bmm(torch.randn(2, 0, 3), torch.randn(2, 3, 5), mask=torch.randn(2, 0, 5))
+    assert empty.shape == (2, 0, 5)
+    assert native_matmul.transposed(torch.randn(2, 0, 7)).shape == (2, 7, 0)

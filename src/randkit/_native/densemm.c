@@ -173,18 +173,22 @@ static PyObject *refuse(void) {
 }
 
 /* gemm(a, b, c, bias, mask, K, M, N, R, a_row, a_col, a_model, b_row, b_model, c_row,
- *      c_model, bias_model, epilogue): addresses (0 for no bias or mask), sizes and strides
- * in floats as above; the GIL is released while it runs. */
+ *      c_model, bias_model, epilogue, threads): addresses (0 for no bias or mask), sizes and
+ * strides in floats as above, and the number of threads (torch.get_num_threads(): OpenMP's
+ * own setting is per calling thread, so a worker thread would not follow torch's); the GIL
+ * is released while it runs. */
 static PyObject *gemm(PyObject *self, PyObject *args) {
     Gemm g = {0};
     unsigned long long a, b, c, bias, mask;
-    if (!PyArg_ParseTuple(args, "KKKKKLLLLLLLLLLLLi", &a, &b, &c, &bias, &mask, &g.models,
+    int threads;
+    if (!PyArg_ParseTuple(args, "KKKKKLLLLLLLLLLLLii", &a, &b, &c, &bias, &mask, &g.models,
                           &g.m, &g.n, &g.r, &g.a_row, &g.a_col, &g.a_model, &g.b_row,
-                          &g.b_model, &g.c_row, &g.c_model, &g.bias_model, &g.epilogue))
+                          &g.b_model, &g.c_row, &g.c_model, &g.bias_model, &g.epilogue,
+                          &threads))
         return NULL;
     if (!usable) return refuse();
     if (g.models < 0 || g.m < 0 || g.n < 0 || g.r < 0 || g.epilogue < EPILOGUE_NONE ||
-        g.epilogue > EPILOGUE_MASK || (g.epilogue == EPILOGUE_MASK && !mask)) {
+        g.epilogue > EPILOGUE_MASK || (g.epilogue == EPILOGUE_MASK && !mask) || threads < 1) {
         PyErr_SetString(PyExc_ValueError, "densemm.gemm: bad sizes or epilogue");
         return NULL;
     }
@@ -199,7 +203,7 @@ static PyObject *gemm(PyObject *self, PyObject *args) {
     const int64_t jobs = g.models * row_jobs * column_tiles;
     Py_BEGIN_ALLOW_THREADS
 #ifdef _OPENMP
-#pragma omp parallel for schedule(static) if (jobs > 1)
+#pragma omp parallel for schedule(static) num_threads(threads) if (jobs > 1)
 #endif
     for (int64_t job = 0; job < jobs; job++) gemm_job(&g, job, row_jobs, column_tiles);
     Py_END_ALLOW_THREADS
@@ -207,14 +211,17 @@ static PyObject *gemm(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-/* transpose(in, out, K, R, C): out (K, C, R) = in (K, R, C) transposed, both contiguous. */
+/* transpose(in, out, K, R, C, threads): out (K, C, R) = in (K, R, C) transposed, both
+ * contiguous. */
 static PyObject *transpose(PyObject *self, PyObject *args) {
     unsigned long long in_address, out_address;
     long long models, rows, cols;
-    if (!PyArg_ParseTuple(args, "KKLLL", &in_address, &out_address, &models, &rows, &cols))
+    int threads;
+    if (!PyArg_ParseTuple(args, "KKLLLi", &in_address, &out_address, &models, &rows, &cols,
+                          &threads))
         return NULL;
     if (!usable) return refuse();
-    if (models < 0 || rows < 0 || cols < 0) {
+    if (models < 0 || rows < 0 || cols < 0 || threads < 1) {
         PyErr_SetString(PyExc_ValueError, "densemm.transpose: bad sizes");
         return NULL;
     }
@@ -225,7 +232,7 @@ static PyObject *transpose(PyObject *self, PyObject *args) {
     const int64_t jobs = models * row_blocks * col_blocks;
     Py_BEGIN_ALLOW_THREADS
 #ifdef _OPENMP
-#pragma omp parallel for schedule(static) if (jobs > 1)
+#pragma omp parallel for schedule(static) num_threads(threads) if (jobs > 1)
 #endif
     for (int64_t job = 0; job < jobs; job++) {
         const int64_t k = job / (row_blocks * col_blocks), rest = job % (row_blocks * col_blocks);
@@ -242,8 +249,9 @@ static PyObject *available(PyObject *self, PyObject *args) { return PyBool_FromL
 static PyMethodDef methods[] = {
     {"gemm", gemm, METH_VARARGS,
      "gemm(a, b, c, bias, mask, K, M, N, R, a_row, a_col, a_model, b_row, b_model, c_row, "
-     "c_model, bias_model, epilogue): C = epilogue(bias + A @ B) per model"},
-    {"transpose", transpose, METH_VARARGS, "transpose(in, out, K, R, C): out = in^T per model"},
+     "c_model, bias_model, epilogue, threads): C = epilogue(bias + A @ B) per model"},
+    {"transpose", transpose, METH_VARARGS,
+     "transpose(in, out, K, R, C, threads): out = in^T per model"},
     {"available", available, METH_NOARGS, "available(): whether this CPU runs the kernels"},
     {NULL, NULL, 0, NULL},
 };

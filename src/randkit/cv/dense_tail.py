@@ -86,7 +86,8 @@ class _DenseTailLoss(torch.autograd.Function):
         ops: list[tuple[str, Any]],
         *tensors: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        native = native_matmul.usable(x, *(t for t in tensors if t is not None))
+        factors = [factor for kind, factor in ops if kind == "scale"]
+        native = native_matmul.usable(x, *(t for t in tensors if t is not None), *factors)
         h, saved, weights = x, [], iter(tensors)
         i = 0
         while i < len(ops):
@@ -144,7 +145,8 @@ class _DenseTailLoss(torch.autograd.Function):
         g.mul_((row_weight * (grad_losses / count).unsqueeze(1)).unsqueeze(-1))
         grads: list[torch.Tensor | None] = [None] * len(tensors)
         ops, slot = ctx.ops, len(tensors)
-        native = native_matmul.usable(g, *(t for t in tensors if t is not None))
+        factors = [factor for kind, factor in ops if kind == "scale"]
+        native = native_matmul.usable(g, *(t for t in tensors if t is not None), *factors)
         product = native_matmul.bmm if native else torch.bmm
         i = len(ops) - 1
         while i >= 0:
