@@ -288,6 +288,35 @@ def test_the_hand_written_dense_tail_equals_autograd(
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4, msg=name_)
 
 
+@pytest.mark.parametrize("name", ["mlp", "gauss", "tabular", "cnn", "odd"])
+def test_an_all_dense_model_gets_the_same_gradients_without_autograd(name: str) -> None:
+    """``loss_and_grads`` (used by the lockstep trainer when every parameter is in the dense
+    tail) returns the autograd node's losses, logits and gradients bit for bit; a model with
+    parameters before its tail (a CNN, the odd net) is left to autograd (None)."""
+    models = _models(name)
+    stacked = StackedForward.build(models[0])
+    params, buffers = _stacked_params(models)
+    g = torch.Generator().manual_seed(5)
+    x, draws = _inputs_and_draws(models, NETS[name][1], g)
+    classes = stacked(params, buffers, x, draws).shape[-1]
+    row_weight = torch.ones(K, BATCH)
+    row_weight[2, -4:] = 0
+    target = torch.randint(0, classes, (K, BATCH), generator=g)
+    direct = stacked.loss_and_grads(params, buffers, x, target, row_weight, draws, 0.1)
+    if name in ("cnn", "odd"):
+        assert direct is None
+        return
+    assert direct is not None
+    losses, logits, grads = direct
+    assert set(grads) == set(params) and not losses.requires_grad
+    ref_losses, ref_logits = stacked.loss(params, buffers, x, target, row_weight, draws, 0.1)
+    ref_grads = torch.autograd.grad(ref_losses.sum(), list(params.values()))
+    assert torch.equal(losses, ref_losses.detach()) and torch.equal(logits, ref_logits)
+    for (name_, p), ref in zip(params.items(), ref_grads, strict=True):
+        assert grads[name_].shape == p.shape
+        assert torch.equal(grads[name_], ref), name_
+
+
 def test_the_dense_tail_refuses_a_backward_after_its_input_changed_in_place() -> None:
     """The tail saves what its backward needs through autograd, which notices a tensor
     changed in place in between instead of returning a silently wrong gradient."""

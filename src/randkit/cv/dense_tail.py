@@ -53,18 +53,51 @@ def dense_tail_loss(
     ``row_weight[k, b]`` (0 for a padded row). ``target`` holds class indices (K, B) or
     probabilities (K, B, classes); ``draws`` are the pre-drawn numbers of the tail's
     dropout layers, in call order. Only ``losses`` carries a gradient."""
+    ops, tensors, _ = _tail_ops(layers, params, draws)
+    return _DenseTailLoss.apply(x, target, row_weight, smoothing, ops, *tensors)
+
+
+def dense_tail_loss_and_grads(
+    layers: list[tuple[str, nn.Module]],
+    params: dict[str, torch.Tensor],
+    x: torch.Tensor,
+    target: torch.Tensor,
+    row_weight: torch.Tensor,
+    draws: list[torch.Tensor],
+    smoothing: float,
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """``dense_tail_loss`` and the gradient of ``losses.sum()`` for every tail parameter by
+    name, without autograd: for a network that is all tail (an MLP), whose input needs no
+    gradient. The same forward and backward as the autograd node, so the same numbers; it
+    saves autograd's engine and bookkeeping, about 55 us of a digits MLP step."""
+    ops, tensors, names = _tail_ops(layers, params, draws)
+    with torch.no_grad():
+        losses, logits, saved = _forward(x, target, row_weight, smoothing, ops, tensors)
+        wanted = [False] + [t is not None for t in tensors]
+        ones = torch.ones_like(losses)
+        _, grads = _backward(saved, ones, ops, smoothing, len(tensors), wanted)
+    return losses, logits, {n: g for n, g in zip(names, grads, strict=True) if n is not None}
+
+
+def _tail_ops(
+    layers: list[tuple[str, nn.Module]], params: dict[str, torch.Tensor], draws: list[torch.Tensor]
+) -> tuple[list[tuple[str, Any]], list[torch.Tensor | None], list[str | None]]:
+    """The tail as ops, its parameters (weight, bias or None per Linear) and their names."""
     ops: list[tuple[str, Any]] = []
     tensors: list[torch.Tensor | None] = []
+    names: list[str | None] = []
     pending = list(draws)
     for name, layer in layers:
         if isinstance(layer, nn.Linear):
             ops.append(("linear", None))
-            tensors += [params[f"net.{name}.weight"], params.get(f"net.{name}.bias")]
+            bias = f"net.{name}.bias"
+            tensors += [params[f"net.{name}.weight"], params.get(bias)]
+            names += [f"net.{name}.weight", bias if bias in params else None]
         elif isinstance(layer, nn.ReLU):
             ops.append(("relu", None))
         elif isinstance(layer, (Dropout, GaussianDropout)) and layer.training and layer.p:
             ops.append(("scale", dropout_factor(layer, pending.pop(0))))
-    return _DenseTailLoss.apply(x, target, row_weight, smoothing, ops, *tensors)
+    return ops, tensors, names
 
 
 def dropout_factor(layer: nn.Module, numbers: torch.Tensor) -> torch.Tensor:
@@ -73,6 +106,105 @@ def dropout_factor(layer: nn.Module, numbers: torch.Tensor) -> torch.Tensor:
     if isinstance(layer, Dropout):
         return (numbers >= layer.p).to(numbers.dtype) / (1 - layer.p)
     return 1 + (layer.p / (1 - layer.p)) ** 0.5 * numbers
+
+
+def _forward(
+    x: torch.Tensor,
+    target: torch.Tensor,
+    row_weight: torch.Tensor,
+    smoothing: float,
+    ops: list[tuple[str, Any]],
+    tensors: list[torch.Tensor | None],
+) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """(losses, logits, what the backward needs: target, row weights, their count, the
+    log-probabilities, the parameters, then the input of each Linear and the output of
+    each ReLU)."""
+    factors = [factor for kind, factor in ops if kind == "scale"]
+    native = native_matmul.usable(x, *(t for t in tensors if t is not None), *factors)
+    h, saved, weights = x, [], iter(tensors)
+    i = 0
+    while i < len(ops):
+        kind, factor = ops[i]
+        if kind == "linear":
+            weight, bias = next(weights), next(weights)
+            saved.append(h)  # the input, for the weight's gradient
+            if native:  # a ReLU right after is done in the same pass
+                fused = i + 1 < len(ops) and ops[i + 1][0] == "relu"
+                w_t = native_matmul.transposed(weight)
+                h = native_matmul.bmm(h, w_t, bias, relu=fused)
+                if fused:
+                    saved.append(h)  # the ReLU's output, for its backward
+                    i += 1
+            else:
+                w_t = weight.transpose(1, 2)
+                h = torch.baddbmm(bias.unsqueeze(1), h, w_t) if bias is not None else h.bmm(w_t)
+        elif kind == "relu":
+            # in place on a fresh output; not on one saved for a backward
+            h = h.relu() if h is saved[-1] else h.relu_()
+            saved.append(h)  # the output, for threshold_backward
+        else:
+            h = h * factor
+        i += 1
+    logits = h
+    log_p = torch.log_softmax(logits, -1)
+    classes = logits.shape[-1]
+    if target.dim() == log_p.dim():  # probabilities
+        q = target * (1 - smoothing) + smoothing / classes if smoothing else target
+        ce = -(q * log_p).sum(-1)
+    else:
+        ce = -log_p.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+        if smoothing:
+            ce = (1 - smoothing) * ce - smoothing / classes * log_p.sum(-1)
+    count = row_weight.sum(1).clamp(min=1)
+    losses = (ce * row_weight).sum(1) / count
+    return losses, logits, [target, row_weight, count, log_p, *tensors, *saved]
+
+
+def _backward(
+    saved: list[torch.Tensor],
+    grad_losses: torch.Tensor,
+    ops: list[tuple[str, Any]],
+    smoothing: float,
+    n_tensors: int,
+    wanted: list[bool],
+) -> tuple[torch.Tensor | None, list[torch.Tensor | None]]:
+    """(gradient of the input, gradient of each tail parameter) for ``grad_losses``;
+    ``saved`` as ``_forward`` gave it, ``wanted`` whether the input and each parameter need
+    theirs."""
+    target, row_weight, count, log_p, *rest = saved
+    tensors, saved = rest[:n_tensors], rest[n_tensors:]
+    g = _logit_gradient(log_p, target, smoothing)
+    g.mul_((row_weight * (grad_losses / count).unsqueeze(1)).unsqueeze(-1))
+    grads: list[torch.Tensor | None] = [None] * len(tensors)
+    slot = len(tensors)
+    factors = [factor for kind, factor in ops if kind == "scale"]
+    native = native_matmul.usable(g, *(t for t in tensors if t is not None), *factors)
+    product = native_matmul.bmm if native else torch.bmm
+    i = len(ops) - 1
+    while i >= 0:
+        kind, factor = ops[i]
+        if kind == "linear":
+            slot -= 2
+            h_in = saved.pop()
+            weight, bias = tensors[slot], tensors[slot + 1]
+            if wanted[1 + slot]:
+                grads[slot] = product(g.transpose(1, 2), h_in)
+            if bias is not None and wanted[2 + slot]:
+                grads[slot + 1] = g.sum(1)
+            if slot == 0 and not wanted[0]:
+                break  # the network's input: no gradient to pass on
+            if native and i > 0 and ops[i - 1][0] == "relu":
+                # the ReLU before this layer, in the same pass
+                g = native_matmul.bmm(g, weight, mask=saved.pop())
+                i -= 1
+            else:
+                g = product(g, weight)
+        elif kind == "relu":
+            g = torch.ops.aten.threshold_backward(g, saved.pop(), 0)
+        else:
+            g = g * factor
+        i -= 1
+    return (g if wanted[0] else None), grads
 
 
 class _DenseTailLoss(torch.autograd.Function):
@@ -86,51 +218,10 @@ class _DenseTailLoss(torch.autograd.Function):
         ops: list[tuple[str, Any]],
         *tensors: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        factors = [factor for kind, factor in ops if kind == "scale"]
-        native = native_matmul.usable(x, *(t for t in tensors if t is not None), *factors)
-        h, saved, weights = x, [], iter(tensors)
-        i = 0
-        while i < len(ops):
-            kind, factor = ops[i]
-            if kind == "linear":
-                weight, bias = next(weights), next(weights)
-                saved.append(h)  # the input, for the weight's gradient
-                if native:  # a ReLU right after is done in the same pass
-                    fused = i + 1 < len(ops) and ops[i + 1][0] == "relu"
-                    w_t = native_matmul.transposed(weight)
-                    h = native_matmul.bmm(h, w_t, bias, relu=fused)
-                    if fused:
-                        saved.append(h)  # the ReLU's output, for its backward
-                        i += 1
-                else:
-                    w_t = weight.transpose(1, 2)
-                    h = (
-                        torch.baddbmm(bias.unsqueeze(1), h, w_t)
-                        if bias is not None
-                        else torch.bmm(h, w_t)
-                    )
-            elif kind == "relu":
-                # in place on a fresh output; not on one saved for a backward
-                h = h.relu() if h is saved[-1] else h.relu_()
-                saved.append(h)  # the output, for threshold_backward
-            else:
-                h = h * factor
-            i += 1
-        logits = h
-        log_p = torch.log_softmax(logits, -1)
-        classes = logits.shape[-1]
-        if target.dim() == log_p.dim():  # probabilities
-            q = target * (1 - smoothing) + smoothing / classes if smoothing else target
-            ce = -(q * log_p).sum(-1)
-        else:
-            ce = -log_p.gather(-1, target.unsqueeze(-1)).squeeze(-1)
-            if smoothing:
-                ce = (1 - smoothing) * ce - smoothing / classes * log_p.sum(-1)
-        count = row_weight.sum(1).clamp(min=1)
-        losses = (ce * row_weight).sum(1) / count
+        losses, logits, saved = _forward(x, target, row_weight, smoothing, ops, list(tensors))
         ctx.ops, ctx.smoothing, ctx.params = ops, smoothing, len(tensors)
         # through save_for_backward, so that an in-place change before the backward is caught
-        ctx.save_for_backward(target, row_weight, count, log_p, *tensors, *saved)
+        ctx.save_for_backward(*saved)
         ctx.mark_non_differentiable(logits)
         return losses, logits
 
@@ -139,40 +230,10 @@ class _DenseTailLoss(torch.autograd.Function):
     def backward(
         ctx: Any, grad_losses: torch.Tensor, _grad_logits: torch.Tensor | None
     ) -> tuple[torch.Tensor | None, ...]:
-        target, row_weight, count, log_p, *rest = ctx.saved_tensors
-        tensors, saved = rest[: ctx.params], rest[ctx.params :]
-        g = _logit_gradient(log_p, target, ctx.smoothing)
-        g.mul_((row_weight * (grad_losses / count).unsqueeze(1)).unsqueeze(-1))
-        grads: list[torch.Tensor | None] = [None] * len(tensors)
-        ops, slot = ctx.ops, len(tensors)
-        factors = [factor for kind, factor in ops if kind == "scale"]
-        native = native_matmul.usable(g, *(t for t in tensors if t is not None), *factors)
-        product = native_matmul.bmm if native else torch.bmm
-        i = len(ops) - 1
-        while i >= 0:
-            kind, factor = ops[i]
-            if kind == "linear":
-                slot -= 2
-                h_in = saved.pop()
-                weight, bias = tensors[slot], tensors[slot + 1]
-                if ctx.needs_input_grad[5 + slot]:
-                    grads[slot] = product(g.transpose(1, 2), h_in)
-                if bias is not None and ctx.needs_input_grad[6 + slot]:
-                    grads[slot + 1] = g.sum(1)
-                if slot == 0 and not ctx.needs_input_grad[0]:
-                    break  # the network's input: no gradient to pass on
-                if native and i > 0 and ops[i - 1][0] == "relu":
-                    # the ReLU before this layer, in the same pass
-                    g = native_matmul.bmm(g, weight, mask=saved.pop())
-                    i -= 1
-                else:
-                    g = product(g, weight)
-            elif kind == "relu":
-                g = torch.ops.aten.threshold_backward(g, saved.pop(), 0)
-            else:
-                g = g * factor
-            i -= 1
-        grad_x = g if ctx.needs_input_grad[0] else None
+        wanted = [ctx.needs_input_grad[0], *ctx.needs_input_grad[5:]]
+        grad_x, grads = _backward(
+            list(ctx.saved_tensors), grad_losses, ctx.ops, ctx.smoothing, ctx.params, wanted
+        )
         return grad_x, None, None, None, None, *grads
 
 

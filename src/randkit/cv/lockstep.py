@@ -243,7 +243,16 @@ class Lockstep:
         params = self._perturbed(rows, keys)
         smoothing = cfg.label_smoothing
 
-        if self.stacked is not None:
+        direct = None
+        if self.stacked is not None and params is self.params:  # no weight perturbation
+            direct = self.stacked.loss_and_grads(
+                params, self.buffers, x, target, weight, draws, smoothing
+            )
+        if direct is not None:  # an all-dense model: its gradients without autograd
+            losses, logits, grads = direct
+            for name, p in self.params.items():
+                p.grad = grads[name]
+        elif self.stacked is not None:
             losses, logits = self.stacked.loss(
                 params, self.buffers, x, target, weight, draws, smoothing
             )
@@ -260,9 +269,10 @@ class Lockstep:
             losses, logits = vmap(per_trial, randomness="error")(
                 params, self.buffers, x, target, weight, draws
             )
-        for p in self.params.values():
-            p.grad = None
-        losses.sum().backward()
+        if direct is None:
+            for p in self.params.values():
+                p.grad = None
+            losses.sum().backward()
         self._gradient_noise(rows, keys)
         if cfg.grad_clip is not None:
             self._clip(cfg.grad_clip)

@@ -22,7 +22,12 @@ from torch import nn
 from torch.nn import functional as F
 
 from randkit.cv.conv_pool import applies, conv_max_pool
-from randkit.cv.dense_tail import dense_tail_loss, dropout_factor, tail_start
+from randkit.cv.dense_tail import (
+    dense_tail_loss,
+    dense_tail_loss_and_grads,
+    dropout_factor,
+    tail_start,
+)
 from randkit.models import Classifier, Standardize
 from randkit.randomize.modules import Dropout, GaussianDropout
 
@@ -47,6 +52,15 @@ class StackedForward:
         self.model = model
         self.layers = _pool_before_relu(list(model.net.named_children()))
         self.tail = tail_start(self.layers)  # None: no dense tail, autograd all the way
+        # the parameters of the tail's Linear layers: when they are all of the model's, its
+        # gradients need no autograd (``loss_and_grads``)
+        self.tail_parameters = {
+            f"net.{name}.{kind}"
+            for name, layer in (self.layers[self.tail :] if self.tail is not None else [])
+            if isinstance(layer, nn.Linear)
+            for kind in ("weight", "bias")
+            if getattr(layer, kind) is not None
+        }
 
     @classmethod
     def build(cls, model: nn.Module) -> StackedForward | None:
@@ -102,6 +116,29 @@ class StackedForward:
             label_smoothing=smoothing,
         ).view(k, width)
         return (ce * row_weight).sum(1) / row_weight.sum(1).clamp(min=1), logits
+
+    def loss_and_grads(
+        self,
+        params: dict[str, torch.Tensor],
+        buffers: dict[str, torch.Tensor],
+        x: torch.Tensor,
+        target: torch.Tensor,
+        row_weight: torch.Tensor,
+        draws: list[torch.Tensor],
+        smoothing: float = 0.0,
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]] | None:
+        """``loss`` and the gradients of ``losses.sum()`` by parameter name, computed without
+        autograd, for a model whose parameters all belong to its dense tail (an MLP: the
+        layers before the tail have nothing to learn); None where that does not hold."""
+        if self.tail is None or not set(params) <= self.tail_parameters:
+            return None
+        pending = list(draws)
+        with torch.no_grad():
+            h = self._run(params, buffers, x, pending, self.tail)
+        if h.dim() != 3:
+            return None
+        tail = self.layers[self.tail :]
+        return dense_tail_loss_and_grads(tail, params, h, target, row_weight, pending, smoothing)
 
     def _run(
         self,
