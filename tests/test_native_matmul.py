@@ -72,13 +72,31 @@ def test_relu_and_mask_epilogues_follow_torch_including_nan() -> None:
     assert expected[0, 2, 0] == 3  # torch keeps the value where the mask is NaN
 
 
-@pytest.mark.parametrize(
-    "shape", [(5, 256, 64), (5, 128, 256), (3, 10, 128), (2, 17, 33), (1, 1, 1)]
-)
-def test_transposed_copies_exactly(shape: tuple[int, int, int]) -> None:
-    w = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
-    assert torch.equal(native_matmul.transposed(w), w.transpose(1, 2).contiguous())
-    assert torch.equal(native_matmul.transposed(w.transpose(1, 2)), w)  # a view is copied first
+@pytest.mark.parametrize("rows", [1, 13, 64])
+@pytest.mark.parametrize("columns", [1, 10, 16, 17, 33, 128])
+@pytest.mark.parametrize("depth", [0, 5, 16, 37, 64])
+def test_a_linear_layer_packs_its_weight_and_equals_torch(
+    rows: int, columns: int, depth: int
+) -> None:
+    """``linear`` takes a Linear layer's stacked weight (K, out, in) as it is and packs its
+    rows inside the kernel, in 16 x 16 register blocks with the leftovers one by one: every
+    edge of those blocks, with bias and ReLU, equals torch's baddbmm."""
+    g = torch.Generator().manual_seed(rows * 1000 + columns * 10 + depth)
+    x = torch.randn(3, rows, depth, generator=g)
+    weight = torch.randn(3, columns, depth, generator=g)
+    bias = torch.randn(3, columns, generator=g)
+    expected = _reference(x, weight.transpose(1, 2), bias)
+    ours = native_matmul.linear(x, weight, bias)
+    torch.testing.assert_close(ours.double(), expected, atol=1e-5, rtol=1e-5)
+    relu = native_matmul.linear(x, weight, bias, relu=True)
+    torch.testing.assert_close(relu.double(), expected.clamp(min=0), atol=1e-5, rtol=1e-5)
+    strided = torch.randn(3, depth, columns, generator=g).transpose(1, 2)  # rows not contiguous
+    torch.testing.assert_close(
+        native_matmul.linear(x, strided).double(),
+        _reference(x, strided.transpose(1, 2), None),
+        atol=1e-5,
+        rtol=1e-5,
+    )
 
 
 def test_results_do_not_depend_on_the_thread_count() -> None:
@@ -88,12 +106,12 @@ def test_results_do_not_depend_on_the_thread_count() -> None:
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = native_matmul.bmm(a, b)
+        one = native_matmul.bmm(a, b), native_matmul.linear(a, b.transpose(1, 2))
         torch.set_num_threads(2)
-        two = native_matmul.bmm(a, b)
+        two = native_matmul.bmm(a, b), native_matmul.linear(a, b.transpose(1, 2))
     finally:
         torch.set_num_threads(threads)
-    assert torch.equal(one, two)
+    assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
 
 
 def test_mismatched_shapes_are_refused_before_the_kernel_reads_memory() -> None:
@@ -117,8 +135,8 @@ def test_other_dtypes_are_refused_and_empty_products_need_no_kernel() -> None:
         native_matmul.bmm(a, b, mask=torch.ones(1, 4, 5, dtype=torch.bool))
     with pytest.raises(ValueError, match="bias must be a 2-d"):
         native_matmul.bmm(a, b, torch.zeros(1, 5, dtype=torch.float16))
-    with pytest.raises(ValueError, match="w must be"):
-        native_matmul.transposed(torch.randn(1, 64, 64).half())
+    with pytest.raises(ValueError, match="weight must be"):
+        native_matmul.linear(torch.randn(1, 4, 64), torch.randn(1, 64, 64).half())
     empty = native_matmul.bmm(torch.randn(2, 0, 3), torch.randn(2, 3, 5), mask=torch.randn(2, 0, 5))
     assert empty.shape == (2, 0, 5)
-    assert native_matmul.transposed(torch.randn(2, 0, 7)).shape == (2, 7, 0)
+    assert native_matmul.linear(torch.randn(2, 3, 0), torch.randn(2, 0, 0)).shape == (2, 3, 0)

@@ -10,13 +10,14 @@
  * gemm: for every model k,
  *     C[k] = epilogue(bias[k] + A[k] @ B[k])
  * A[k] is M x R with any strides (a transposed view is fine), B[k] is R x N with unit
- * column stride, C[k] is M x N with unit column stride; bias (N per model) is optional.
+ * column stride or, for a Linear layer's weight, given transposed (N x R, unit stride along
+ * R: packed per column tile inside the kernel), C[k] is M x N with unit column stride; bias
+ * (N per model) is optional.
  * The epilogue is either nothing, relu (max(0, v), a NaN stays NaN as in torch.relu), or a
  * mask: 0 where mask <= 0, else v (torch's threshold_backward(v, mask, 0), which keeps v
  * where mask is NaN; mask has C's layout). Each output is one thread's sum over r in order, so results do not depend on the
  * thread count.
  *
- * transpose: out[k] = in[k]^T for (K, R, C) contiguous float32, in 16 x 16 register blocks.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -48,16 +49,17 @@ typedef struct {
 #define COLUMNS 32      /* columns of C per tile: two 16-float vectors */
 
 #if HAVE_KERNELS
-/* Rows [m0, m0 + ROWS) x columns [n0, n0 + 32) of model k. The 2 * ROWS sums stay in
+/* Rows [m0, m0 + ROWS) x columns [n0, n0 + 32) of model k, B's rows of 32 starting at b
+ * (b_row apart: B itself, or a packed panel of it). The 2 * ROWS sums stay in
  * registers (ROWS = 8: 16 of the 32 vector registers) while the R products are added; the
  * unroll pragmas matter: without them gcc kept the sums on the stack (measured 2.7x slower). */
 #define TILE(ROWS)                                                                              \
-    AVX512 static void tile##ROWS(const Gemm *g, int64_t k, int64_t m0, int64_t n0) {          \
+    AVX512 static void tile##ROWS(const Gemm *g, const float *b, int64_t b_row, int64_t k,    \
+                                  int64_t m0, int64_t n0) {                                     \
         const float *a = g->a + k * g->a_model + m0 * g->a_row;                                 \
-        const float *b = g->b + k * g->b_model + n0;                                            \
         float *c = g->c + k * g->c_model + m0 * g->c_row + n0;                                  \
         const int64_t left = g->n - n0, r_count = g->r, a_row = g->a_row, a_col = g->a_col;     \
-        const int64_t b_row = g->b_row, c_row = g->c_row;                                       \
+        const int64_t c_row = g->c_row;                                                         \
         const __mmask16 lo = left >= 16 ? 0xFFFF : (__mmask16)((1u << left) - 1);              \
         const __mmask16 hi = left >= 32   ? 0xFFFF                                              \
                              : left > 16 ? (__mmask16)((1u << (left - 16)) - 1)                 \
@@ -103,15 +105,43 @@ TILE(8)
 TILE(4)
 TILE(1)
 
+static void row_tiles(const Gemm *g, const float *b, int64_t b_row, int64_t k, int64_t m0,
+                      int64_t end, int64_t n0) {
+    int64_t m = m0;
+    for (; m + 8 <= end; m += 8) tile8(g, b, b_row, k, m, n0);
+    for (; m + 4 <= end; m += 4) tile4(g, b, b_row, k, m, n0);
+    for (; m < end; m++) tile1(g, b, b_row, k, m, n0);
+}
+
 static void gemm_job(const Gemm *g, int64_t job, int64_t row_jobs, int64_t column_tiles) {
     const int64_t k = job / (row_jobs * column_tiles), rest = job % (row_jobs * column_tiles);
     /* a thread's consecutive jobs share one column tile of B, which stays in L1 */
     const int64_t n0 = (rest / row_jobs) * COLUMNS, m0 = (rest % row_jobs) * ROWS_PER_JOB;
     const int64_t end = m0 + ROWS_PER_JOB < g->m ? m0 + ROWS_PER_JOB : g->m;
-    int64_t m = m0;
-    for (; m + 8 <= end; m += 8) tile8(g, k, m, n0);
-    for (; m + 4 <= end; m += 4) tile4(g, k, m, n0);
-    for (; m < end; m++) tile1(g, k, m, n0);
+    row_tiles(g, g->b + k * g->b_model + n0, g->b_row, k, m0, end, n0);
+}
+
+AVX512 static void transpose16(const float *in, float *out, int64_t in_row, int64_t out_row);
+
+/* B given transposed (N rows of R, b_row apart; a Linear layer's weight): each job packs the
+ * 32 rows of one column tile into ``pack`` (R x 32) by 16 x 16 register transposes, then runs
+ * every row of C against it while it is in L1. Instead of transposing the whole weight first:
+ * one pass over it fewer, and no separate call (measured: 19 us a transpose inside the digits
+ * MLP's steps). */
+static void gemm_packed_job(const Gemm *g, int64_t job, int64_t column_tiles, float *pack) {
+    const int64_t k = job / column_tiles, n0 = (job % column_tiles) * COLUMNS;
+    const int64_t width = g->n - n0 < COLUMNS ? g->n - n0 : COLUMNS, r_count = g->r;
+    const float *w = g->b + k * g->b_model + n0 * g->b_row;
+    for (int64_t h = 0; h < width; h += 16) {
+        int64_t r = 0;
+        if (width - h >= 16)
+            for (; r + 16 <= r_count; r += 16)
+                transpose16(w + h * g->b_row + r, pack + r * COLUMNS + h, g->b_row, COLUMNS);
+        for (; r < r_count; r++) /* what 16 x 16 blocks leave, one number at a time */
+            for (int64_t j = h; j < width && j < h + 16; j++)
+                pack[r * COLUMNS + j] = w[j * g->b_row + r];
+    }
+    row_tiles(g, pack, COLUMNS, k, 0, g->m, n0);
 }
 
 /* A 16 x 16 block: 16 rows in registers, transposed by 32-bit, 64-bit, 128-bit and 256-bit
@@ -143,17 +173,6 @@ AVX512 static void transpose16(const float *in, float *out, int64_t in_row, int6
     for (int i = 0; i < 16; i++) _mm512_storeu_ps(out + i * out_row, r[i]);
 }
 
-static void transpose_job(const float *in, float *out, int64_t rows, int64_t cols,
-                          int64_t i0, int64_t j0) {
-    if (i0 + 16 <= rows && j0 + 16 <= cols) {
-        transpose16(in + i0 * cols + j0, out + j0 * rows + i0, cols, rows);
-        return;
-    }
-    const int64_t i_end = i0 + 16 < rows ? i0 + 16 : rows;
-    const int64_t j_end = j0 + 16 < cols ? j0 + 16 : cols;
-    for (int64_t j = j0; j < j_end; j++)
-        for (int64_t i = i0; i < i_end; i++) out[j * rows + i] = in[i * cols + j];
-}
 #endif
 
 static int cpu_has_avx512(void) {
@@ -173,18 +192,19 @@ static PyObject *refuse(void) {
 }
 
 /* gemm(a, b, c, bias, mask, K, M, N, R, a_row, a_col, a_model, b_row, b_model, c_row,
- *      c_model, bias_model, epilogue, threads): addresses (0 for no bias or mask), sizes and
- * strides in floats as above, and the number of threads (torch.get_num_threads(): OpenMP's
- * own setting is per calling thread, so a worker thread would not follow torch's); the GIL
- * is released while it runs. */
+ *      c_model, bias_model, epilogue, threads, b_transposed): addresses (0 for no bias or
+ * mask), sizes and strides in floats as above, the number of threads (torch.get_num_threads():
+ * OpenMP's own setting is per calling thread, so a worker thread would not follow torch's),
+ * and whether B is given transposed (N x R per model, b_row apart, unit stride along R); the
+ * GIL is released while it runs. */
 static PyObject *gemm(PyObject *self, PyObject *args) {
     Gemm g = {0};
     unsigned long long a, b, c, bias, mask;
-    int threads;
-    if (!PyArg_ParseTuple(args, "KKKKKLLLLLLLLLLLLii", &a, &b, &c, &bias, &mask, &g.models,
+    int threads, b_transposed;
+    if (!PyArg_ParseTuple(args, "KKKKKLLLLLLLLLLLLiip", &a, &b, &c, &bias, &mask, &g.models,
                           &g.m, &g.n, &g.r, &g.a_row, &g.a_col, &g.a_model, &g.b_row,
                           &g.b_model, &g.c_row, &g.c_model, &g.bias_model, &g.epilogue,
-                          &threads))
+                          &threads, &b_transposed))
         return NULL;
     if (!usable) return refuse();
     if (g.models < 0 || g.m < 0 || g.n < 0 || g.r < 0 || g.epilogue < EPILOGUE_NONE ||
@@ -200,6 +220,27 @@ static PyObject *gemm(PyObject *self, PyObject *args) {
     g.mask = (const float *)(uintptr_t)mask;
     const int64_t row_jobs = (g.m + ROWS_PER_JOB - 1) / ROWS_PER_JOB;
     const int64_t column_tiles = (g.n + COLUMNS - 1) / COLUMNS;
+    if (b_transposed) {
+        const int64_t jobs = g.models * column_tiles;
+        /* one packed panel per thread */
+        float *packs = PyMem_RawMalloc(sizeof(float) * (size_t)(threads * (g.r + 1) * COLUMNS));
+        if (!packs) return PyErr_NoMemory();
+        Py_BEGIN_ALLOW_THREADS
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) num_threads(threads) if (jobs > 1)
+#endif
+        for (int64_t job = 0; job < jobs; job++) {
+#ifdef _OPENMP
+            float *pack = packs + (int64_t)omp_get_thread_num() * (g.r + 1) * COLUMNS;
+#else
+            float *pack = packs;
+#endif
+            gemm_packed_job(&g, job, column_tiles, pack);
+        }
+        Py_END_ALLOW_THREADS
+        PyMem_RawFree(packs);
+        Py_RETURN_NONE;
+    }
     const int64_t jobs = g.models * row_jobs * column_tiles;
     Py_BEGIN_ALLOW_THREADS
 #ifdef _OPENMP
@@ -211,47 +252,12 @@ static PyObject *gemm(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-/* transpose(in, out, K, R, C, threads): out (K, C, R) = in (K, R, C) transposed, both
- * contiguous. */
-static PyObject *transpose(PyObject *self, PyObject *args) {
-    unsigned long long in_address, out_address;
-    long long models, rows, cols;
-    int threads;
-    if (!PyArg_ParseTuple(args, "KKLLLi", &in_address, &out_address, &models, &rows, &cols,
-                          &threads))
-        return NULL;
-    if (!usable) return refuse();
-    if (models < 0 || rows < 0 || cols < 0 || threads < 1) {
-        PyErr_SetString(PyExc_ValueError, "densemm.transpose: bad sizes");
-        return NULL;
-    }
-#if HAVE_KERNELS
-    const float *in = (const float *)(uintptr_t)in_address;
-    float *out = (float *)(uintptr_t)out_address;
-    const int64_t row_blocks = (rows + 15) / 16, col_blocks = (cols + 15) / 16;
-    const int64_t jobs = models * row_blocks * col_blocks;
-    Py_BEGIN_ALLOW_THREADS
-#ifdef _OPENMP
-#pragma omp parallel for schedule(static) num_threads(threads) if (jobs > 1)
-#endif
-    for (int64_t job = 0; job < jobs; job++) {
-        const int64_t k = job / (row_blocks * col_blocks), rest = job % (row_blocks * col_blocks);
-        transpose_job(in + k * rows * cols, out + k * rows * cols, rows, cols,
-                      (rest / col_blocks) * 16, (rest % col_blocks) * 16);
-    }
-    Py_END_ALLOW_THREADS
-#endif
-    Py_RETURN_NONE;
-}
-
 static PyObject *available(PyObject *self, PyObject *args) { return PyBool_FromLong(usable); }
 
 static PyMethodDef methods[] = {
     {"gemm", gemm, METH_VARARGS,
      "gemm(a, b, c, bias, mask, K, M, N, R, a_row, a_col, a_model, b_row, b_model, c_row, "
-     "c_model, bias_model, epilogue, threads): C = epilogue(bias + A @ B) per model"},
-    {"transpose", transpose, METH_VARARGS,
-     "transpose(in, out, K, R, C, threads): out = in^T per model"},
+     "c_model, bias_model, epilogue, threads, b_transposed): C = epilogue(bias + A @ B)"},
     {"available", available, METH_NOARGS, "available(): whether this CPU runs the kernels"},
     {NULL, NULL, 0, NULL},
 };

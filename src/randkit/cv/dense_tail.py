@@ -130,8 +130,7 @@ def _forward(
             saved.append(h)  # the input, for the weight's gradient
             if native:  # a ReLU right after is done in the same pass
                 fused = i + 1 < len(ops) and ops[i + 1][0] == "relu"
-                w_t = native_matmul.transposed(weight)
-                h = native_matmul.bmm(h, w_t, bias, relu=fused)
+                h = native_matmul.linear(h, weight, bias, relu=fused)
                 if fused:
                     saved.append(h)  # the ReLU's output, for its backward
                     i += 1

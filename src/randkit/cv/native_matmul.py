@@ -4,13 +4,13 @@ has AVX-512, else torch.
 Why a kernel of our own (``randkit/_native/densemm.c``): torch's CPU matmul calls MKL, which
 runs its AVX2 code on AMD processors even when they have AVX-512. On the stacked digits MLP
 (5 models, batch 64, Linear 64-256-128-10; AMD EPYC with AVX-512, 2 threads) the step's
-eight products took 198 us against torch's 510 us (bmm and baddbmm), and the weights'
-transposes that the kernel needs add 9 us. Each output is one thread's sum in a fixed order,
-so the results do not depend on the thread count; they differ from torch's in float
-rounding only.
+eight products took 198 us against torch's 510 us (bmm and baddbmm); the forward packs
+each weight's rows per column tile inside the kernel instead of transposing it first. Each
+output is one thread's sum in a fixed order, so the results do not depend on the thread
+count; they differ from torch's in float rounding only.
 
-Every function takes float32 CPU tensors shaped (K, ...) and falls back to torch ops when
-``usable`` says no.
+``bmm`` and ``linear`` take float32 CPU tensors shaped (K, ...) and refuse anything else;
+callers check ``usable`` first and keep torch otherwise.
 """
 
 from __future__ import annotations
@@ -36,17 +36,6 @@ def usable(*tensors: torch.Tensor) -> bool:
     return has_native_kernel() and all(t.is_cpu and t.dtype == torch.float32 for t in tensors)
 
 
-def transposed(w: torch.Tensor) -> torch.Tensor:
-    """(K, C, R) contiguous copy of ``w`` (K, R, C) transposed (torch's strided copy measured
-    7x slower here)."""
-    _check("w", w)
-    w = w.contiguous()
-    out = torch.empty((w.shape[0], w.shape[2], w.shape[1]), dtype=w.dtype)
-    if out.numel():
-        native.transpose(w.data_ptr(), out.data_ptr(), *w.shape, torch.get_num_threads())
-    return out
-
-
 def _check(name: str, t: torch.Tensor, dims: int = 3) -> None:
     """The kernel reads raw float32 memory: anything else is refused before it runs."""
     if t.dtype != torch.float32 or not t.is_cpu or t.dim() != dims or t.is_neg():
@@ -54,6 +43,19 @@ def _check(name: str, t: torch.Tensor, dims: int = 3) -> None:
             f"native_matmul: {name} must be a {dims}-d float32 CPU tensor, "
             f"got {t.dim()}-d {t.dtype} on {t.device}"
         )
+
+
+def linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, relu: bool = False
+) -> torch.Tensor:
+    """``x @ weight^T + bias`` per model, (K, M, R) with a Linear layer's stacked weight
+    (K, N, R) and bias (K, N), then ``relu``: the kernel packs the weight's rows per column
+    tile itself, so no transposed copy is made (the weight is copied only when its rows are
+    not contiguous)."""
+    _check("weight", weight)
+    if weight.stride(2) != 1:
+        weight = weight.contiguous()
+    return _gemm(x, weight, weight.shape[1], bias, relu, None, transposed=True)
 
 
 def bmm(
@@ -69,22 +71,37 @@ def bmm(
     torch's ``threshold_backward`` does with a ReLU's output). ``a`` may be any strided view;
     ``b`` is copied when its rows are not contiguous. All float32 CPU tensors (checked: the
     kernel reads raw memory)."""
-    _check("a", a)
     _check("b", b)
+    if b.stride(2) != 1:
+        b = b.contiguous()
+    return _gemm(a, b, b.shape[2], bias, relu, mask, transposed=False)
+
+
+def _gemm(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    columns: int,
+    bias: torch.Tensor | None,
+    relu: bool,
+    mask: torch.Tensor | None,
+    *,
+    transposed: bool,
+) -> torch.Tensor:
+    _check("a", a)
     if bias is not None:
         _check("bias", bias, 2)
     if mask is not None:
         _check("mask", mask)
     models, rows, depth = a.shape
-    columns = b.shape[2]
-    if b.shape != (models, depth, columns) or (
-        bias is not None and bias.shape != (models, columns)
-    ):
-        raise ValueError(f"bmm: shapes {tuple(a.shape)} @ {tuple(b.shape)} do not match")
+    expected = (models, columns, depth) if transposed else (models, depth, columns)
+    if b.shape != expected or (bias is not None and bias.shape != (models, columns)):
+        raise ValueError(
+            f"native_matmul: shapes {tuple(a.shape)} and {tuple(b.shape)} do not match"
+        )
     if mask is not None and mask.shape != (models, rows, columns):
-        raise ValueError(f"bmm: mask shape {tuple(mask.shape)}, expected {(models, rows, columns)}")
-    if b.stride(2) != 1:
-        b = b.contiguous()
+        raise ValueError(
+            f"native_matmul: mask shape {tuple(mask.shape)}, expected {(models, rows, columns)}"
+        )
     out = torch.empty((models, rows, columns), dtype=torch.float32)
     epilogue = NONE
     if relu:
@@ -96,6 +113,29 @@ def bmm(
         bias = bias.contiguous()
     if not out.numel():  # nothing to compute (and an empty mask's address would read as none)
         return out
+    native.gemm(
+        a.data_ptr(),
+        b.data_ptr(),
+        out.data_ptr(),
+        0 if bias is None else bias.data_ptr(),
+        0 if mask is None else mask.data_ptr(),
+        models,
+        rows,
+        columns,
+        depth,
+        a.stride(1),
+        a.stride(2),
+        a.stride(0),
+        b.stride(1),
+        b.stride(0),
+        columns,
+        rows * columns,
+        columns,
+        epilogue,
+        torch.get_num_threads(),
+        transposed,
+    )
+    return out
     native.gemm(
         a.data_ptr(),
         b.data_ptr(),
