@@ -34,6 +34,7 @@ setup(
         Extension(
             "randkit._native._densemm",
             sources=["src/randkit/_native/densemm.c"],
+            libraries=["m"],
             extra_compile_args=["-O3", "-fno-math-errno", "-std=gnu11", *OPENMP],
             extra_link_args=OPENMP,
             optional=True,

@@ -140,3 +140,47 @@ def test_other_dtypes_are_refused_and_empty_products_need_no_kernel() -> None:
     empty = native_matmul.bmm(torch.randn(2, 0, 3), torch.randn(2, 3, 5), mask=torch.randn(2, 0, 5))
     assert empty.shape == (2, 0, 5)
     assert native_matmul.linear(torch.randn(2, 3, 0), torch.randn(2, 0, 0)).shape == (2, 3, 0)
+
+
+def _torch_cross_entropy(
+    logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor, smoothing: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = logits.detach().double().requires_grad_(True)
+    ce = torch.nn.functional.cross_entropy(
+        logits.flatten(0, 1), target.flatten(), reduction="none", label_smoothing=smoothing
+    ).view(target.shape)
+    (grad,) = torch.autograd.grad(ce.sum(), logits)
+    return (ce * weight).sum(1) / weight.sum(1).clamp(min=1), grad
+
+
+@pytest.mark.parametrize("classes", [1, 2, 10, 16, 17, 40])
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_the_compiled_cross_entropy_equals_torch(classes: int, smoothing: float) -> None:
+    """Each model's weighted mean cross-entropy (padded rows weigh 0, a model with no rows
+    divides by 1) and each row's gradient, against torch's cross_entropy and autograd in
+    float64; logits up to +-60 exercise the exp's range reduction, -inf a class never
+    chosen."""
+    g = torch.Generator().manual_seed(classes)
+    logits = torch.randn(4, 33, classes, generator=g) * 20
+    logits[0, 0] = 60.0 * torch.linspace(-1, 1, classes)
+    if classes > 2:
+        logits[1, 1, 2] = -float("inf")
+    target = torch.randint(0, classes, (4, 33), generator=g)
+    if classes > 2:
+        target[1, 1] = 0
+    weight = torch.ones(4, 33)
+    weight[2, -5:] = 0
+    weight[3] = 0
+    losses, counts, grad = native_matmul.cross_entropy(logits, target, weight, smoothing)
+    ref_losses, ref_grad = _torch_cross_entropy(logits, target, weight, smoothing)
+    torch.testing.assert_close(losses.double(), ref_losses, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(counts, weight.sum(1).clamp(min=1))
+    torch.testing.assert_close(grad.double(), ref_grad, atol=1e-6, rtol=1e-5)
+    assert losses[3] == 0
+
+
+def test_the_compiled_cross_entropy_refuses_a_target_outside_the_classes() -> None:
+    logits, weight = torch.zeros(1, 3, 4), torch.ones(1, 3)
+    for bad in (4, -1):
+        with pytest.raises(ValueError, match=f"target {bad} is not a class in \\[0, 4\\)"):
+            native_matmul.cross_entropy(logits, torch.tensor([[0, bad, 1]]), weight, 0.0)

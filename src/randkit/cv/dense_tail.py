@@ -116,9 +116,10 @@ def _forward(
     ops: list[tuple[str, Any]],
     tensors: list[torch.Tensor | None],
 ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-    """(losses, logits, what the backward needs: target, row weights, their count, the
-    log-probabilities, the parameters, then the input of each Linear and the output of
-    each ReLU)."""
+    """(losses, logits, what the backward needs: target, row weights, their count, each
+    row's gradient with respect to its logits, the parameters, then the input of each
+    Linear and the output of each ReLU). Class targets on the AVX-512 path take the
+    compiled cross-entropy (``native_matmul.cross_entropy``)."""
     factors = [factor for kind, factor in ops if kind == "scale"]
     native = native_matmul.usable(x, *(t for t in tensors if t is not None), *factors)
     h, saved, weights = x, [], iter(tensors)
@@ -145,6 +146,11 @@ def _forward(
             h = h * factor
         i += 1
     logits = h
+    if native and target.dim() == 2 and logits.shape[-1] > 0:  # class indices
+        losses, count, logit_grad = native_matmul.cross_entropy(
+            logits, target, row_weight, smoothing
+        )
+        return losses, logits, [target, row_weight, count, logit_grad, *tensors, *saved]
     log_p = torch.log_softmax(logits, -1)
     classes = logits.shape[-1]
     if target.dim() == log_p.dim():  # probabilities
@@ -156,7 +162,8 @@ def _forward(
             ce = (1 - smoothing) * ce - smoothing / classes * log_p.sum(-1)
     count = row_weight.sum(1).clamp(min=1)
     losses = (ce * row_weight).sum(1) / count
-    return losses, logits, [target, row_weight, count, log_p, *tensors, *saved]
+    logit_grad = _logit_gradient(log_p, target, smoothing)
+    return losses, logits, [target, row_weight, count, logit_grad, *tensors, *saved]
 
 
 def _backward(
@@ -170,10 +177,9 @@ def _backward(
     """(gradient of the input, gradient of each tail parameter) for ``grad_losses``;
     ``saved`` as ``_forward`` gave it, ``wanted`` whether the input and each parameter need
     theirs."""
-    target, row_weight, count, log_p, *rest = saved
+    _, row_weight, count, logit_grad, *rest = saved
     tensors, saved = rest[:n_tensors], rest[n_tensors:]
-    g = _logit_gradient(log_p, target, smoothing)
-    g.mul_((row_weight * (grad_losses / count).unsqueeze(1)).unsqueeze(-1))
+    g = logit_grad * (row_weight * (grad_losses / count).unsqueeze(1)).unsqueeze(-1)
     grads: list[torch.Tensor | None] = [None] * len(tensors)
     slot = len(tensors)
     factors = [factor for kind, factor in ops if kind == "scale"]

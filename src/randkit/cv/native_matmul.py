@@ -158,3 +158,37 @@ def _gemm(
         torch.get_num_threads(),
     )
     return out
+
+
+def cross_entropy(
+    logits: torch.Tensor, target: torch.Tensor, row_weight: torch.Tensor, smoothing: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(losses (K,), counts (K,), gradient (K, B, C)) for logits (K, B, C), class indices
+    (K, B) and row weights (K, B): each model's weighted mean cross-entropy with label
+    smoothing, the clamped weight sum it divides by, and each row's unweighted gradient with
+    respect to its logits. One compiled pass with a vectorized exp: torch's log_softmax,
+    gather and the gradient's scatter cost about 50 us on the digits MLP's 320 rows."""
+    _check("logits", logits)
+    _check("row_weight", row_weight, 2)
+    if target.dtype != torch.int64 or not target.is_cpu or target.shape != logits.shape[:2]:
+        raise ValueError(f"native_matmul: target must be int64 {tuple(logits.shape[:2])}")
+    if row_weight.shape != logits.shape[:2]:
+        raise ValueError(f"native_matmul: row_weight must be {tuple(logits.shape[:2])}")
+    logits, target, row_weight = logits.contiguous(), target.contiguous(), row_weight.contiguous()
+    models, rows, classes = logits.shape
+    losses = torch.empty(models, dtype=torch.float32)
+    counts = torch.empty(models, dtype=torch.float32)
+    grad = torch.empty_like(logits)
+    native.cross_entropy(
+        logits.data_ptr(),
+        target.data_ptr(),
+        row_weight.data_ptr(),
+        losses.data_ptr(),
+        counts.data_ptr(),
+        grad.data_ptr(),
+        models,
+        rows,
+        classes,
+        float(smoothing),
+    )
+    return losses, counts, grad
