@@ -317,6 +317,15 @@ def test_an_all_dense_model_gets_the_same_gradients_without_autograd(name: str) 
         assert torch.equal(grads[name_], ref), name_
 
 
+def test_a_network_that_reuses_a_layer_is_left_to_vmap() -> None:
+    """``named_children`` lists a module used twice once, so the stacked forward would skip
+    its second use: such a network takes the ``vmap`` path instead."""
+    shared = nn.Linear(8, 8)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.ReLU(), shared, nn.ReLU(), shared)
+    model = Classifier(net, Standardize(torch.zeros(1), torch.ones(1), "image"))
+    assert StackedForward.build(model) is None
+
+
 def test_the_dense_tail_refuses_a_backward_after_its_input_changed_in_place() -> None:
     """The tail saves what its backward needs through autograd, which notices a tensor
     changed in place in between instead of returning a silently wrong gradient."""

@@ -184,3 +184,33 @@ def test_the_compiled_cross_entropy_refuses_a_target_outside_the_classes() -> No
     for bad in (4, -1):
         with pytest.raises(ValueError, match=f"target {bad} is not a class in \\[0, 4\\)"):
             native_matmul.cross_entropy(logits, torch.tensor([[0, bad, 1]]), weight, 0.0)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("position", [3, 20, 39])
+def test_the_compiled_cross_entropy_passes_nan_and_inf_on_as_torch(
+    bad: float, position: int
+) -> None:
+    """A row with a NaN or +inf logit (in any 16-class block) makes its model's loss and its
+    own gradient NaN, as torch's cross_entropy does; the other rows keep finite gradients.
+    A row of only -inf is NaN too."""
+    logits = torch.randn(2, 3, 40, generator=torch.Generator().manual_seed(position))
+    logits[0, 1, position] = bad
+    logits[1, 2] = -float("inf")
+    target = torch.zeros(2, 3, dtype=torch.long)
+    losses, _, grad = native_matmul.cross_entropy(logits, target, torch.ones(2, 3), 0.1)
+    ref_losses, ref_grad = _torch_cross_entropy(logits, target, torch.ones(2, 3), 0.1)
+    assert torch.isnan(losses).all() and torch.isnan(ref_losses).all()
+    assert torch.equal(torch.isnan(grad), torch.isnan(ref_grad))
+    assert torch.isnan(grad[0, 1]).all() and torch.isfinite(grad[0, 0]).all()
+
+
+def test_the_compiled_cross_entropy_keeps_its_precision_far_from_zero() -> None:
+    """Logits around 1e6 (rounding would cancel in x - logsumexp): loss as torch's float32."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(1, 64, 10, generator=g) + 1e6
+    target = torch.randint(0, 10, (1, 64), generator=g)
+    for smoothing in (0.0, 0.1):
+        losses, _, _ = native_matmul.cross_entropy(logits, target, torch.ones(1, 64), smoothing)
+        ref, _ = _torch_cross_entropy(logits, target, torch.ones(1, 64), smoothing)
+        torch.testing.assert_close(losses.double(), ref, atol=1e-5, rtol=1e-5)

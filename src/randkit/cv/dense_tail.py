@@ -146,7 +146,8 @@ def _forward(
             h = h * factor
         i += 1
     logits = h
-    if native and target.dim() == 2 and logits.shape[-1] > 0:  # class indices
+    class_targets = target.dim() == 2 and target.dtype == torch.int64
+    if native and class_targets and row_weight.dtype == torch.float32 and logits.shape[-1] > 0:
         losses, count, logit_grad = native_matmul.cross_entropy(
             logits, target, row_weight, smoothing
         )

@@ -136,28 +136,6 @@ def _gemm(
         transposed,
     )
     return out
-    native.gemm(
-        a.data_ptr(),
-        b.data_ptr(),
-        out.data_ptr(),
-        0 if bias is None else bias.data_ptr(),
-        0 if mask is None else mask.data_ptr(),
-        models,
-        rows,
-        columns,
-        depth,
-        a.stride(1),
-        a.stride(2),
-        a.stride(0),
-        b.stride(1),
-        b.stride(0),
-        columns,
-        rows * columns,
-        columns,
-        epilogue,
-        torch.get_num_threads(),
-    )
-    return out
 
 
 def cross_entropy(

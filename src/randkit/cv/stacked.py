@@ -71,6 +71,8 @@ class StackedForward:
             return None
         if not all(_supported(layer) for layer in model.net):
             return None
+        if len(list(model.net.named_children())) != len(model.net):
+            return None  # a layer used twice: named_children lists it once
         return cls(model)
 
     def __call__(
