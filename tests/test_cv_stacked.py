@@ -19,7 +19,7 @@ from randkit.cv.lockstep import Lockstep
 from randkit.cv.stacked import StackedForward
 from randkit.models import Classifier, Standardize, zoo
 from randkit.randomize import GaussianDropout, use_generator
-from test_cv import SMALL
+from test_cv import METRICS, SMALL
 
 K, BATCH = 3, 7
 
@@ -167,6 +167,40 @@ def test_the_vmap_path_still_agrees_with_sequential(tmp_path: Path, monkeypatch)
     assert np.allclose(sequential.table["loss"], vectorized.table["loss"], atol=1e-4, rtol=0)
 
 
+def test_an_mlp_trains_the_same_with_and_without_autograd(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The vectorized runner takes an MLP's gradients from its dense tail directly (no
+    autograd engine); with dropout, mixup's soft targets, label smoothing, gradient noise and
+    clipping, every trial's metrics and saved weights equal those of the autograd path bit
+    for bit."""
+    raw = json.loads(json.dumps(SMALL))
+    raw["model"] = {"name": "mlp", "args": {"hidden": [32, 16], "dropout": 0.2}}
+    raw["train"].update({"label_smoothing": 0.1, "grad_clip": 1.0})
+    raw["randomize"] = {
+        "augment": [{"kind": "mixup", "alpha": 0.4, "p": 0.5}],
+        "grad_noise": {"eta": 0.01},
+    }
+    raw["cv"].update({"folds": 3, "runner": "vectorized"})
+    calls = []
+    original = StackedForward.loss_and_grads
+
+    def spy(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        result = original(self, *args, **kwargs)
+        calls.append(result is not None)
+        return result
+
+    monkeypatch.setattr(StackedForward, "loss_and_grads", spy)
+    direct = run_cv(validate_config(raw), tmp_path / "direct", quiet=True, report=False)
+    assert calls and all(calls)
+    monkeypatch.setattr(StackedForward, "loss_and_grads", lambda self, *a, **k: None)
+    autograd = run_cv(validate_config(raw), tmp_path / "autograd", quiet=True, report=False)
+    for metric in METRICS:
+        assert direct.table[metric].tolist() == autograd.table[metric].tolist(), metric
+    for trial in direct.table["id"]:
+        a = (tmp_path / "direct" / "trials" / trial / "model.safetensors").read_bytes()
+        b = (tmp_path / "autograd" / "trials" / trial / "model.safetensors").read_bytes()
+        assert a == b, trial
+
+
 def test_batches_gathered_from_the_shared_pool_match_the_per_trial_gathers(
     tmp_path: Path, monkeypatch
 ) -> None:  # type: ignore[no-untyped-def]
@@ -288,11 +322,19 @@ def test_the_hand_written_dense_tail_equals_autograd(
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4, msg=name_)
 
 
+@pytest.mark.parametrize("kernel", ["avx512", "torch"])
 @pytest.mark.parametrize("name", ["mlp", "gauss", "tabular", "cnn", "odd"])
-def test_an_all_dense_model_gets_the_same_gradients_without_autograd(name: str) -> None:
+def test_an_all_dense_model_gets_the_same_gradients_without_autograd(
+    name: str, kernel: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """``loss_and_grads`` (used by the lockstep trainer when every parameter is in the dense
-    tail) returns the autograd node's losses, logits and gradients bit for bit; a model with
-    parameters before its tail (a CNN, the odd net) is left to autograd (None)."""
+    tail) returns the autograd node's losses, logits and gradients bit for bit, on either
+    kernel; a model with parameters before its tail (a CNN, the odd net) is left to autograd
+    (None)."""
+    if kernel == "torch":
+        monkeypatch.setattr(native_matmul, "native", None)
+    elif not native_matmul.has_native_kernel():
+        pytest.skip("the AVX-512 kernel is not built or this CPU lacks AVX-512")
     models = _models(name)
     stacked = StackedForward.build(models[0])
     params, buffers = _stacked_params(models)
