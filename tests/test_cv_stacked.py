@@ -275,28 +275,43 @@ def test_test_logits_of_all_trials_at_once_equal_each_models_own(name: str) -> N
         torch.testing.assert_close(ours[k], theirs, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("kernel", ["avx512", "torch"])
+@pytest.fixture(params=["avx512", "torch"])
+def kernel(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The dense tail's products on randkit's AVX-512 kernel, or on torch (the kernel off)."""
+    if request.param == "torch":
+        monkeypatch.setattr(native_matmul, "native", None)
+    elif not native_matmul.has_native_kernel():
+        pytest.skip("the AVX-512 kernel is not built or this CPU lacks AVX-512")
+    return request.param
+
+
+def _tail_case(
+    name: str, seed: int
+) -> tuple[StackedForward, dict, dict, torch.Tensor, list[torch.Tensor], int, torch.Generator]:
+    """A net's stacked forward, stacked parameters and buffers, a batch with its draws, the
+    number of classes and the generator, for the dense-tail tests."""
+    models = _models(name)
+    stacked = StackedForward.build(models[0])
+    assert stacked is not None
+    params, buffers = _stacked_params(models)
+    g = torch.Generator().manual_seed(seed)
+    x, draws = _inputs_and_draws(models, NETS[name][1], g)
+    classes = stacked(params, buffers, x, draws).shape[-1]
+    return stacked, params, buffers, x, draws, classes, g
+
+
 @pytest.mark.parametrize("target_kind", ["classes", "smoothed", "probabilities"])
 @pytest.mark.parametrize("name", ["mlp", "cnn", "gauss", "odd", "tabular"])
 def test_the_hand_written_dense_tail_equals_autograd(
-    name: str, target_kind: str, kernel: str, monkeypatch: pytest.MonkeyPatch
+    name: str, target_kind: str, kernel: str
 ) -> None:
     """``StackedForward.loss`` runs the Linear/ReLU/dropout end of the network and the
     cross-entropy as one node with a hand-written backward; losses, logits and every
     parameter's gradient (the convolutions' too, through the tail's input gradient) equal
     autograd's through the plain stacked forward, with padded rows and per-trial weights,
     whether the products run on randkit's AVX-512 kernel or on torch.bmm."""
-    if kernel == "torch":
-        monkeypatch.setattr(native_matmul, "native", None)
-    elif not native_matmul.has_native_kernel():
-        pytest.skip("the AVX-512 kernel is not built or this CPU lacks AVX-512")
-    models = _models(name)
-    stacked = StackedForward.build(models[0])
-    assert stacked is not None and stacked.tail is not None
-    params, buffers = _stacked_params(models)
-    g = torch.Generator().manual_seed(2)
-    x, draws = _inputs_and_draws(models, NETS[name][1], g)
-    classes = stacked(params, buffers, x, draws).shape[-1]
+    stacked, params, buffers, x, draws, classes, g = _tail_case(name, 2)
+    assert stacked.tail is not None
     row_weight = torch.ones(K, BATCH)
     row_weight[1, -3:] = 0  # padded rows
     if target_kind == "probabilities":
@@ -322,25 +337,15 @@ def test_the_hand_written_dense_tail_equals_autograd(
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4, msg=name_)
 
 
-@pytest.mark.parametrize("kernel", ["avx512", "torch"])
 @pytest.mark.parametrize("name", ["mlp", "gauss", "tabular", "cnn", "odd"])
 def test_an_all_dense_model_gets_the_same_gradients_without_autograd(
-    name: str, kernel: str, monkeypatch: pytest.MonkeyPatch
+    name: str, kernel: str
 ) -> None:
     """``loss_and_grads`` (used by the lockstep trainer when every parameter is in the dense
     tail) returns the autograd node's losses, logits and gradients bit for bit, on either
     kernel; a model with parameters before its tail (a CNN, the odd net) is left to autograd
     (None)."""
-    if kernel == "torch":
-        monkeypatch.setattr(native_matmul, "native", None)
-    elif not native_matmul.has_native_kernel():
-        pytest.skip("the AVX-512 kernel is not built or this CPU lacks AVX-512")
-    models = _models(name)
-    stacked = StackedForward.build(models[0])
-    params, buffers = _stacked_params(models)
-    g = torch.Generator().manual_seed(5)
-    x, draws = _inputs_and_draws(models, NETS[name][1], g)
-    classes = stacked(params, buffers, x, draws).shape[-1]
+    stacked, params, buffers, x, draws, classes, g = _tail_case(name, 5)
     row_weight = torch.ones(K, BATCH)
     row_weight[2, -4:] = 0
     target = torch.randint(0, classes, (K, BATCH), generator=g)

@@ -116,8 +116,8 @@ def _forward(
     ops: list[tuple[str, Any]],
     tensors: list[torch.Tensor | None],
 ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-    """(losses, logits, what the backward needs: target, row weights, their count, each
-    row's gradient with respect to its logits, the parameters, then the input of each
+    """(losses, logits, what the backward needs: row weights, their count, each row's
+    gradient with respect to its logits, the parameters, then the input of each
     Linear and the output of each ReLU). Class targets on the AVX-512 path take the
     compiled cross-entropy (``native_matmul.cross_entropy``)."""
     factors = [factor for kind, factor in ops if kind == "scale"]
@@ -151,7 +151,7 @@ def _forward(
         losses, count, logit_grad = native_matmul.cross_entropy(
             logits, target, row_weight, smoothing
         )
-        return losses, logits, [target, row_weight, count, logit_grad, *tensors, *saved]
+        return losses, logits, [row_weight, count, logit_grad, *tensors, *saved]
     log_p = torch.log_softmax(logits, -1)
     classes = logits.shape[-1]
     if target.dim() == log_p.dim():  # probabilities
@@ -164,7 +164,7 @@ def _forward(
     count = row_weight.sum(1).clamp(min=1)
     losses = (ce * row_weight).sum(1) / count
     logit_grad = _logit_gradient(log_p, target, smoothing)
-    return losses, logits, [target, row_weight, count, logit_grad, *tensors, *saved]
+    return losses, logits, [row_weight, count, logit_grad, *tensors, *saved]
 
 
 def _backward(
@@ -178,7 +178,7 @@ def _backward(
     """(gradient of the input, gradient of each tail parameter) for ``grad_losses``;
     ``saved`` as ``_forward`` gave it, ``wanted`` whether the input and each parameter need
     theirs."""
-    _, row_weight, count, logit_grad, *rest = saved
+    row_weight, count, logit_grad, *rest = saved
     tensors, saved = rest[:n_tensors], rest[n_tensors:]
     g = logit_grad * (row_weight * (grad_losses / count).unsqueeze(1)).unsqueeze(-1)
     grads: list[torch.Tensor | None] = [None] * len(tensors)
