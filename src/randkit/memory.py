@@ -12,9 +12,8 @@ def keep_freed_memory() -> None:
     """Tell glibc's malloc to keep freed memory instead of returning it to the kernel.
 
     By default glibc hands large freed blocks back to the kernel, so the next tensor of the
-    same size pages its memory in again. Measured on 2 cores: thousands of page faults and
-    10-24 ms of kernel time per 32-row ResNet-20 forward in the server, and about 1,300 faults
-    (1.6 ms -> 3.8 ms) per 256-image augmentation batch. The process then keeps its peak
+    same size pages its memory in again: page faults on every server forward and every
+    augmentation batch (figures in docs/benchmarks.md). The process then keeps its peak
     memory, as PyTorch's CUDA caching allocator does on the GPU. The ``randkit`` commands
     call it at start; call it yourself when you use the library from your own script.
     No-op where glibc is not the C library.

@@ -1,12 +1,12 @@
 """Gaussian noise on the CPU from a counter-based generator: Philox4x32-10 + Box-Muller.
 
 Normal number ``i`` of a seed is a pure function of ``(seed, i)``, computed by a compiled
-kernel (``randkit/_native/philox.c``; on AVX-512, 0.8 ms per 786k numbers on one thread and
-0.4 ms on two, against 1.9 ms for ``torch.randn``'s serial mt19937) or, when the extension
-was not built, by :func:`philox_normal_reference`, the same arithmetic in torch operations
-(about 35x slower). Both give the same bits: the kernel uses only IEEE
-single-precision operations (no FMA contraction, no libm), which the reference repeats one
-by one. The C file's header documents the layout of the outputs.
+kernel (``randkit/_native/philox.c``, multi-threaded, faster than ``torch.randn``'s serial
+mt19937) or, when the extension was not built, by :func:`philox_normal_reference`, the same
+arithmetic in torch operations (much slower; figures in docs/benchmarks.md). Both give the
+same bits: the kernel uses only IEEE single-precision operations (no FMA contraction, no
+libm), which the reference repeats one by one. The C file's header documents the layout of
+the outputs.
 """
 
 from __future__ import annotations

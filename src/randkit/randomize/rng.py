@@ -21,9 +21,8 @@ def random_fill(
 
     Normals on the CPU come from the counter-based Philox kernel (:mod:`.philox`, faster
     than torch's mt19937); everything else from one torch generator seeded with ``seed``.
-    (Filling fixed blocks from separate mt19937 generators on a thread pool was tried and
-    measured: on 2 cores it was no faster, because torch's OpenMP workers spin on the same
-    cores.)
+    (Separate mt19937 generators per block on a thread pool were tried: no faster, because
+    torch's OpenMP workers spin on the same cores.)
     """
     if kind == "normal" and torch.device(device).type == "cpu":
         return gaussian_noise(None, seed, shape=tuple(shape)).to(dtype)
