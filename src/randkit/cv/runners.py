@@ -1,5 +1,9 @@
-"""Where trials run. Every runner executes the same trial function, so a trial gives the
-same numbers whichever ran it (bitwise on the CPU at the same threads per trial)."""
+"""Where trials run, behind one interface: ``make_runner(context).run(trials, on_done)``.
+
+Every runner executes the same trial, so a trial gives the same numbers whichever ran it
+(bitwise on the CPU at the same threads per trial for sequential, processes and Ray; the
+vectorized runner within float tolerance, with the same data order, augmentation and init).
+"""
 
 from __future__ import annotations
 
@@ -7,12 +11,50 @@ import multiprocessing
 import os
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from typing import Any
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
 
+import torch
+
+from randkit.config import ExperimentConfig
+from randkit.cv.plan import Trial
+from randkit.data import LabeledData
 from randkit.errors import UserError
+from randkit.streams import Streams
 
 Job = dict[str, Any]  # {"config": dict, "trial": dict, "out": str, "threads": int | None}
 OnDone = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class RunContext:
+    """What every runner needs: the validated config (and its plain-JSON form for other
+    processes), the data already loaded, its fingerprint and the run folder."""
+
+    cfg: ExperimentConfig
+    config: dict[str, Any]
+    data: LabeledData
+    data_hash: str
+    out: Path
+
+    def streams(self) -> Streams:
+        return Streams(self.cfg.seed, self.cfg.seeds)
+
+    def job(self, trial: Trial, threads: int | None) -> Job:
+        return {
+            "config": self.config,
+            "trial": trial.to_json(),
+            "out": str(self.out),
+            "threads": threads,
+            "data_hash": self.data_hash,
+        }
+
+
+class Runner(Protocol):
+    def run(self, trials: list[Trial], on_done: OnDone) -> None:
+        """Run ``trials`` and call ``on_done(record)`` as each one finishes."""
+        ...
 
 
 def cpu_count() -> int:
@@ -22,60 +64,112 @@ def cpu_count() -> int:
         return os.cpu_count() or 1
 
 
-def run_processes(jobs: list[Job], on_done: OnDone, workers: int) -> None:
+def make_runner(context: RunContext) -> Runner:
+    """The runner ``cfg.cv.runner`` names."""
+    name = context.cfg.cv.runner
+    if name == "vectorized":
+        from randkit.cv.vectorized import VectorizedRunner
+
+        return VectorizedRunner(context)
+    runners: dict[str, Callable[[RunContext], Runner]] = {
+        "sequential": SequentialRunner,
+        "processes": ProcessRunner,
+        "ray": RayRunner,
+    }
+    return runners[name](context)
+
+
+class SequentialRunner:
+    """One trial after another in this process, on the data already loaded."""
+
+    def __init__(self, context: RunContext) -> None:
+        self.context = context
+
+    def run(self, trials: list[Trial], on_done: OnDone) -> None:
+        from randkit.cv.trial import run_trial
+        from randkit.train.loop import resolve_device
+
+        ctx = self.context
+        previous = torch.get_num_threads()
+        try:
+            if ctx.cfg.cv.threads_per_trial:
+                torch.set_num_threads(ctx.cfg.cv.threads_per_trial)
+            streams, device = ctx.streams(), resolve_device(ctx.cfg.train.device)
+            for trial in trials:
+                on_done(run_trial(ctx.cfg, ctx.data, trial, streams, device, ctx.out))
+        finally:
+            torch.set_num_threads(previous)
+
+
+class ProcessRunner:
     """Local worker processes (spawned, so no forked OpenMP or CUDA state)."""
-    from randkit.cv.trial import run_trial_job
 
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        pending = {pool.submit(run_trial_job, **job) for job in jobs}
-        while pending:
-            done, pending = wait(pending, return_when=FIRST_COMPLETED)
-            for future in done:
-                on_done(future.result())
+    def __init__(self, context: RunContext) -> None:
+        self.context = context
+
+    def run(self, trials: list[Trial], on_done: OnDone) -> None:
+        from randkit.cv.trial import run_trial_job
+
+        cv = self.context.cfg.cv
+        workers = min(cv.workers or cpu_count(), len(trials))
+        threads = cv.threads_per_trial or max(1, cpu_count() // workers)
+        jobs = [self.context.job(t, threads) for t in trials]
+        spawn = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=workers, mp_context=spawn) as pool:
+            pending = {pool.submit(run_trial_job, **job) for job in jobs}
+            while pending:
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for future in done:
+                    on_done(future.result())
 
 
-def run_ray(
-    jobs: list[Job],
-    on_done: OnDone,
-    address: str | None,
-    retries: int,
-    cpus_per_trial: float,
-    gpus_per_trial: float,
-) -> None:
-    """Trials as Ray tasks on an existing cluster (``address``) or a fresh local one; a task
-    whose worker dies is retried up to ``retries`` times."""
-    try:
-        import ray
-    except ImportError:
-        raise UserError(
-            "cv.runner", "'ray' needs the ray extra: pip install 'randkit[ray]'"
-        ) from None
-    from randkit.cv.trial import run_trial_job
+class RayRunner:
+    """Trials as Ray tasks on an existing cluster (``cv.address``) or a fresh local one; a
+    task whose worker dies is retried up to ``cv.retries`` times."""
 
-    started_here = False
-    if not ray.is_initialized():
-        if address:
-            ray.init(address=address, include_dashboard=False, log_to_driver=False)
-        else:
-            # Keeps every process of a local cluster on 127.0.0.1.
-            os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-            ray.init(
-                address="local", num_cpus=cpu_count(), include_dashboard=False, log_to_driver=False
+    def __init__(self, context: RunContext) -> None:
+        self.context = context
+
+    def run(self, trials: list[Trial], on_done: OnDone) -> None:
+        try:
+            import ray
+        except ImportError:
+            raise UserError(
+                "cv.runner", "'ray' needs the ray extra: pip install 'randkit[ray]'"
+            ) from None
+        from randkit.cv.trial import run_trial_job
+
+        cfg = self.context.cfg
+        threads = cfg.cv.threads_per_trial or 1
+        gpus = 0.0
+        if torch.cuda.is_available() and cfg.train.device != "cpu":
+            gpus = 1.0 / max(1, min(len(trials), cfg.cv.workers or 4))  # fractional GPUs
+        started_here = _start_ray(ray, cfg.cv.address)
+        try:
+            task = ray.remote(run_trial_job).options(
+                num_cpus=float(threads),
+                num_gpus=gpus,
+                max_retries=cfg.cv.retries,
+                retry_exceptions=False,
             )
-            started_here = True
-    try:
-        task = ray.remote(run_trial_job).options(
-            num_cpus=cpus_per_trial,
-            num_gpus=gpus_per_trial,
-            max_retries=retries,
-            retry_exceptions=False,
-        )
-        pending = [task.remote(**job) for job in jobs]
-        while pending:
-            done, pending = ray.wait(pending, num_returns=1)
-            for ref in done:
-                on_done(ray.get(ref))
-    finally:
-        if started_here:
-            ray.shutdown()
+            pending = [task.remote(**self.context.job(t, threads)) for t in trials]
+            while pending:
+                done, pending = ray.wait(pending, num_returns=1)
+                for ref in done:
+                    on_done(ray.get(ref))
+        finally:
+            if started_here:
+                ray.shutdown()
+
+
+def _start_ray(ray: Any, address: str | None) -> bool:
+    """Connect to ``address`` or start a local cluster; True when started here."""
+    if ray.is_initialized():
+        return False
+    if address:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+        return False
+    # Keeps every process of a local cluster on 127.0.0.1.
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    ray.init(address="local", num_cpus=cpu_count(), include_dashboard=False, log_to_driver=False)
+    return True

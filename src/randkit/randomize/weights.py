@@ -63,17 +63,17 @@ def perturbed_parameters(
     for name, weight in model.named_parameters():
         if weight.dim() < 2:
             continue
-        keep, noise = draw_weight_perturbation(weight, generator, noise_std, relative, drop_connect)
+        factor, noise = weight_perturbation(weight, generator, noise_std, relative, drop_connect)
         w = weight
-        if keep is not None:
-            w = w * keep.to(w.dtype) / (1 - drop_connect)
+        if factor is not None:
+            w = w * factor
         if noise is not None:
             w = w + noise
         out[name] = w
     return out
 
 
-def draw_weight_perturbation(
+def weight_perturbation(
     w: torch.Tensor,
     generator: torch.Generator,
     noise_std: float = 0.0,
@@ -81,15 +81,17 @@ def draw_weight_perturbation(
     drop_connect: float = 0.0,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """The random parts of one weight's perturbation, always drawn in this order: the
-    DropConnect keep mask (None when ``drop_connect`` is 0), then the scaled Gaussian noise
-    (None when ``noise_std`` is 0)."""
-    keep = noise = None
+    DropConnect factor (the keep mask divided by 1 - ``drop_connect``; None when it is 0),
+    then the scaled Gaussian noise (None when ``noise_std`` is 0). The perturbed weight is
+    ``w * factor + noise``."""
+    factor = noise = None
     if drop_connect > 0:
         keep = torch.rand(w.shape, generator=generator, device=w.device) >= drop_connect
+        factor = keep.to(w.dtype) / (1 - drop_connect)
     if noise_std > 0:
         scale = noise_std * (w.detach().std() if relative else 1.0)
         noise = scale * torch.randn(w.shape, generator=generator, device=w.device, dtype=w.dtype)
-    return keep, noise
+    return factor, noise
 
 
 class GradientNoise:
@@ -109,11 +111,15 @@ class GradientNoise:
     def add_(
         self, parameters: Iterable[nn.Parameter], step: int, generator: torch.Generator
     ) -> None:
+        """Noise the gradients of ``parameters`` in place for optimizer step ``step``."""
+        self.add_to_([p.grad for p in parameters if p.grad is not None], step, generator)
+
+    @torch.no_grad()
+    def add_to_(self, grads: Iterable[torch.Tensor], step: int, generator: torch.Generator) -> None:
+        """Noise ``grads`` in place, one standard normal draw per element, in order."""
         std = math.sqrt(self.variance(step))
-        for p in parameters:
-            if p.grad is not None:
-                g = p.grad
-                g.add_(
-                    torch.randn(g.shape, generator=generator, device=g.device, dtype=g.dtype),
-                    alpha=std,
-                )
+        for g in grads:
+            g.add_(
+                torch.randn(g.shape, generator=generator, device=g.device, dtype=g.dtype),
+                alpha=std,
+            )

@@ -1,14 +1,12 @@
-"""The training loop: order from stream ``order``, augmentation from ``augment``, input,
-weight and gradient noise from ``noise``, stochastic layers from ``dropout``. Every draw is
-keyed by (epoch, step), so the loop resumes bit-exactly at any step from a checkpoint."""
+"""The single-model training loop. Its rules (which stream each draw comes from, noise,
+clipping, schedules, early stopping) live in ``train/rules.py``, shared with the stacked
+trainer. Every draw is keyed by (epoch, step), so the loop resumes bit-exactly at any step
+from a checkpoint."""
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import math
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -19,34 +17,15 @@ from torch.nn import functional as F
 from randkit.config import ExperimentConfig, TrainConfig
 from randkit.data import Prepared, TensorData
 from randkit.models import Classifier, build_model
-from randkit.randomize import Randomization, ZerothOrderSGD, perturbed_parameters, use_generator
-from randkit.randomize.build import build_randomization, randomize_batch
+from randkit.randomize import Randomization, ZerothOrderSGD
+from randkit.randomize.build import build_randomization
 from randkit.randomize.modules import randomness_needs
 from randkit.streams import ScopedStreams, Streams
+from randkit.train import rules
 from randkit.train.checkpoint import optimizer_from_flat, strip_prefix
 from randkit.train.metrics import evaluate
 from randkit.train.optim import make_optimizer, make_scheduler
-
-
-@dataclass
-class LoopState:
-    """Where the loop is and what it has seen: all plain JSON, restored on resume."""
-
-    epoch: int = 0  # epochs finished
-    step_in_epoch: int = 0  # batches of the current epoch already done
-    global_step: int = 0
-    loss_sum: float = 0.0
-    correct: int = 0
-    seen: int = 0
-    history: list[dict[str, float]] = field(default_factory=list)
-    best_value: float | None = None
-    best_epoch: int | None = None
-    bad_epochs: int = 0
-    stopped_early: bool = False
-
-    def to_json(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
+from randkit.train.rules import LoopState
 
 ProgressHook = Callable[[LoopState, float], None]
 CheckpointHook = Callable[["Trainer"], None]
@@ -99,7 +78,7 @@ class Trainer:
         self.train_data = train
         self.val_data = val
         self.num_classes = num_classes
-        self.steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
+        self.steps_per_epoch = rules.steps_per_epoch(len(train), cfg.batch_size)
         self.optimizer = make_optimizer(self.model, cfg)
         self.scheduler = make_scheduler(self.optimizer, cfg, self.steps_per_epoch)
         self.state = LoopState()
@@ -142,9 +121,7 @@ class Trainer:
             for batch in range(state.step_in_epoch, self.steps_per_epoch):
                 index = order[batch * cfg.batch_size : (batch + 1) * cfg.batch_size]
                 loss, correct = self._step(x[index].to(self.device), y[index].to(self.device))
-                state.loss_sum += loss * len(index)
-                state.correct += correct
-                state.seen += len(index)
+                rules.record_step(state, loss * len(index), correct, len(index))
                 state.step_in_epoch = batch + 1
                 state.global_step += 1
                 if on_step is not None:
@@ -160,13 +137,13 @@ class Trainer:
 
     def batch_order(self, epoch: int) -> torch.Tensor:
         """The permutation of the training examples for ``epoch``, from stream ``order``."""
-        generator = self.streams.torch("order", epoch=epoch, **self.coords)
-        return torch.randperm(len(self.train_data), generator=generator)
+        return rules.batch_order(self.streams, len(self.train_data), epoch, self.coords)
 
     def _step(self, xb: torch.Tensor, yb: torch.Tensor) -> tuple[float, int]:
         """One optimizer step. Every random draw is keyed by (epoch, step) and ``coords``."""
-        keys = {"epoch": self.state.epoch, "step": self.state.global_step, **self.coords}
-        xb, targets = randomize_batch(self.randomization, self.streams, xb, yb, keys, self.device)
+        keys = rules.step_keys(self.state.epoch, self.state.global_step, self.coords)
+        plan = self.randomization
+        xb, targets = rules.randomize_inputs(plan, self.streams, xb, yb, keys, self.device)
         if isinstance(self.optimizer, ZerothOrderSGD):
             loss, logits = self._zeroth_order_step(xb, targets, keys)
         else:
@@ -175,46 +152,26 @@ class Trainer:
                 loss = F.cross_entropy(logits, targets, label_smoothing=self.cfg.label_smoothing)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-            noise = self.randomization.grad_noise
-            if noise is not None:
-                grads = self.streams.torch("noise", device=self.device, what="gradient", **keys)
-                noise.add_(self.model.parameters(), self.state.global_step, grads)
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            rules.add_gradient_noise(plan, grads, self.streams, keys, self.device)
             if self.cfg.grad_clip is not None:
-                nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+                rules.clip_gradients([g.unsqueeze(0) for g in grads], self.cfg.grad_clip)
             self.optimizer.step()
         if self.scheduler is not None:
             self.scheduler.step()
         return float(loss.detach()), int((logits.argmax(1) == yb).sum())
 
-    @contextlib.contextmanager
-    def _stochastic_layers(self, keys: dict[str, int]) -> Iterator[None]:
-        # randkit's layers take the stream's generator; nn.Dropout and other global-RNG users
-        # get torch's global RNG seeded from the same source (another coordinate), restored
-        # afterwards.
-        # Seeding costs tens of microseconds a step: skip what the model cannot use.
-        stream, global_rng = self._randomness_needs
-        with contextlib.ExitStack() as stack:
-            if global_rng:
-                stack.enter_context(
-                    self.streams.fork_global("dropout", device=self.device, rng="global", **keys)
-                )
-            if stream:
-                generator = self.streams.torch("dropout", device=self.device, **keys)
-                stack.enter_context(use_generator(generator))
-            yield
+    def _stochastic_layers(self, keys: dict[str, int]) -> Any:
+        return rules.stochastic_layers(self.streams, keys, self.device, self._randomness_needs)
 
     def _forward(self, xb: torch.Tensor, keys: dict[str, int]) -> torch.Tensor:
         plan = self.randomization
         if not plan.perturbs_weights:
             return self.model(xb)
-        generator = self.streams.torch("noise", device=self.device, what="weights", **keys)
-        weights = perturbed_parameters(
-            self.model,
-            generator,
-            plan.weight_noise_std,
-            plan.weight_noise_relative,
-            plan.drop_connect,
-        )
+        generator = rules.weight_noise_generator(self.streams, keys, self.device)
+        named = list(self.model.named_parameters())
+        parts = rules.perturbed_weights(named, plan, generator)
+        weights = {n: rules.apply_perturbation(w, parts[n]) for n, w in named if n in parts}
         return functional_call(self.model, weights, (xb,))
 
     def _zeroth_order_step(
@@ -234,33 +191,11 @@ class Trainer:
         return loss, logits_seen[0]
 
     def _end_epoch(self) -> None:
-        state = self.state
-        record: dict[str, float] = {
-            "epoch": state.epoch + 1,
-            "lr": float(self.optimizer.param_groups[0]["lr"]),
-            "train_loss": state.loss_sum / max(1, state.seen),
-            "train_accuracy": state.correct / max(1, state.seen),
-        }
+        scores = None
         if self.val_data is not None:
             scores = evaluate(self.model, self.val_data, self.num_classes, self.device)
-            record.update({f"val_{k}": v for k, v in scores.items()})
-            if self.cfg.early_stopping is not None:
-                self._early_stopping(scores)
-        state.history.append(record)
-        state.epoch += 1
-        state.step_in_epoch = 0
-        state.loss_sum, state.correct, state.seen = 0.0, 0, 0
-
-    def _early_stopping(self, scores: dict[str, float]) -> None:
-        rule, state = self.cfg.early_stopping, self.state
-        assert rule is not None
-        # Loss improves downwards, accuracy and F1 upwards; compare on one signed scale.
-        value = -scores[rule.metric] if rule.metric == "loss" else scores[rule.metric]
-        if state.best_value is None or value > state.best_value + rule.min_delta:
-            state.best_value, state.best_epoch, state.bad_epochs = value, state.epoch + 1, 0
+        lr = float(self.optimizer.param_groups[0]["lr"])
+        if rules.finish_epoch(self.state, lr, scores, self.cfg.early_stopping):
             self.best_weights = copy.deepcopy(
                 {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
             )
-        else:
-            state.bad_epochs += 1
-            state.stopped_early = state.bad_epochs >= rule.patience

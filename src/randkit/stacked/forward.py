@@ -1,18 +1,18 @@
 """K models of one plain architecture run as one: batched matmuls and grouped convolutions.
 
-Written by hand because ``vmap`` pays its Python overhead on every step (measured on the digits
-MLP: about 1.4 ms of flattening and dispatch per step for 5 trials, more than the arithmetic)
-and no library runs K stacked ``nn.Sequential`` models directly. For a ``Classifier`` whose
-network is an ``nn.Sequential`` of the layers below, the K trials' stacked weights (as
-``stack_module_state`` gives them) drive:
+Written by hand because ``vmap`` pays its Python overhead on every step and no library runs K
+stacked ``nn.Sequential`` models directly. For a ``Classifier`` whose network is an
+``nn.Sequential`` of the layers below, the K models' stacked weights (as
+``stack_module_state`` gives them) drive PyTorch's own kernels:
 
 - ``Linear``: one ``baddbmm`` over the K models;
 - ``Conv2d``: one convolution with ``groups`` multiplied by K, the models side by side in the
   channel dimension (what ``vmap``'s own batching rule does, without its overhead);
 - pooling and activations: as they are, on the side-by-side channels;
-- randkit's ``Dropout`` / ``GaussianDropout``: the numbers pre-drawn from each trial's stream.
+- randkit's ``Dropout`` / ``GaussianDropout``: the numbers pre-drawn from each model's stream.
 
-Anything else (``resnet``, ``text``, custom modules) keeps the ``vmap`` path.
+Anything else (``resnet``, ``text``, custom modules) keeps the ``vmap`` path. Autograd
+computes every gradient.
 """
 
 from __future__ import annotations
@@ -21,13 +21,6 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from randkit.cv.conv_pool import applies, conv_max_pool
-from randkit.cv.dense_tail import (
-    dense_tail_loss,
-    dense_tail_loss_and_grads,
-    dropout_factor,
-    tail_start,
-)
 from randkit.models import Classifier, Standardize
 from randkit.randomize.modules import Dropout, GaussianDropout
 
@@ -51,16 +44,6 @@ class StackedForward:
     def __init__(self, model: Classifier) -> None:
         self.model = model
         self.layers = _pool_before_relu(list(model.net.named_children()))
-        self.tail = tail_start(self.layers)  # None: no dense tail, autograd all the way
-        # the parameters of the tail's Linear layers: when they are all of the model's, its
-        # gradients need no autograd (``loss_and_grads``)
-        self.tail_parameters = {
-            f"net.{name}.{kind}"
-            for name, layer in (self.layers[self.tail :] if self.tail is not None else [])
-            if isinstance(layer, nn.Linear)
-            for kind in ("weight", "bias")
-            if getattr(layer, kind) is not None
-        }
 
     @classmethod
     def build(cls, model: nn.Module) -> StackedForward | None:
@@ -82,7 +65,7 @@ class StackedForward:
         x: torch.Tensor,
         draws: list[torch.Tensor],
     ) -> torch.Tensor:
-        return self._run(params, buffers, x, list(draws), len(self.layers))
+        return self._run(params, buffers, x, list(draws))
 
     def loss(
         self,
@@ -94,53 +77,11 @@ class StackedForward:
         draws: list[torch.Tensor],
         smoothing: float = 0.0,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(losses (K,), logits (K, B, classes)): each trial's mean cross-entropy over its
+        """(losses (K,), logits (K, B, classes)): each model's mean cross-entropy over its
         rows, row b weighted by ``row_weight[k, b]`` (0: a padded row); ``target`` class
-        indices (K, B) or probabilities (K, B, classes). A dense tail (``dense_tail.py``)
-        runs as one autograd node with its backward written out."""
-        pending = list(draws)
-        if self.tail is not None:
-            h = self._run(params, buffers, x, pending, self.tail)
-            if h.dim() == 3:
-                tail = self.layers[self.tail :]
-                return dense_tail_loss(tail, params, h, target, row_weight, pending, smoothing)
-            logits = self._run(params, buffers, h, pending, len(self.layers), self.tail)
-        else:
-            logits = self._run(params, buffers, x, pending, len(self.layers))
-        # contiguous: argmax takes 35 us on the transposed view the last matmul leaves and
-        # 4 us on a copy that costs 2 us (digits, 5 trials)
-        logits = logits.contiguous()
-        k, width = row_weight.shape
-        ce = F.cross_entropy(
-            logits.flatten(0, 1),
-            target.flatten(0, 1),
-            reduction="none",
-            label_smoothing=smoothing,
-        ).view(k, width)
-        return (ce * row_weight).sum(1) / row_weight.sum(1).clamp(min=1), logits
-
-    def loss_and_grads(
-        self,
-        params: dict[str, torch.Tensor],
-        buffers: dict[str, torch.Tensor],
-        x: torch.Tensor,
-        target: torch.Tensor,
-        row_weight: torch.Tensor,
-        draws: list[torch.Tensor],
-        smoothing: float = 0.0,
-    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]] | None:
-        """``loss`` and the gradients of ``losses.sum()`` by parameter name, computed without
-        autograd, for a model whose parameters all belong to its dense tail (an MLP: the
-        layers before the tail have nothing to learn); None where that does not hold."""
-        if self.tail is None or not set(params) <= self.tail_parameters:
-            return None
-        pending = list(draws)
-        with torch.no_grad():
-            h = self._run(params, buffers, x, pending, self.tail)
-        if h.dim() != 3:
-            return None
-        tail = self.layers[self.tail :]
-        return dense_tail_loss_and_grads(tail, params, h, target, row_weight, pending, smoothing)
+        indices (K, B) or probabilities (K, B, classes)."""
+        logits = self(params, buffers, x, draws)
+        return stacked_cross_entropy(logits, target, row_weight, smoothing), logits
 
     def _run(
         self,
@@ -148,39 +89,20 @@ class StackedForward:
         buffers: dict[str, torch.Tensor],
         x: torch.Tensor,
         pending: list[torch.Tensor],
-        end: int,
-        begin: int = 0,
     ) -> torch.Tensor:
-        """Layers ``begin`` to ``end`` (exclusive) on ``x`` (K, B, ...), drawing from
-        ``pending``; the result is (K, B, ...) again."""
+        """All layers on ``x`` (K, B, ...), drawing from ``pending``; the result is
+        (K, B, ...) again."""
         k, b = x.shape[:2]
-        if begin == 0 and isinstance(self.model.standardize, Standardize):
+        if isinstance(self.model.standardize, Standardize):
             # Stacked buffers are (K, 1, ...): they broadcast over each model's batch.
             x = (x - buffers["standardize.mean"]) / buffers["standardize.std"]
         grouped = False  # False: (K, B, ...); True: (B, K * C, H, W), the models side by side
-        skip = -1  # the index of a max pooling already run inside the convolution before it
-        for i in range(begin, end):
-            name, layer = self.layers[i]
-            if i == skip:
-                continue
+        for name, layer in self.layers:
             if isinstance(layer, (nn.Conv2d, *POOLING)):
-                following = self.layers[i + 1][1] if i + 1 < end else None
-                if not grouped and isinstance(layer, nn.Conv2d) and applies(layer, following, x):
-                    skip = i + 1
-                    x = conv_max_pool(
-                        x,
-                        params[f"net.{name}.weight"],
-                        params.get(f"net.{name}.bias"),
-                        layer,
-                        following,
-                    )
-                    grouped = True
-                    continue
                 if not grouped:
                     x = x.transpose(0, 1).reshape(b, k * x.shape[2], *x.shape[3:])
-                    # Channels-last: torch's CPU max pooling is about 20x faster on it than
-                    # on NCHW (measured: 47 us against 960 us for 64 x 160 x 8 x 8), and
-                    # the convolutions and activations keep the format.
+                    # Channels-last: torch's CPU max pooling is much faster on it than on
+                    # NCHW, and the convolutions and activations keep the format.
                     x = x.contiguous(memory_format=torch.channels_last)
                     grouped = True
                 if isinstance(layer, nn.Conv2d):
@@ -239,9 +161,8 @@ def _pool_before_relu(layers: list[tuple[str, nn.Module]]) -> list[tuple[str, nn
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``x`` of shape (K, B, ..., in): like ``nn.Linear``, over the last dimension."""
     # Computed transposed, weight @ rows^T: the weight's gradient then comes out of the
-    # backward matmul in the weight's own (contiguous) layout. rows @ weight^T would give a
-    # transposed gradient that autograd copies on every step (the torch profiler counted
-    # 54 ms of such copies in a 0.33 s run of the digits MLP benchmark; 3 ms after).
+    # backward matmul in the weight's own (contiguous) layout; rows @ weight^T would give a
+    # transposed gradient that autograd copies on every step.
     rows = x.reshape(x.shape[0], -1, x.shape[-1]).transpose(1, 2)
     if bias is None:
         out = torch.bmm(weight, rows)
@@ -251,7 +172,29 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) ->
 
 
 def _stochastic(layer: nn.Module, x: torch.Tensor, pending: list[torch.Tensor]) -> torch.Tensor:
-    """randkit's dropout layers on the stacked batch, with each trial's pre-drawn numbers."""
+    """randkit's dropout layers on the stacked batch, with each model's pre-drawn numbers."""
     if not layer.training or layer.p == 0:
         return x
     return x * dropout_factor(layer, pending.pop(0))
+
+
+def dropout_factor(layer: nn.Module, numbers: torch.Tensor) -> torch.Tensor:
+    """What randkit's ``Dropout`` or ``GaussianDropout`` multiplies its input by, given the
+    uniform or normal ``numbers`` it drew."""
+    if isinstance(layer, Dropout):
+        return (numbers >= layer.p).to(numbers.dtype) / (1 - layer.p)
+    return 1 + (layer.p / (1 - layer.p)) ** 0.5 * numbers
+
+
+def stacked_cross_entropy(
+    logits: torch.Tensor, target: torch.Tensor, row_weight: torch.Tensor, smoothing: float
+) -> torch.Tensor:
+    """Each model's weighted mean cross-entropy (K,) over its rows of ``logits`` (K, B, C)."""
+    k, width = row_weight.shape
+    ce = F.cross_entropy(
+        logits.flatten(0, 1),
+        target.flatten(0, 1),
+        reduction="none",
+        label_smoothing=smoothing,
+    ).view(k, width)
+    return (ce * row_weight).sum(1) / row_weight.sum(1).clamp(min=1)

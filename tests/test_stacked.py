@@ -1,5 +1,6 @@
-"""The vectorized runner's stacked forward (batched matmuls, grouped convolutions) computes
-what ``vmap`` of ``functional_call`` computes, and hands every other model to ``vmap``."""
+"""The stacked engine: its forward (batched matmuls, grouped convolutions) computes what
+``vmap`` of ``functional_call`` computes and hands every other model to ``vmap``; its trainer
+trains each member as the single-model trainer would, inside and outside cross-validation."""
 
 from __future__ import annotations
 
@@ -11,15 +12,17 @@ import pytest
 import torch
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
-from torch.nn import functional as F
 
-from randkit.config import validate_config
-from randkit.cv import native_matmul, run_cv
-from randkit.cv.lockstep import Lockstep
-from randkit.cv.stacked import StackedForward
+from randkit import Streams
+from randkit.config import TrainConfig, validate_config
+from randkit.cv import run_cv
+from randkit.data import TensorData
 from randkit.models import Classifier, Standardize, zoo
-from randkit.randomize import GaussianDropout, use_generator
-from test_cv import METRICS, SMALL
+from randkit.randomize import GaussianDropout, GradientNoise, Randomization, use_generator
+from randkit.stacked import Member, StackedForward, StackedTrainer, batches
+from randkit.train import rules
+from randkit.train.loop import Trainer
+from test_cv import SMALL
 
 K, BATCH = 3, 7
 
@@ -56,7 +59,7 @@ NETS = {
         (1, 8, 8),
         "image",
     ),
-    # 16 channels: the first convolution and its pooling take the compiled kernel
+    # 16 channels, a wider grouped convolution
     "cnn16": (lambda: zoo.cnn([1, 8, 8], 10, widths=[16, 8], hidden=8), (1, 8, 8), "image"),
     "odd": (_odd_net, (2, 8, 8), "image"),
     "tabular": (lambda: zoo.mlp([5], 3, hidden=[4]), (5,), "tabular"),
@@ -152,53 +155,19 @@ def test_the_vmap_path_still_agrees_with_sequential(tmp_path: Path, monkeypatch)
     raw["train"].update({"optimizer": "sgd", "lr": 0.05, "momentum": 0.9})
     raw["cv"].update({"folds": 3})
     used = []
-    original = Lockstep.__init__
+    original = StackedTrainer.__init__
 
     def spy(self, *args, **kwargs):  # type: ignore[no-untyped-def]
         original(self, *args, **kwargs)
         used.append(self.stacked)
 
-    monkeypatch.setattr(Lockstep, "__init__", spy)
+    monkeypatch.setattr(StackedTrainer, "__init__", spy)
     sequential = run_cv(validate_config(raw), tmp_path / "seq", quiet=True, report=False)
     raw["cv"]["runner"] = "vectorized"
     vectorized = run_cv(validate_config(raw), tmp_path / "vec", quiet=True, report=False)
     assert used == [None]  # the LayerNorm model went through vmap
     assert np.array_equal(sequential.table["accuracy"], vectorized.table["accuracy"])
     assert np.allclose(sequential.table["loss"], vectorized.table["loss"], atol=1e-4, rtol=0)
-
-
-def test_an_mlp_trains_the_same_with_and_without_autograd(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    """The vectorized runner takes an MLP's gradients from its dense tail directly (no
-    autograd engine); with dropout, mixup's soft targets, label smoothing, gradient noise and
-    clipping, every trial's metrics and saved weights equal those of the autograd path bit
-    for bit."""
-    raw = json.loads(json.dumps(SMALL))
-    raw["model"] = {"name": "mlp", "args": {"hidden": [32, 16], "dropout": 0.2}}
-    raw["train"].update({"label_smoothing": 0.1, "grad_clip": 1.0})
-    raw["randomize"] = {
-        "augment": [{"kind": "mixup", "alpha": 0.4, "p": 0.5}],
-        "grad_noise": {"eta": 0.01},
-    }
-    raw["cv"].update({"folds": 3, "runner": "vectorized"})
-    calls = []
-    original = StackedForward.loss_and_grads
-
-    def spy(self, *args, **kwargs):  # type: ignore[no-untyped-def]
-        result = original(self, *args, **kwargs)
-        calls.append(result is not None)
-        return result
-
-    monkeypatch.setattr(StackedForward, "loss_and_grads", spy)
-    direct = run_cv(validate_config(raw), tmp_path / "direct", quiet=True, report=False)
-    assert calls and all(calls)
-    monkeypatch.setattr(StackedForward, "loss_and_grads", lambda self, *a, **k: None)
-    autograd = run_cv(validate_config(raw), tmp_path / "autograd", quiet=True, report=False)
-    for metric in METRICS:
-        assert direct.table[metric].tolist() == autograd.table[metric].tolist(), metric
-    for trial in direct.table["id"]:
-        a = (tmp_path / "direct" / "trials" / trial / "model.safetensors").read_bytes()
-        b = (tmp_path / "autograd" / "trials" / trial / "model.safetensors").read_bytes()
-        assert a == b, trial
 
 
 def test_batches_gathered_from_the_shared_pool_match_the_per_trial_gathers(
@@ -224,16 +193,16 @@ def test_batches_gathered_from_the_shared_pool_match_the_per_trial_gathers(
     sequential = run_cv(validate_config(raw), tmp_path / "seq", quiet=True, report=False)
     raw["cv"]["runner"] = "vectorized"
     pooled_used = []
-    original = Lockstep._pooled_batch
+    original = batches.SharedPool.batch
 
     def spy(self, *args, **kwargs):  # type: ignore[no-untyped-def]
         pooled_used.append(True)
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(Lockstep, "_pooled_batch", spy)
+    monkeypatch.setattr(batches.SharedPool, "batch", spy)
     pooled = run_cv(validate_config(raw), tmp_path / "pool", quiet=True, report=False)
     assert pooled_used
-    monkeypatch.setattr(Lockstep, "_shared_pool", lambda self: None)
+    monkeypatch.setattr(batches.SharedPool, "usable", staticmethod(lambda runs, plan: False))
     pooled_used.clear()
     per_trial = run_cv(validate_config(raw), tmp_path / "per", quiet=True, report=False)
     assert not pooled_used
@@ -263,7 +232,7 @@ def test_test_logits_of_all_trials_at_once_equal_each_models_own(name: str) -> N
     g = torch.Generator().manual_seed(4)
     sizes = [9, 300, 17]  # unequal, and one longer than a 256-row pass
     xs = [torch.rand(n, *shape, generator=g) for n in sizes]
-    trainer = Lockstep.__new__(Lockstep)  # only what test_logits reads
+    trainer = StackedTrainer.__new__(StackedTrainer)  # only what test_logits reads
     trainer.base, trainer.params, trainer.buffers = models[0], params, buffers
     trainer.stacked, trainer.device = StackedForward.build(models[0]), torch.device("cpu")
     ours = trainer.test_logits(xs)
@@ -275,95 +244,6 @@ def test_test_logits_of_all_trials_at_once_equal_each_models_own(name: str) -> N
         torch.testing.assert_close(ours[k], theirs, atol=1e-5, rtol=1e-5)
 
 
-@pytest.fixture(params=["avx512", "torch"])
-def kernel(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """The dense tail's products on randkit's AVX-512 kernel, or on torch (the kernel off)."""
-    if request.param == "torch":
-        monkeypatch.setattr(native_matmul, "native", None)
-    elif not native_matmul.has_native_kernel():
-        pytest.skip("the AVX-512 kernel is not built or this CPU lacks AVX-512")
-    return request.param
-
-
-def _tail_case(
-    name: str, seed: int
-) -> tuple[StackedForward, dict, dict, torch.Tensor, list[torch.Tensor], int, torch.Generator]:
-    """A net's stacked forward, stacked parameters and buffers, a batch with its draws, the
-    number of classes and the generator, for the dense-tail tests."""
-    models = _models(name)
-    stacked = StackedForward.build(models[0])
-    assert stacked is not None
-    params, buffers = _stacked_params(models)
-    g = torch.Generator().manual_seed(seed)
-    x, draws = _inputs_and_draws(models, NETS[name][1], g)
-    classes = stacked(params, buffers, x, draws).shape[-1]
-    return stacked, params, buffers, x, draws, classes, g
-
-
-@pytest.mark.parametrize("target_kind", ["classes", "smoothed", "probabilities"])
-@pytest.mark.parametrize("name", ["mlp", "cnn", "gauss", "odd", "tabular"])
-def test_the_hand_written_dense_tail_equals_autograd(
-    name: str, target_kind: str, kernel: str
-) -> None:
-    """``StackedForward.loss`` runs the Linear/ReLU/dropout end of the network and the
-    cross-entropy as one node with a hand-written backward; losses, logits and every
-    parameter's gradient (the convolutions' too, through the tail's input gradient) equal
-    autograd's through the plain stacked forward, with padded rows and per-trial weights,
-    whether the products run on randkit's AVX-512 kernel or on torch.bmm."""
-    stacked, params, buffers, x, draws, classes, g = _tail_case(name, 2)
-    assert stacked.tail is not None
-    row_weight = torch.ones(K, BATCH)
-    row_weight[1, -3:] = 0  # padded rows
-    if target_kind == "probabilities":
-        target = torch.softmax(3 * torch.randn(K, BATCH, classes, generator=g), -1)
-    else:
-        target = torch.randint(0, classes, (K, BATCH), generator=g)
-    smoothing = 0.0 if target_kind == "classes" else 0.1
-    per_trial = torch.rand(K, generator=g) + 0.5  # the backward scales each trial's loss
-
-    losses, logits = stacked.loss(params, buffers, x, target, row_weight, draws, smoothing)
-    ours = torch.autograd.grad((losses * per_trial).sum(), list(params.values()))
-
-    ref_logits = stacked(params, buffers, x, draws)
-    ce = F.cross_entropy(
-        ref_logits.flatten(0, 1), target.flatten(0, 1), reduction="none", label_smoothing=smoothing
-    ).view(K, BATCH)
-    ref_losses = (ce * row_weight).sum(1) / row_weight.sum(1)
-    theirs = torch.autograd.grad((ref_losses * per_trial).sum(), list(params.values()))
-    torch.testing.assert_close(losses, ref_losses, atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(logits, ref_logits.detach(), atol=1e-6, rtol=1e-5)
-    assert not logits.requires_grad
-    for name_, a, b in zip(params, ours, theirs, strict=True):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4, msg=name_)
-
-
-@pytest.mark.parametrize("name", ["mlp", "gauss", "tabular", "cnn", "odd"])
-def test_an_all_dense_model_gets_the_same_gradients_without_autograd(
-    name: str, kernel: str
-) -> None:
-    """``loss_and_grads`` (used by the lockstep trainer when every parameter is in the dense
-    tail) returns the autograd node's losses, logits and gradients bit for bit, on either
-    kernel; a model with parameters before its tail (a CNN, the odd net) is left to autograd
-    (None)."""
-    stacked, params, buffers, x, draws, classes, g = _tail_case(name, 5)
-    row_weight = torch.ones(K, BATCH)
-    row_weight[2, -4:] = 0
-    target = torch.randint(0, classes, (K, BATCH), generator=g)
-    direct = stacked.loss_and_grads(params, buffers, x, target, row_weight, draws, 0.1)
-    if name in ("cnn", "odd"):
-        assert direct is None
-        return
-    assert direct is not None
-    losses, logits, grads = direct
-    assert set(grads) == set(params) and not losses.requires_grad
-    ref_losses, ref_logits = stacked.loss(params, buffers, x, target, row_weight, draws, 0.1)
-    ref_grads = torch.autograd.grad(ref_losses.sum(), list(params.values()))
-    assert torch.equal(losses, ref_losses.detach()) and torch.equal(logits, ref_logits)
-    for (name_, p), ref in zip(params.items(), ref_grads, strict=True):
-        assert grads[name_].shape == p.shape
-        assert torch.equal(grads[name_], ref), name_
-
-
 def test_a_network_that_reuses_a_layer_is_left_to_vmap() -> None:
     """``named_children`` lists a module used twice once, so the stacked forward would skip
     its second use: such a network takes the ``vmap`` path instead."""
@@ -373,17 +253,83 @@ def test_a_network_that_reuses_a_layer_is_left_to_vmap() -> None:
     assert StackedForward.build(model) is None
 
 
-def test_the_dense_tail_refuses_a_backward_after_its_input_changed_in_place() -> None:
-    """The tail saves what its backward needs through autograd, which notices a tensor
-    changed in place in between instead of returning a silently wrong gradient."""
-    models = _models("cnn")
-    stacked = StackedForward.build(models[0])
-    params, buffers = _stacked_params(models)
-    x, draws = _inputs_and_draws(models, NETS["cnn"][1], torch.Generator().manual_seed(3))
-    row_weight = torch.ones(K, BATCH)
-    target = torch.zeros(K, BATCH, dtype=torch.long)
-    losses, _ = stacked.loss(params, buffers, x, target, row_weight, draws)
-    with torch.no_grad():
-        params["net.10.weight"].add_(1.0)  # the head's last Linear
-    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
-        losses.sum().backward()
+def _tabular_members(members: int) -> list[tuple[TensorData, TensorData]]:
+    """Each member's own training and validation data (unequal sizes: padded rows)."""
+    g = torch.Generator().manual_seed(3)
+    out = []
+    for k in range(members):
+        n = 90 + 7 * k
+        x = torch.randn(n, 5, generator=g)
+        y = (x[:, 0] + 0.5 * x[:, 1] > 0).long() + (x[:, 2] > 1).long()
+        out.append((TensorData(x[:70], y[:70]), TensorData(x[70:], y[70:])))
+    return out
+
+
+@pytest.mark.parametrize("stacked", [True, False], ids=["stacked-forward", "vmap"])
+def test_the_stacked_trainer_trains_each_member_as_the_single_trainer_would(
+    stacked: bool,
+) -> None:
+    """Outside cross-validation: K members with their own data and streams, trained at once
+    with dropout, weight noise, DropConnect, gradient noise, clipping, a schedule and early
+    stopping, end with the weights and histories the single-model ``Trainer`` gives each of
+    them (one set of training rules: ``train/rules.py``)."""
+    cfg = TrainConfig(
+        epochs=4,
+        batch_size=16,
+        optimizer="sgd",
+        lr=0.1,
+        momentum=0.9,
+        schedule="cosine",
+        grad_clip=0.5,
+        label_smoothing=0.1,
+        early_stopping={"patience": 1, "metric": "loss", "min_delta": 0.1},
+    )
+    plan = Randomization(
+        weight_noise_std=0.02, drop_connect=0.1, grad_noise=GradientNoise(0.01, 0.55)
+    )
+    data = _tabular_members(3)
+    streams = Streams(11)
+
+    def model(k: int) -> nn.Module:
+        with torch.random.fork_rng():  # different weights per member, global state kept
+            torch.manual_seed(k)
+            net = zoo.mlp([5], 3, hidden=[12], dropout=0.2)
+            if not stacked:
+                net.append(nn.LayerNorm(3))  # not a stacked-forward layer: vmap
+            return Classifier(net, Standardize(torch.zeros(5), torch.ones(5), "tabular"))
+
+    cpu = torch.device("cpu")
+    members = [Member(streams, tr, val, coords={"member": k}) for k, (tr, val) in enumerate(data)]
+    trainer = StackedTrainer([model(k) for k in range(3)], members, cfg, plan, 3, cpu)
+    assert (trainer.stacked is not None) == stacked
+    trainer.fit()
+    lengths = []
+    for k, (train, val) in enumerate(data):
+        alone = Trainer(model(k), train, val, 3, cfg, streams, cpu, plan, member=k)
+        alone.fit()
+        lengths.append(len(alone.state.history))
+        assert len(trainer.histories[k]) == len(alone.state.history)
+        for ours, theirs in zip(trainer.histories[k], alone.state.history, strict=True):
+            assert ours.keys() == theirs.keys()
+            for key in ours:
+                assert ours[key] == pytest.approx(theirs[key], abs=1e-4), (k, key)
+        theirs = alone.model.state_dict()
+        for name, value in trainer.weights(k).items():
+            torch.testing.assert_close(value, theirs[name], atol=1e-5, rtol=1e-4)
+    assert min(lengths) < cfg.epochs  # early stopping took some member before the end
+
+
+def test_gradient_clipping_is_torchs_rule_for_each_stacked_model() -> None:
+    g = torch.Generator().manual_seed(0)
+    grads = [torch.randn(3, 4, 5, generator=g) * 3, torch.randn(3, 7, generator=g) * 0.01]
+    grads[0][1] *= 1e-3  # model 1 is under the limit: left alone
+    stacked = [t.clone() for t in grads]
+    rules.clip_gradients(stacked, 1.0)
+    for k in range(3):
+        params = [nn.Parameter(torch.zeros_like(t[k])) for t in grads]
+        for p, t in zip(params, grads, strict=True):
+            p.grad = t[k].clone()
+        nn.utils.clip_grad_norm_(params, 1.0)
+        for p, t in zip(params, stacked, strict=True):
+            torch.testing.assert_close(t[k], p.grad, atol=0, rtol=1e-6)
+    assert torch.equal(stacked[0][1], grads[0][1])

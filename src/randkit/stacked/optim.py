@@ -1,5 +1,5 @@
 """Optimizers for K models stacked along dimension 0, each with its own step count, learning
-rate and an "active" flag (a trial whose epoch has ended, or that stopped early, does not
+rate and an "active" flag (a model whose epoch has ended, or that stopped early, does not
 move). Written by hand because ``torch.optim`` keeps one step count per tensor; the update
 formulas follow ``torch.optim.SGD``, ``Adam`` and ``AdamW`` exactly."""
 
@@ -16,21 +16,21 @@ EPS = 1e-8
 
 
 class StackedOptimizer:
-    def __init__(self, params: dict[str, torch.Tensor], cfg: TrainConfig, trials: int) -> None:
+    def __init__(self, params: dict[str, torch.Tensor], cfg: TrainConfig, models: int) -> None:
         self.params = params
         self.cfg = cfg
-        self.steps = [0] * trials  # Python numbers: the lockstep check reads no tensor
+        self.steps = [0] * models  # Python numbers: the lockstep check reads no tensor
         self.state: dict[str, dict[str, torch.Tensor]] = {name: {} for name in params}
 
     @staticmethod
-    def _per_trial(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    def _per_model(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         return values.to(like.device, like.dtype).view(-1, *([1] * (like.dim() - 1)))
 
     @torch.no_grad()
     def step(
         self, lrs: Sequence[float] | torch.Tensor, active: Sequence[bool] | torch.Tensor
     ) -> None:
-        """One update with learning rate ``lrs[k]`` for every trial ``k`` with ``active[k]``."""
+        """One update with learning rate ``lrs[k]`` for every model ``k`` with ``active[k]``."""
         cfg = self.cfg
         lrs = lrs.tolist() if isinstance(lrs, torch.Tensor) else list(lrs)
         active = active.tolist() if isinstance(active, torch.Tensor) else list(active)
@@ -43,8 +43,8 @@ class StackedOptimizer:
         for name, p in self.params.items():
             if p.grad is None:
                 continue
-            mask = self._per_trial(active_t, p) > 0
-            lr = self._per_trial(lrs_t, p)
+            mask = self._per_model(active_t, p) > 0
+            lr = self._per_model(lrs_t, p)
             g = p.grad
             state = self.state[name]
             if cfg.optimizer == "sgd":
@@ -54,11 +54,11 @@ class StackedOptimizer:
             p.copy_(torch.where(mask, new, p))
 
     def _in_lockstep(self, lrs: list[float], active: list[bool]) -> bool:
-        """Every trial active, same learning rate and step count: one scalar update fits all."""
+        """Every model active, same learning rate and step count: one scalar update fits all."""
         return all(active) and len(set(lrs)) == 1 and len(set(self.steps)) == 1
 
     def _adam_all(self, lr: float, step: float) -> None:
-        """Adam/AdamW for all trials at once, no masks: torch's fused CPU/CUDA kernel (one
+        """Adam/AdamW for all models at once, no masks: torch's fused CPU/CUDA kernel (one
         pass per tensor, as ``torch.optim.Adam(fused=True)``), else in-place foreach ops."""
         cfg = self.cfg
         beta1, beta2 = BETAS
@@ -73,7 +73,8 @@ class StackedOptimizer:
         exp_avg = [s["exp_avg"] for s in states]
         exp_avg_sq = [s["exp_avg_sq"] for s in states]
         adamw = cfg.optimizer == "adamw"
-        # The fused op is what torch.optim.Adam(fused=True) calls; torch is pinned exactly.
+        # The fused op is what torch.optim.Adam(fused=True) calls; being private, it is looked
+        # up by name and the foreach update below stands in where a release lacks it.
         fused = getattr(torch, "_fused_adamw_" if adamw else "_fused_adam_", None)
         if fused is not None and params and params[0].dtype in (torch.float32, torch.float64):
             steps = [torch.tensor(step, dtype=torch.float32, device=params[0].device)]
@@ -150,7 +151,7 @@ class StackedOptimizer:
         m, v = state["exp_avg"], state["exp_avg_sq"]
         state["exp_avg"] = torch.where(mask, m.lerp(g, 1 - beta1), m)
         state["exp_avg_sq"] = torch.where(mask, v * beta2 + (1 - beta2) * g * g, v)
-        steps = self._per_trial(torch.tensor(self.steps, dtype=torch.float64), p).clamp(min=1)
+        steps = self._per_model(torch.tensor(self.steps, dtype=torch.float64), p).clamp(min=1)
         bias1 = 1 - beta1**steps
         bias2 = 1 - beta2**steps
         denom = state["exp_avg_sq"].sqrt() / bias2.sqrt() + EPS
