@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from randkit.config import TrainConfig
-from randkit.cv.stacked_optim import StackedOptimizer
+from randkit.stacked import StackedOptimizer
 from randkit.train.optim import make_optimizer
 
 K, STEPS = 4, 30
