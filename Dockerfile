@@ -1,16 +1,16 @@
 # randkit model server: `docker build -t randkit-serve .` then
 # `docker run -p 8000:8000 -v $PWD/repo:/models:ro randkit-serve`.
-# CPU image; torch's pinned wheel comes from PyPI (a CUDA base image and wheel for GPUs).
+# CPU image; constraints.txt pins torch's wheel from PyPI (a CUDA base image and wheel for GPUs).
 FROM python:3.11-slim AS build
 WORKDIR /src
-COPY pyproject.toml setup.py README.md ./
+COPY pyproject.toml setup.py constraints.txt README.md ./
 COPY src ./src
 # gcc builds the Gaussian-noise kernel (without it randkit falls back to torch operations).
 RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
  && rm -rf /var/lib/apt/lists/* \
  && python -m venv /opt/venv \
  && /opt/venv/bin/pip install --no-cache-dir --upgrade pip \
- && /opt/venv/bin/pip install --no-cache-dir .
+ && /opt/venv/bin/pip install --no-cache-dir -c constraints.txt '.[serve]'
 
 FROM python:3.11-slim
 COPY --from=build /opt/venv /opt/venv

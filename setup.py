@@ -1,9 +1,7 @@
-"""Only randkit's compiled kernels live here; everything else is in pyproject.toml.
+"""Only randkit's compiled kernel lives here; everything else is in pyproject.toml.
 
-All three extensions are optional. Without a C compiler the Gaussian noise comes from the same
-generator written in torch operations (same bits, about 35x slower), and the vectorized
-runner keeps oneDNN's grouped convolution for a CNN's first layer and torch.bmm for its dense
-layers (same values up to float rounding, slower).
+The extension is optional. Without a C compiler the Gaussian noise comes from the same
+generator written in torch operations (same bits, about 35x slower).
 """
 
 import sys
@@ -20,22 +18,6 @@ setup(
             sources=["src/randkit/_native/philox.c"],
             # No FMA contraction and no fast-math: every build gives the same bits.
             extra_compile_args=["-O3", "-ffp-contract=off", "-fno-math-errno", "-std=c11", *OPENMP],
-            extra_link_args=OPENMP,
-            optional=True,
-        ),
-        Extension(
-            "randkit._native._patchpool",
-            sources=["src/randkit/_native/patchpool.c"],
-            # gnu11 (not c11) lets gcc contract multiply-adds into FMA instructions.
-            extra_compile_args=["-O3", "-fno-math-errno", "-std=gnu11", *OPENMP],
-            extra_link_args=OPENMP,
-            optional=True,
-        ),
-        Extension(
-            "randkit._native._densemm",
-            sources=["src/randkit/_native/densemm.c"],
-            libraries=["m"],
-            extra_compile_args=["-O3", "-fno-math-errno", "-std=gnu11", *OPENMP],
             extra_link_args=OPENMP,
             optional=True,
         ),

@@ -11,6 +11,7 @@ from rich.console import Console
 
 import randkit
 from randkit.errors import UserError
+from randkit.extras import require
 from randkit.memory import keep_freed_memory
 
 app = typer.Typer(
@@ -95,6 +96,7 @@ def evaluate(
 
     if not noise and not mc:
         raise UserError("noise", "give --noise KIND:L1,L2,... and/or --mc KIND:SAMPLES")
+    require("report", "randkit evaluate")  # draws its curves with matplotlib
     if seed < 0:
         raise UserError("--seed", f"must be >= 0, got {seed}")
     sweeps: dict[str, list[float]] = {}
@@ -190,10 +192,10 @@ def cv(
     out = out or Path("runs") / f"{config.stem}-cv"
     result = run_cv(cfg, out, restart=restart, quiet=quiet)
     if not quiet:
-        _print_summary(result.summary, out)
+        _print_summary(result.summary, result.report)
 
 
-def _print_summary(summary: dict, out: Path) -> None:
+def _print_summary(summary: dict, report: Path | None) -> None:
     from rich.table import Table
 
     table = Table(
@@ -215,7 +217,8 @@ def _print_summary(summary: dict, out: Path) -> None:
     components = summary.get("variance_components", {}).get("components", {})
     for name, part in components.items():
         _out.print(f"variance from {name}: {part['variance']:.3g} ({100 * part['share']:.0f}%)")
-    _out.print(f"report: {out / 'report.html'}")
+    if report is not None:
+        _out.print(f"report: {report}")
 
 
 @app.command()
@@ -253,6 +256,7 @@ def compare(
 @app.command()
 def report(run: Annotated[Path, typer.Argument(help="A cross-validation run directory.")]) -> None:
     """Write report.html for a cross-validation run."""
+    require("report", "randkit report")
     from randkit.report import write_report
 
     _out.print(f"report: {write_report(run)}")
@@ -280,6 +284,7 @@ def certify(
     """Certified L2 robustness by randomized smoothing (Cohen et al. 2019), TSV + curve."""
     from randkit.deploy.certify_run import certify_run
 
+    require("report", "randkit certify")  # draws the certified-accuracy curve with matplotlib
     result = certify_run(run, sigma, n0, n, alpha, batch, skip, max_inputs, radius, out, quiet)
     if not quiet:
         pairs = zip(result["radii"], result["certified_accuracy"], strict=True)
@@ -299,6 +304,7 @@ def explain(
     """SmoothGrad saliency maps of test inputs beside the inputs and their predictions."""
     from randkit.deploy.explain import explain_run
 
+    require("report", "randkit explain")  # draws the saliency maps with matplotlib
     result = explain_run(run, samples, sigma, list(index or []), seed, out)
     _out.print(f"-> {result['png']}")
 
@@ -339,6 +345,7 @@ def serve(
     """Serve a model repository over KServe V2 and TensorFlow Serving REST."""
     import os
 
+    require("serve", "randkit serve")
     from randkit.serve.run import serve_forever
 
     serve_forever(

@@ -2,25 +2,41 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
 from randkit.cv import stats
 from randkit.errors import UserError
 
+_NEEDED = ("id", "fold", "repeat", "seed_split", "train_size", "test_size")
 
-def _read(run: Path) -> tuple[pd.DataFrame, dict[str, Any]]:
+
+def _read(run: Path) -> tuple[dict[str, dict[str, str]], dict[str, Any]]:
+    """The rows of ``results.csv`` by trial id (fields as written) and ``summary.json``."""
     results, summary = run / "results.csv", run / "summary.json"
     if not results.is_file() or not summary.is_file():
         raise UserError(
             "run",
             f"{str(run)!r} is not a finished cross-validation (needs results.csv and summary.json)",
         )
-    return pd.read_csv(results), json.loads(summary.read_text())
+    with open(results, newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        lacking = [c for c in _NEEDED if c not in (reader.fieldnames or [])]
+        if lacking:
+            raise UserError("run", f"{str(results)!r} has no column {lacking[0]!r}")
+        rows = {row["id"]: row for row in reader}
+    return rows, json.loads(summary.read_text())
+
+
+def _column(rows: list[dict[str, str]], name: str) -> np.ndarray:
+    """One numeric column of the paired rows (an empty field is NaN, as pandas reads it)."""
+    if rows and name not in rows[0]:
+        raise UserError("--metric", f"the runs' results.csv has no column {name!r}")
+    return np.array([float(row[name] or "nan") for row in rows])
 
 
 def compare_runs(
@@ -34,44 +50,50 @@ def compare_runs(
     metric = metric or summary_a["metric"]
     if metric not in ("accuracy", "loss", "macro_f1"):
         raise UserError("--metric", f"must be accuracy, loss or macro_f1, got {metric!r}")
-    paired = table_a.merge(table_b, on="id", suffixes=("_a", "_b"))
-    if len(paired) < 2 or len(paired) != len(table_a) or len(paired) != len(table_b):
+    shared = [tid for tid in table_a if tid in table_b]
+    paired_a, paired_b = [table_a[t] for t in shared], [table_b[t] for t in shared]
+    if len(shared) < 2 or len(shared) != len(table_a) or len(shared) != len(table_b):
         raise UserError(
             "run",
             f"the runs do not have the same trials ({len(table_a)} and "
-            f"{len(table_b)} trials, {len(paired)} shared); compare needs "
+            f"{len(table_b)} trials, {len(shared)} shared); compare needs "
             "the same cv plan",
         )
-    if not (paired["seed_split_a"] == paired["seed_split_b"]).all():
+    if any(a["seed_split"] != b["seed_split"] for a, b in zip(paired_a, paired_b, strict=True)):
         raise UserError(
             "run",
             "the runs split the data differently (seed of source 'split' "
             "differs); compare needs the same partitions",
         )
     sign = -1.0 if metric == "loss" else 1.0
-    differences = sign * (paired[f"{metric}_a"] - paired[f"{metric}_b"]).to_numpy(float)
-    n_train = round(paired["train_size_a"].mean())
-    n_test = round(paired["test_size_a"].mean())
+    scores_a, scores_b = _column(paired_a, metric), _column(paired_b, metric)
+    differences = sign * (scores_a - scores_b)
+    n_train = round(_column(paired_a, "train_size").mean())
+    n_test = round(_column(paired_a, "test_size").mean())
     corrected = stats.corrected_resampled_ttest(differences, n_train, n_test)
     names = (run_a.name, run_b.name)
     result: dict[str, Any] = {
         "metric": metric,
         "a": str(run_a),
         "b": str(run_b),
-        "n_trials": len(paired),
-        "mean_a": float(paired[f"{metric}_a"].mean()),
-        "mean_b": float(paired[f"{metric}_b"].mean()),
+        "n_trials": len(shared),
+        "mean_a": float(scores_a.mean()),
+        "mean_b": float(scores_b.mean()),
         "differences": differences.tolist(),
         "corrected_t_test": corrected,
         "verdict": stats.verdict(corrected, alpha=alpha, names=names),
     }
     # Dietterich's test assumes 5 replications of 2-fold CV, each with a fresh split.
     five_by_two = all(
-        s.get("splitter") == "5x2" and "split" in s.get("vary", []) and len(paired) == 10
+        s.get("splitter") == "5x2" and "split" in s.get("vary", []) and len(shared) == 10
         for s in (summary_a, summary_b)
     )
     if five_by_two:
-        ordered = paired.sort_values(["repeat_a", "fold_a"])
-        matrix = (sign * (ordered[f"{metric}_a"] - ordered[f"{metric}_b"])).to_numpy(float)
+        order = sorted(range(len(shared)), key=lambda i: _repeat_fold(paired_a[i]))
+        matrix = differences[order]
         result["five_by_two_t_test"] = stats.five_by_two_ttest(np.reshape(matrix, (5, 2)))
     return result
+
+
+def _repeat_fold(row: dict[str, str]) -> tuple[int, int]:
+    return int(row["repeat"]), int(row["fold"])

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -17,20 +17,24 @@ from randkit.config import ExperimentConfig
 from randkit.cv import stats
 from randkit.cv.plan import Plan, make_plan
 from randkit.cv.runners import cpu_count, run_processes, run_ray
-from randkit.cv.store import RunStore
+from randkit.cv.store import ResultTable, RunStore
 from randkit.cv.trial import run_trial
 from randkit.data import LabeledData, load_data
 from randkit.data.base import data_fingerprint
+from randkit.extras import MissingExtraError
 from randkit.streams import Streams
 from randkit.train.loop import model_and_randomization, resolve_device
+
+_log = logging.getLogger(__name__)
 
 
 @dataclass
 class CVResult:
     out: Path
-    table: pd.DataFrame
+    table: ResultTable  # one row per trial: table["accuracy"] is a NumPy array
     summary: dict[str, Any]
     trained: int  # trials trained by this call (the others were already done)
+    report: Path | None = None  # report.html, when written
 
 
 def run_cv(
@@ -64,11 +68,15 @@ def run_cv(
     table = store.write_results(plan, records)
     summary = summarize_run(cfg, plan, records, [str(c) for c in data.classes])
     store.write_summary(summary)
+    report_path = None
     if report:
-        from randkit.report import write_report
-
-        write_report(out)
-    return CVResult(out, table, summary, len(missing))
+        try:
+            from randkit.report import write_report
+        except MissingExtraError as exc:
+            _log.warning("%s; skipped report.html", exc)
+        else:
+            report_path = write_report(out)
+    return CVResult(out, table, summary, len(missing), report_path)
 
 
 def _preflight(cfg: ExperimentConfig, data: LabeledData, plan: Plan, streams: Streams) -> None:

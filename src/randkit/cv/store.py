@@ -7,12 +7,16 @@ Layout: ``config.yaml``, ``plan.json``, ``trials/<id>/{metrics.json, model.safet
 
 from __future__ import annotations
 
+import csv
+import io
 import json
+import math
 import shutil
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
+import numpy as np
 
 from randkit import atomic
 from randkit.config import ExperimentConfig
@@ -35,6 +39,61 @@ RESULT_COLUMNS = [
     "macro_f1",
     "fit_seconds",
 ]
+
+
+class ResultTable:
+    """One row per trial, in plan order; ``table["accuracy"]`` is that column as a NumPy array.
+
+    A light table so that the core install needs no pandas; ``to_pandas()`` gives a DataFrame
+    when pandas is installed.
+
+    >>> table = ResultTable(["id", "accuracy"], [{"id": "f0r0", "accuracy": 0.75}])
+    >>> len(table), float(table["accuracy"].mean()), table["id"].tolist()
+    (1, 0.75, ['f0r0'])
+    """
+
+    def __init__(self, columns: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> None:
+        self.columns = list(columns)
+        # A value a record lacks is NaN, as in a DataFrame built from the same rows.
+        self.rows = [{c: row.get(c, math.nan) for c in self.columns} for row in rows]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.columns)
+
+    def __contains__(self, column: object) -> bool:
+        return column in self.columns
+
+    def __getitem__(self, column: str) -> np.ndarray:
+        if column not in self.columns:
+            raise KeyError(f"no column {column!r}; columns are {self.columns}")
+        return np.array([row[column] for row in self.rows])
+
+    def __repr__(self) -> str:
+        return f"ResultTable({len(self)} rows, columns {self.columns})"
+
+    def to_csv(self) -> str:
+        """CSV text with a header row; NaN is an empty field."""
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(self.columns)
+        for row in self.rows:
+            writer.writerow(["" if _is_nan(row[c]) else row[c] for c in self.columns])
+        return buffer.getvalue()
+
+    def to_pandas(self) -> Any:
+        """The table as a ``pandas.DataFrame`` (needs pandas installed)."""
+        try:
+            import pandas as pd
+        except ImportError:
+            raise ImportError("ResultTable.to_pandas() needs pandas: pip install pandas") from None
+        return pd.DataFrame(self.rows, columns=self.columns)
+
+
+def _is_nan(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
 
 
 class RunStore:
@@ -103,7 +162,7 @@ class RunStore:
                 continue
         return done
 
-    def write_results(self, plan: Plan, records: dict[str, dict[str, Any]]) -> pd.DataFrame:
+    def write_results(self, plan: Plan, records: dict[str, dict[str, Any]]) -> ResultTable:
         """``results.csv``: one row per trial in plan order."""
         rows = []
         for trial in plan.trials:
@@ -121,8 +180,8 @@ class RunStore:
                     "fit_seconds": record["fit_seconds"],
                 }
             )
-        table = pd.DataFrame(rows, columns=RESULT_COLUMNS)
-        atomic.write_text(self.out / "results.csv", table.to_csv(index=False))
+        table = ResultTable(RESULT_COLUMNS, rows)
+        atomic.write_text(self.out / "results.csv", table.to_csv())
         return table
 
     def write_summary(self, summary: dict[str, Any]) -> None:

@@ -21,13 +21,18 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import jinja2
 import numpy as np
 
 from randkit import atomic
 from randkit.errors import UserError
-from randkit.report import figures
-from randkit.report.template import TEMPLATE
+from randkit.extras import require
+
+require("report", "randkit.report")  # one line naming the extra instead of a traceback
+
+import jinja2  # noqa: E402
+
+from randkit.report import figures  # noqa: E402
+from randkit.report.template import TEMPLATE  # noqa: E402
 
 __all__ = ["write_report"]
 
