@@ -47,7 +47,8 @@ def run_cv(
     report: bool = True,
 ) -> CVResult:
     """Plan, run the missing trials with the configured runner, then write ``results.csv``,
-    ``summary.json`` and ``report.html``."""
+    ``summary.json`` and ``report.html`` (skipped, with one warning, without the ``report``
+    extra)."""
     data = data if data is not None else load_data(cfg.data)
     streams = Streams(cfg.seed, cfg.seeds)
     plan = make_plan(cfg.cv, data.targets.numpy(), data.groups, streams, splitter)
