@@ -10,20 +10,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from randkit.config import ExperimentConfig
 from randkit.cv import stats
 from randkit.cv.plan import Plan, make_plan
-from randkit.cv.runners import cpu_count, run_processes, run_ray
+from randkit.cv.runners import RunContext, make_runner
 from randkit.cv.store import ResultTable, RunStore
-from randkit.cv.trial import run_trial
 from randkit.data import LabeledData, load_data
 from randkit.data.base import data_fingerprint
 from randkit.extras import MissingExtraError
 from randkit.streams import Streams
-from randkit.train.loop import model_and_randomization, resolve_device
+from randkit.train.loop import model_and_randomization
 
 _log = logging.getLogger(__name__)
 
@@ -65,7 +63,9 @@ def run_cv(
             records[record["id"]] = record
             advance(record)
 
-        _dispatch(cfg, config, missing, out, on_done, data, data_hash)
+        if missing:
+            context = RunContext(cfg, config, data, data_hash, out)
+            make_runner(context).run(missing, on_done)
     table = store.write_results(plan, records)
     summary = summarize_run(cfg, plan, records, [str(c) for c in data.classes])
     store.write_summary(summary)
@@ -92,64 +92,9 @@ def _preflight(cfg: ExperimentConfig, data: LabeledData, plan: Plan, streams: St
     model, randomization = model_and_randomization(cfg, prepared, scoped)
     preflight(model, randomization, prepared.train.x[:2])
     if cfg.cv.runner == "vectorized":
-        from randkit.cv.vectorized import check_vectorizable
+        from randkit.stacked import check_stackable
 
-        check_vectorizable(model, cfg)
-
-
-def _dispatch(
-    cfg: ExperimentConfig,
-    config: dict[str, Any],
-    trials: list,
-    out: Path,
-    on_done: Any,
-    data: LabeledData,
-    data_hash: str,
-) -> None:
-    if not trials:
-        return
-    cv = cfg.cv
-    if cv.runner == "vectorized":
-        from randkit.cv.vectorized import run_vectorized
-
-        run_vectorized(cfg, data, trials, Streams(cfg.seed, cfg.seeds), out, on_done)
-        return
-    cores = cpu_count()
-    if cv.runner == "processes":
-        workers = min(cv.workers or cores, len(trials))
-        threads = cv.threads_per_trial or max(1, cores // workers)
-        jobs = [_job(config, t, out, threads, data_hash) for t in trials]
-        run_processes(jobs, on_done, workers)
-    elif cv.runner == "ray":
-        threads = cv.threads_per_trial or 1
-        gpus = 0.0
-        if torch.cuda.is_available() and cfg.train.device != "cpu":
-            gpus = 1.0 / max(1, min(len(trials), cv.workers or 4))  # fractional GPUs
-        jobs = [_job(config, t, out, threads, data_hash) for t in trials]
-        run_ray(jobs, on_done, cv.address, cv.retries, float(threads), gpus)
-    else:
-        previous = torch.get_num_threads()
-        try:
-            if cv.threads_per_trial:
-                torch.set_num_threads(cv.threads_per_trial)
-            streams = Streams(cfg.seed, cfg.seeds)
-            device = resolve_device(cfg.train.device)
-            for trial in trials:  # in this process, on the data already loaded
-                on_done(run_trial(cfg, data, trial, streams, device, out))
-        finally:
-            torch.set_num_threads(previous)
-
-
-def _job(
-    config: dict[str, Any], trial: Any, out: Path, threads: int | None, data_hash: str
-) -> dict[str, Any]:
-    return {
-        "config": config,
-        "trial": trial.to_json(),
-        "out": str(out),
-        "threads": threads,
-        "data_hash": data_hash,
-    }
+        check_stackable(model, cfg.train.optimizer, "cv.runner")
 
 
 def summarize_run(
