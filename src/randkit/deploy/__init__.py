@@ -1,11 +1,15 @@
-"""Randomized deployment: smoothing with certified robustness, Monte-Carlo inference,
-uncertainty metrics, SmoothGrad explanations, model bundles."""
+"""Randomized deployment: one inference path (``Predictor``) for smoothing with certified
+robustness and Monte-Carlo inference, uncertainty metrics, SmoothGrad explanations, model
+bundles."""
 
 from randkit.deploy.mc import MCResult, MonteCarlo
+from randkit.deploy.predictor import Predictor
+from randkit.deploy.sampling import MODES, Sampling
 from randkit.deploy.smoothing import (
     ABSTAIN,
     RadiusDecision,
     Smoothed,
+    certify_from_counts,
     lower_confidence_bound,
     schedule,
     upper_confidence_bound,
@@ -13,10 +17,14 @@ from randkit.deploy.smoothing import (
 
 __all__ = [
     "ABSTAIN",
+    "MODES",
     "MCResult",
     "MonteCarlo",
+    "Predictor",
     "RadiusDecision",
+    "Sampling",
     "Smoothed",
+    "certify_from_counts",
     "lower_confidence_bound",
     "schedule",
     "upper_confidence_bound",

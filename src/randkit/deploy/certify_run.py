@@ -9,9 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from randkit import atomic
+from randkit.deploy.sampling import Sampling
 from randkit.deploy.smoothing import ABSTAIN, Smoothed
 from randkit.errors import UserError
 from randkit.train.load import load_trained
@@ -40,16 +42,9 @@ def certify_run(
     out: Path | None = None,
     quiet: bool = False,
 ) -> dict[str, Any]:
-    for name, value, low in (("--sigma", sigma, 0.0), ("--alpha", alpha, 0.0)):
-        if not value > low:
-            raise UserError(name, f"must be > {low:g}, got {value}")
-    if not 0 < alpha < 1:
-        raise UserError("--alpha", f"must be in (0, 1), got {alpha}")
-    for name, value in (("--n0", n0), ("--n", n), ("--batch", batch), ("--skip", skip)):
-        if value < 1:
-            raise UserError(name, f"must be >= 1, got {value}")
-    if radius is not None and radius < 0:
-        raise UserError("--radius", f"must be >= 0, got {radius}")
+    """Certify every ``skip``-th test input of a trained run (at most ``max_inputs``): a TSV
+    of Cohen et al.'s format, the certified-accuracy curve as JSON and PNG."""
+    _check_arguments(sigma, n0, n, alpha, batch, skip, radius)
     trained = load_trained(run)
     if trained.prepared.kind == "text":
         raise UserError("run", "randomized smoothing needs image or vector inputs, got text")
@@ -62,27 +57,17 @@ def certify_run(
     rows, radii, correct = ["\t".join(header)], [], []
     with _progress(quiet, len(indices)) as advance:
         for i in indices:
-            # Each input has its own stream, so --skip and --max do not change its result.
-            generator = trained.streams.torch(
-                "deploy", device=trained.device, purpose="certify", index=i
-            )
+            # Each input is its own request, its seed from the run's streams (so --skip and
+            # --max do not change its result), keyed as every smoothing request is.
+            seed = trained.streams.seed("deploy", purpose="certify", index=i)
+            request = Sampling("smooth", n, seed, sigma, alpha=alpha, n0=n0)
             x, label = test.x[i : i + 1], int(test.y[i])
             started = time.perf_counter()
-            if radius is None:
-                predicted, radii_i = smoothed.certify(x, n0, n, alpha, batch, generator)
-                predict, rad, extra = int(predicted[0]), float(radii_i[0]), []
-            else:
-                decision = smoothed.certify_at_radius(x, radius, alpha, n, batch, generator, n0)
-                ok = bool(decision.certified[0])
-                predict = int(decision.predicted[0]) if ok else ABSTAIN
-                rad, extra = (radius if ok else 0.0), [str(int(decision.samples[0]))]
+            predict, rad, extra = _certify_one(smoothed, x, request, batch, radius, trained.device)
             elapsed = str(datetime.timedelta(seconds=time.perf_counter() - started))
             hit = int(predict == label)
-            rows.append(
-                "\t".join(
-                    [str(i), str(label), str(predict), f"{rad:.3f}", str(hit), elapsed, *extra]
-                )
-            )
+            fields = [str(i), str(label), str(predict), f"{rad:.3f}", str(hit), elapsed, *extra]
+            rows.append("\t".join(fields))
             radii.append(rad)
             correct.append(bool(hit))
             advance()
@@ -103,6 +88,45 @@ def certify_run(
     atomic.write_json(curve_json, curve)
     atomic.write_bytes(tsv.with_suffix(".curve.png"), _plot(curve))
     return {"tsv": tsv, "curve": curve_json, **curve}
+
+
+def _check_arguments(
+    sigma: float, n0: int, n: int, alpha: float, batch: int, skip: int, radius: float | None
+) -> None:
+    for name, value, low in (("--sigma", sigma, 0.0), ("--alpha", alpha, 0.0)):
+        if not value > low:
+            raise UserError(name, f"must be > {low:g}, got {value}")
+    if not 0 < alpha < 1:
+        raise UserError("--alpha", f"must be in (0, 1), got {alpha}")
+    for name, value in (("--n0", n0), ("--n", n), ("--batch", batch), ("--skip", skip)):
+        if value < 1:
+            raise UserError(name, f"must be >= 1, got {value}")
+    if radius is not None and radius < 0:
+        raise UserError("--radius", f"must be >= 0, got {radius}")
+
+
+def _certify_one(
+    smoothed: Smoothed,
+    x: torch.Tensor,
+    request: Sampling,
+    batch: int,
+    radius: float | None,
+    device: torch.device,
+) -> tuple[int, float, list[str]]:
+    """(class or ABSTAIN, radius, extra TSV fields) of one input: CERTIFY, or the sequential
+    decision at ``radius`` (its extra field: the samples it used)."""
+    generator = request.generator(device)
+    if radius is None:
+        predicted, radii = smoothed.certify(
+            x, request.n0, request.samples, request.alpha, batch, generator
+        )
+        return int(predicted[0]), float(radii[0]), []
+    decision = smoothed.certify_at_radius(
+        x, radius, request.alpha, request.samples, batch, generator, request.n0
+    )
+    ok = bool(decision.certified[0])
+    predict = int(decision.predicted[0]) if ok else ABSTAIN
+    return predict, (radius if ok else 0.0), [str(int(decision.samples[0]))]
 
 
 def _progress(quiet: bool, total: int):  # type: ignore[no-untyped-def]

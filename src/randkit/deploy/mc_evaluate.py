@@ -100,16 +100,12 @@ def evaluate_cv_ensemble(run: Path) -> dict[str, Any]:
     """The ensemble of a cross-validation's fold models on the run's held-out part
     (``cv.holdout_fraction``), merged into RUN/uncertainty.json."""
     import yaml
-    from safetensors.torch import load_file
 
     from randkit.config import validate_config
     from randkit.cv.plan import Plan
-    from randkit.cv.trial import prepare_trial
     from randkit.data import load_data
     from randkit.data.base import data_fingerprint
     from randkit.deploy.uncertainty import reliability_png, uncertainty_report
-    from randkit.models import build_model
-    from randkit.streams import ScopedStreams, Streams
 
     cfg = validate_config(yaml.safe_load((run / "config.yaml").read_text()))
     raw_plan = json.loads((run / "plan.json").read_text())
@@ -127,19 +123,7 @@ def evaluate_cv_ensemble(run: Path) -> dict[str, Any]:
         raise UserError(
             "--mc", "'ensemble' of text models is not supported (each fold has its own vocabulary)"
         )
-    streams = Streams(cfg.seed, cfg.seeds)
-    models = []
-    for trial in plan.trials:
-        weights = run / "trials" / trial.id / "model.safetensors"
-        if not weights.is_file():
-            raise UserError(
-                "run",
-                f"trial {trial.id} has no saved model (unfinished, or cv.save_models was false)",
-            )
-        scoped = ScopedStreams(streams, trial.scopes())
-        model = build_model(cfg.model, prepare_trial(cfg, data, trial, scoped), scoped)
-        model.load_state_dict(load_file(weights))
-        models.append(model.eval())
+    models = _fold_models(run, cfg, plan, data)
     index = torch.as_tensor(plan.holdout)
     result = MonteCarlo(models, "ensemble").predict(data.inputs[index])
     report = uncertainty_report(result.probs, data.targets[index].numpy())
@@ -161,3 +145,27 @@ def evaluate_cv_ensemble(run: Path) -> dict[str, Any]:
     )
     atomic.write_json(path, merged)
     return merged
+
+
+def _fold_models(run: Path, cfg: Any, plan: Any, data: Any) -> list[torch.nn.Module]:
+    """The saved model of every trial of the plan, rebuilt as its trial built it."""
+    from safetensors.torch import load_file
+
+    from randkit.cv.trial import prepare_trial
+    from randkit.models import build_model
+    from randkit.streams import ScopedStreams, Streams
+
+    streams = Streams(cfg.seed, cfg.seeds)
+    models = []
+    for trial in plan.trials:
+        weights = run / "trials" / trial.id / "model.safetensors"
+        if not weights.is_file():
+            raise UserError(
+                "run",
+                f"trial {trial.id} has no saved model (unfinished, or cv.save_models was false)",
+            )
+        scoped = ScopedStreams(streams, trial.scopes())
+        model = build_model(cfg.model, prepare_trial(cfg, data, trial, scoped), scoped)
+        model.load_state_dict(load_file(weights))
+        models.append(model.eval())
+    return models

@@ -12,11 +12,14 @@ a fixed schedule of sample sizes (doubling), with alpha split equally over the l
 falls below it. A false certification needs one of the looks' lower bounds to be wrong, so its
 probability is at most alpha (union bound). Horvath et al. (ICLR 2022) and Voracek (NeurIPS
 2024) give sharper sequential schemes; this one is the simplest that keeps the guarantee.
+
+``noise_chunks`` (the order of the noise draws) and ``certify_from_counts`` (CERTIFY's
+statistics) are the only copies: ``Predictor``'s ``smooth`` mode, and so the server, uses them.
 """
 
 from __future__ import annotations
 
-import copy
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,9 +27,11 @@ import torch
 from scipy.stats import beta, binom, norm
 from torch import nn
 
+from randkit.deploy.forward import RowForward, layer_modes
+
 ABSTAIN = -1
 NOISE_CHUNK = 256  # noise is drawn in chunks of this many samples per input
-FORWARD_CHUNK = 512  # rows per forward call (larger batches are slower per row on the CPU)
+FORWARD_CHUNK = 512  # rows per forward call: cache-sized passes are faster per row on the CPU
 
 
 def lower_confidence_bound(
@@ -78,13 +83,6 @@ class Smoothed:
         self.device = (
             torch.device(device) if device is not None else next(model.parameters()).device
         )
-        # On the CPU, convolutions run about 2-5x faster in channels-last layout and in forward
-        # chunks that fit the cache (measured on the digits CNN). Each call works on a fresh
-        # channels-last copy, so the user's model is never changed and never stale. The
-        # function computed is the same up to float rounding.
-        self._channels_last = self.device.type == "cpu" and any(
-            isinstance(m, nn.Conv2d) for m in model.modules()
-        )
 
     @torch.no_grad()
     def sample_counts(
@@ -93,46 +91,32 @@ class Smoothed:
         """Class counts of f(x_i + e) over n noise draws for each input: ``(len(x), K)``.
 
         Noise batches hold up to ``batch_size`` samples, several inputs per batch when n is
-        smaller than the batch; draws follow input order, so the counts of an input do not
-        depend on how the inputs are grouped.
+        smaller than the batch; draws follow input order (``noise_chunks``), so the counts of
+        an input do not depend on how the inputs are grouped. Each call runs on a fresh
+        channels-last copy on the CPU (``RowForward``), so the model is never stale.
         """
-        was_training = self.model.training
-        self.model.eval()
-        net = self.model
-        if self._channels_last and x.dim() == 4:
-            net = copy.deepcopy(self.model).to(memory_format=torch.channels_last)
         counts = torch.zeros(len(x), self.num_classes, dtype=torch.long, device=self.device)
         x = x.to(self.device)
         pending: list[torch.Tensor] = []
         owners: list[torch.Tensor] = []
+        with layer_modes(self.model, stochastic=False):
+            forward = RowForward(self.model, self.device)
 
-        def run(batch: torch.Tensor, who: torch.Tensor) -> None:
-            if net is not self.model:
-                batch = batch.contiguous(memory_format=torch.channels_last)
-            parts = batch.split(FORWARD_CHUNK)
-            predicted = torch.cat([net(part).argmax(1) for part in parts])
-            counts.index_put_((who, predicted), torch.ones_like(predicted), accumulate=True)
+            def run(batch: torch.Tensor, who: torch.Tensor) -> None:
+                predicted = forward(batch, FORWARD_CHUNK).argmax(1)
+                counts.index_put_((who, predicted), torch.ones_like(predicted), accumulate=True)
 
-        try:
-            # Noise is drawn input by input in chunks of fixed size, so an input's draws (and
-            # counts) do not depend on batch_size or on the other inputs of the call.
-            for i in range(len(x)):
-                for start in range(0, n, NOISE_CHUNK):
-                    rows = min(NOISE_CHUNK, n - start)
-                    shape = (rows, *x.shape[1:])
-                    noise = torch.randn(shape, generator=generator, device=x.device, dtype=x.dtype)
-                    pending.append(x[i] + self.sigma * noise)
-                    owners.append(torch.full((rows,), i, device=self.device))
-                    if sum(len(p) for p in pending) >= batch_size:
-                        batch, who = torch.cat(pending), torch.cat(owners)
-                        full = len(batch) - len(batch) % batch_size
-                        for b in range(0, full, batch_size):
-                            run(batch[b : b + batch_size], who[b : b + batch_size])
-                        pending[:], owners[:] = [batch[full:]], [who[full:]]
+            for i, noisy in noise_chunks(x, n, self.sigma, generator):
+                pending.append(noisy)
+                owners.append(torch.full((len(noisy),), i, device=self.device))
+                if sum(len(p) for p in pending) >= batch_size:
+                    batch, who = torch.cat(pending), torch.cat(owners)
+                    full = len(batch) - len(batch) % batch_size
+                    for b in range(0, full, batch_size):
+                        run(batch[b : b + batch_size], who[b : b + batch_size])
+                    pending[:], owners[:] = [batch[full:]], [who[full:]]
             if pending and sum(len(p) for p in pending):
                 run(torch.cat(pending), torch.cat(owners))
-        finally:
-            self.model.train(was_training)
         return counts.cpu().numpy()
 
     def predict(
@@ -158,13 +142,9 @@ class Smoothed:
         generator: torch.Generator,
     ) -> tuple[np.ndarray, np.ndarray]:
         """CERTIFY: (class or ABSTAIN, L2 radius; 0.0 when abstaining)."""
-        selection = self.sample_counts(x, n0, batch_size, generator).argmax(1)
+        selection = self.sample_counts(x, n0, batch_size, generator)
         counts = self.sample_counts(x, n, batch_size, generator)
-        n_a = counts[np.arange(len(x)), selection]
-        p_a = lower_confidence_bound(n_a, n, alpha)
-        certified = p_a >= 0.5
-        radius = np.where(certified, self.sigma * norm.ppf(np.clip(p_a, 0.5, 1.0)), 0.0)
-        return np.where(certified, selection, ABSTAIN), radius
+        return certify_from_counts(selection, counts, n, alpha, self.sigma)
 
     def certify_at_radius(
         self,
@@ -207,6 +187,32 @@ class Smoothed:
             open_[pending[won | lost]] = False
             previous = size
         return RadiusDecision(selection, certified, used)
+
+
+def noise_chunks(
+    x: torch.Tensor, n: int, sigma: float, generator: torch.Generator
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(i, x_i + sigma * e)`` for n draws e of each input, in the one order in which every
+    path draws smoothing noise: input by input, ``NOISE_CHUNK`` samples at a time (so an
+    input's draws do not depend on batch sizes)."""
+    for i in range(len(x)):
+        for start in range(0, n, NOISE_CHUNK):
+            shape = (min(NOISE_CHUNK, n - start), *x.shape[1:])
+            noise = torch.randn(shape, generator=generator, device=x.device, dtype=x.dtype)
+            yield i, x[i] + sigma * noise
+
+
+def certify_from_counts(
+    selection_counts: np.ndarray, counts: np.ndarray, n: int, alpha: float, sigma: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """CERTIFY's decision (Cohen et al. 2019, Algorithm 1) from the n0 selection counts and
+    the n estimation counts: (class or ABSTAIN, radius sigma * PhiInv(pA_lower) or 0.0)."""
+    selection = np.asarray(selection_counts).argmax(1)
+    n_a = np.asarray(counts)[np.arange(len(selection)), selection]
+    p_a = lower_confidence_bound(n_a, n, alpha)
+    certified = p_a >= 0.5
+    radius = np.where(certified, sigma * norm.ppf(np.clip(p_a, 0.5, 1.0)), 0.0)
+    return np.where(certified, selection, ABSTAIN), radius
 
 
 def schedule(first: int, max_n: int) -> list[int]:

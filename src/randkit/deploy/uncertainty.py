@@ -265,19 +265,20 @@ def _risk_at(risk: list[float], coverage: float) -> float:
     return risk[k - 1]
 
 
-def entropy(probs: np.ndarray) -> np.ndarray:
+def entropy(probs: np.ndarray, check: bool = True) -> np.ndarray:
     """Predictive entropy ``-sum_k p_k log p_k`` per sample (natural log, 0 log 0 = 0).
 
-    Cite: Shannon 1948, "A Mathematical Theory of Communication".
+    Cite: Shannon 1948, "A Mathematical Theory of Communication". ``check=False`` skips the
+    checks (the predictor's outputs, NaN after an overflow, are refused by their caller).
 
     >>> entropy(np.array([[0.5, 0.5], [1.0, 0.0]])).round(4).tolist()
     [0.6931, 0.0]
     """
-    p = _probs(probs)
-    return 0.0 - xlogy(p, p).sum(axis=1)  # 0.0 - x: no -0.0
+    p = _probs(probs) if check else np.asarray(probs)
+    return 0.0 - xlogy(p, p).sum(axis=-1)  # 0.0 - x: no -0.0
 
 
-def mutual_information(sample_probs: np.ndarray) -> np.ndarray:
+def mutual_information(sample_probs: np.ndarray, check: bool = True) -> np.ndarray:
     """BALD mutual information ``H(mean_s p_s) - mean_s H(p_s)`` per sample, clipped at 0.
 
     ``sample_probs`` has shape (S, N, K): S Monte Carlo samples (e.g. dropout or randomized
@@ -288,15 +289,15 @@ def mutual_information(sample_probs: np.ndarray) -> np.ndarray:
     >>> mutual_information(s).round(4).tolist()  # log 2
     [0.6931]
     """
-    arr = np.asarray(sample_probs, dtype=float)
-    if arr.ndim != 3 or min(arr.shape) < 1:
+    arr = np.asarray(sample_probs, dtype=float if check else None)
+    if check and (arr.ndim != 3 or min(arr.shape) < 1):
         raise ValueError(
             f"sample_probs must be 3-D (S, N, K) with S, N, K >= 1, got shape {arr.shape}"
         )
-    _check_prob_rows(arr, "sample_probs")
-    mean = arr.mean(axis=0)
-    total = 0.0 - xlogy(mean, mean).sum(axis=1)
-    expected = 0.0 - xlogy(arr, arr).sum(axis=2).mean(axis=0)
+    if check:
+        _check_prob_rows(arr, "sample_probs")
+    total = entropy(arr.mean(axis=0), check=False)
+    expected = entropy(arr, check=False).mean(axis=0)
     return np.maximum(total - expected, 0.0)
 
 

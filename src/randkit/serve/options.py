@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from randkit.deploy.bundle import LoadedBundle
+from randkit.deploy.sampling import MODES, Sampling
 from randkit.randomize.modules import randomness_needs
 
-MODES = ("none", "mc_dropout", "tta", "weight_noise", "ensemble", "smooth")
+Options = Sampling  # a request's options are deploy's Sampling: the predictor takes them as is
 MAX_SAMPLES = 10_000
 MAX_SEED = 2**63 - 1
 # Parameters that Triton's clients add on their own; a JSON-only server accepts and ignores them.
@@ -34,36 +34,6 @@ class RequestError(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
-
-
-@dataclass(frozen=True)
-class Options:
-    mode: str
-    samples: int  # Monte-Carlo samples (smooth: the n of CERTIFY)
-    seed: int
-    sigma: float | None = None  # smooth: noise std; weight_noise: weight-noise std
-    relative: bool = True  # weight_noise: sigma relative to each weight tensor's std
-    alpha: float = 0.001  # smooth: the failure probability of the certificate
-    n0: int = 100  # smooth: the samples that select the class
-
-    def as_parameters(self) -> dict[str, Any]:
-        """What the response echoes, so that the request can be replayed exactly."""
-        out: dict[str, Any] = {"mode": self.mode, "seed": self.seed}
-        if self.mode not in ("none", "ensemble"):
-            out["samples"] = self.samples
-        if self.mode in ("smooth", "weight_noise"):
-            out["sigma"] = self.sigma
-        if self.mode == "smooth":
-            out.update(alpha=self.alpha, n0=self.n0)
-        return out
-
-    def forward_rows(self, instances: int, members: int) -> int:
-        """Rows this request adds to a forward pass (what the batcher counts)."""
-        if self.mode in ("none", "ensemble"):
-            return instances * members
-        if self.mode == "smooth":
-            return instances * (self.n0 + self.samples)
-        return instances * self.samples
 
 
 def shown(value: object, limit: int = 80) -> str:
@@ -134,7 +104,7 @@ def parse_options(
         options.update(sigma=sigma, alpha=alpha, n0=n0)
     elif mode == "weight_noise":
         trained = randomized.get("weight_noise") or {}
-        sigma = _real(params, "sigma", trained.get("std", DEFAULT_WEIGHT_NOISE))
+        sigma = _real(params, "sigma", trained.get("std") or DEFAULT_WEIGHT_NOISE)
         options.update(sigma=sigma, relative=bool(trained.get("relative", True)))
     else:
         for name in ("sigma", "alpha", "n0"):
