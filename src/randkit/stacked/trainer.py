@@ -46,7 +46,7 @@ class _Run:
     """A member's training in progress: its loop state, order and learning-rate schedule."""
 
     def __init__(self, member: Member, cfg: TrainConfig, device: torch.device) -> None:
-        self.member, self.batch_size = member, cfg.batch_size
+        self.member, self.batch_size, self.base_lr = member, cfg.batch_size, cfg.lr
         self.x, self.y = member.train.x.to(device), member.train.y.to(device)
         self.steps_per_epoch = rules.steps_per_epoch(len(self.y), cfg.batch_size)
         self.lr_optimizer, self.scheduler = rules.learning_rate_schedule(cfg, self.steps_per_epoch)
@@ -60,6 +60,8 @@ class _Run:
 
     @property
     def lr(self) -> float:
+        if self.lr_optimizer is None:
+            return self.base_lr
         return float(self.lr_optimizer.param_groups[0]["lr"])
 
     def rows(self, batch: int) -> int:

@@ -182,9 +182,12 @@ def clip_gradients(grads: Sequence[torch.Tensor], max_norm: float) -> None:
 
 def learning_rate_schedule(
     cfg: TrainConfig, steps_per_epoch: int
-) -> tuple[torch.optim.Optimizer, Any]:
+) -> tuple[torch.optim.Optimizer | None, Any]:
     """An optimizer on a stand-in parameter and its scheduler, for a trainer that updates
-    the weights itself: the same learning rates as the single-model trainer, step by step."""
+    the weights itself: the same learning rates as the single-model trainer, step by step.
+    (None, None) for a constant rate: then ``cfg.lr`` is the rate of every step."""
+    if cfg.schedule == "constant" and not cfg.warmup_epochs:
+        return None, None
     optimizer = make_optimizer(nn.Linear(1, 1), cfg)
     return optimizer, make_scheduler(optimizer, cfg, steps_per_epoch)
 
