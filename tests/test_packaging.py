@@ -181,6 +181,45 @@ def test_import_without_its_extra_is_an_import_error_naming_the_extra(part: str)
     ), done.stdout
 
 
+FIGURES = """
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from randkit.deploy.uncertainty import reliability, reliability_png
+from randkit.errors import UserError
+from randkit.robustness import write_robustness
+
+out = Path(sys.argv[1])
+calls = [
+    lambda: write_robustness(out, {"gaussian": [{"level": 0.0, "accuracy": 1.0}]}, {}),
+    lambda: reliability_png(reliability(np.eye(2), np.array([0, 1]), bins=2)),
+]
+for call in calls:
+    try:
+        call()
+    except UserError as exc:
+        print(exc)
+"""
+
+
+def test_library_figures_without_the_report_extra_name_it_and_write_nothing(
+    tmp_path: Path,
+) -> None:
+    """The core's figure-drawing functions (robustness curve, reliability diagram) refuse in
+    one line naming the extra, before writing any file."""
+    done = run_blocked(FIGURES, str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.strip().splitlines()
+    assert len(lines) == 2, done.stdout
+    for line in lines:
+        assert line.endswith(
+            "needs the 'report' extra (jinja2 is not installed): pip install 'randkit[report]'"
+        ), line
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_metadata_keeps_ranges_and_constraints_pin_the_tested_floor() -> None:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert project["requires-python"] == ">=3.11"

@@ -11,6 +11,7 @@ import torch
 
 from randkit import atomic
 from randkit.data import TensorData
+from randkit.extras import require
 from randkit.randomize.noise import InputNoise
 from randkit.streams import Streams
 from randkit.train.metrics import classification_metrics, predict_logits
@@ -68,6 +69,7 @@ def write_robustness(
 ) -> tuple[Path, Path]:
     """Merge ``curves`` into ``out/robustness.json`` (kinds measured before are kept) and
     draw ``out/robustness.png``."""
+    require("report", "randkit.robustness figures")  # draws its figure with matplotlib
     path = out / "robustness.json"
     merged: dict[str, Any] = {"noise": {}}
     if path.is_file():

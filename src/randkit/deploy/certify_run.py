@@ -16,6 +16,7 @@ from randkit import atomic
 from randkit.deploy.sampling import Sampling
 from randkit.deploy.smoothing import ABSTAIN, Smoothed
 from randkit.errors import UserError
+from randkit.extras import require
 from randkit.train.load import load_trained
 
 
@@ -44,6 +45,7 @@ def certify_run(
 ) -> dict[str, Any]:
     """Certify every ``skip``-th test input of a trained run (at most ``max_inputs``): a TSV
     of Cohen et al.'s format, the certified-accuracy curve as JSON and PNG."""
+    require("report", "randkit certify")  # draws its figure with matplotlib
     _check_arguments(sigma, n0, n, alpha, batch, skip, radius)
     trained = load_trained(run)
     if trained.prepared.kind == "text":

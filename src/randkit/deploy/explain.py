@@ -13,6 +13,7 @@ from torch import nn
 
 from randkit import atomic
 from randkit.errors import UserError
+from randkit.extras import require
 from randkit.train.load import load_trained
 
 
@@ -56,6 +57,7 @@ def explain_run(
     out: Path | None = None,
 ) -> dict[str, Any]:
     """Saliency maps of test inputs of a trained run, as a PNG grid (input | SmoothGrad)."""
+    require("report", "randkit explain")  # draws its figure with matplotlib
     if samples < 1:
         raise UserError("--samples", f"must be >= 1, got {samples}")
     if not sigma >= 0:

@@ -12,6 +12,7 @@ import torch
 from randkit import atomic
 from randkit.deploy.mc import MC_KINDS, MonteCarlo
 from randkit.errors import UserError
+from randkit.extras import require
 from randkit.randomize.base import Compose
 from randkit.randomize.build import build_randomization
 from randkit.train.load import TrainedRun
@@ -66,6 +67,7 @@ def predictor(trained: TrainedRun, kind: str, samples: int) -> MonteCarlo:
 
 def evaluate_mc(trained: TrainedRun, specs: list[str], seed: int) -> dict[str, Any]:
     """Reports per MC kind, merged into RUN/uncertainty.json; one reliability PNG per kind."""
+    require("report", "randkit evaluate --mc")  # draws its figure with matplotlib
     from randkit.deploy.uncertainty import reliability_png, uncertainty_report
 
     test = trained.prepared.test
@@ -99,6 +101,7 @@ def evaluate_mc(trained: TrainedRun, specs: list[str], seed: int) -> dict[str, A
 def evaluate_cv_ensemble(run: Path) -> dict[str, Any]:
     """The ensemble of a cross-validation's fold models on the run's held-out part
     (``cv.holdout_fraction``), merged into RUN/uncertainty.json."""
+    require("report", "the ensemble evaluation")  # draws its figure with matplotlib
     import yaml
 
     from randkit.config import validate_config

@@ -348,6 +348,9 @@ def reliability_png(report_or_reliability: dict[str, Any], title: str = "Reliabi
     >>> png[:8] == b"\\x89PNG\\r\\n\\x1a\\n"
     True
     """
+    from randkit.extras import require
+
+    require("report", "randkit.deploy.reliability_png")  # matplotlib draws it
     from matplotlib.figure import Figure
 
     if not isinstance(report_or_reliability, dict):

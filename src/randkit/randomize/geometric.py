@@ -76,8 +76,8 @@ class _Flip(BatchTransform):
         if applied.all() or not applied.any():
             return self.apply(x, params)
         index = applied.nonzero().squeeze(1)
-        x[index] = x[index].flip(self.dim)
-        return x
+        # index_select/index_copy_ rather than x[index] = ...: the same rows, one pass less
+        return x.index_copy_(0, index, x.index_select(0, index).flip(self.dim))
 
     def _apply(self, x: torch.Tensor, params: Params) -> torch.Tensor:
         return x.flip(self.dim)
