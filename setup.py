@@ -1,7 +1,7 @@
 """Only randkit's compiled kernel lives here; everything else is in pyproject.toml.
 
 The extension is optional. Without a C compiler the Gaussian noise comes from the same
-generator written in torch operations (same bits, about 35x slower).
+generator written in torch operations (same bits, much slower; docs/benchmarks.md).
 """
 
 import sys

@@ -4,6 +4,7 @@ trains each member as the single-model trainer would, inside and outside cross-v
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -13,10 +14,11 @@ import torch
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
-from randkit import Streams
+from randkit import Streams, global_rng_guard
 from randkit.config import TrainConfig, validate_config
 from randkit.cv import run_cv
 from randkit.data import TensorData
+from randkit.errors import UserError
 from randkit.models import Classifier, Standardize, zoo
 from randkit.randomize import GaussianDropout, GradientNoise, Randomization, use_generator
 from randkit.stacked import Member, StackedForward, StackedTrainer, batches
@@ -265,9 +267,10 @@ def _tabular_members(members: int) -> list[tuple[TensorData, TensorData]]:
     return out
 
 
+@pytest.mark.parametrize("schedule", ["cosine", "onecycle"])
 @pytest.mark.parametrize("stacked", [True, False], ids=["stacked-forward", "vmap"])
 def test_the_stacked_trainer_trains_each_member_as_the_single_trainer_would(
-    stacked: bool,
+    stacked: bool, schedule: str
 ) -> None:
     """Outside cross-validation: K members with their own data and streams, trained at once
     with dropout, weight noise, DropConnect, gradient noise, clipping, a schedule and early
@@ -279,7 +282,7 @@ def test_the_stacked_trainer_trains_each_member_as_the_single_trainer_would(
         optimizer="sgd",
         lr=0.1,
         momentum=0.9,
-        schedule="cosine",
+        schedule=schedule,
         grad_clip=0.5,
         label_smoothing=0.1,
         early_stopping={"patience": 1, "metric": "loss", "min_delta": 0.1},
@@ -333,3 +336,51 @@ def test_gradient_clipping_is_torchs_rule_for_each_stacked_model() -> None:
         for p, t in zip(params, stacked, strict=True):
             torch.testing.assert_close(t[k], p.grad, atol=0, rtol=1e-6)
     assert torch.equal(stacked[0][1], grads[0][1])
+
+
+def test_clipping_takes_scalar_parameters_too() -> None:
+    scalar, matrix = torch.tensor(3.0), torch.full((2, 2), 2.0)
+    grads = [scalar.unsqueeze(0), matrix.unsqueeze(0)]  # one model, as the Trainer calls it
+    rules.clip_gradients(grads, 1.0)
+    norm = torch.sqrt(scalar**2 + matrix.square().sum())
+    torch.testing.assert_close(norm, torch.tensor(1.0), atol=1e-6, rtol=0)
+
+
+def test_vectorized_cv_with_a_schedule_leaves_the_global_rngs_alone(tmp_path: Path) -> None:
+    """A learning-rate schedule (here cosine) drives the stacked trainer through a stand-in
+    optimizer per member; building it must draw nothing from torch's global RNG."""
+    raw = json.loads(json.dumps(SMALL))
+    raw["train"].update({"epochs": 1, "schedule": "cosine"})
+    raw["cv"].update({"folds": 2, "runner": "vectorized"})
+    with global_rng_guard():
+        result = run_cv(validate_config(raw), tmp_path / "run", quiet=True, report=False)
+    assert len(result.table) == 2
+
+
+class _RowlessNoise(nn.Module):
+    """A stochastic layer whose draw is not one row per example (one number per feature)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return x
+        from randkit.randomize.modules import draw
+
+        return x * (1 + 0.1 * draw("rowless", "normal", (x.shape[-1],), x))
+
+
+def test_a_layer_whose_draw_is_not_one_row_per_example_is_refused_by_name() -> None:
+    net = nn.Sequential(nn.Flatten(), nn.Linear(64, 8), _RowlessNoise(), nn.Linear(8, 3))
+    model = Classifier(net, Standardize(torch.zeros(1), torch.ones(1), "image"))
+    train = TensorData(torch.rand(20, 1, 8, 8), torch.randint(0, 3, (20,)))
+    member = Member(Streams(1), train)
+    cfg = TrainConfig(epochs=1, batch_size=8)
+    trainer = StackedTrainer(
+        [model, copy.deepcopy(model)],
+        [member, member],
+        cfg,
+        Randomization(),
+        3,
+        torch.device("cpu"),
+    )
+    with pytest.raises(UserError, match=r"^model: a stochastic layer draws numbers of shape \[8\]"):
+        trainer.fit()

@@ -1,10 +1,10 @@
 /* Gaussian noise from a counter-based generator (Philox4x32-10, Salmon et al. 2011) with a
  * Box-Muller transform, for randkit.randomize on the CPU.
  *
- * Written by hand because no library does this job fast enough: torch's CPU generator is a
- * serial mt19937 (about 2 ms for the 786k normals of a 256x3x32x32 batch), NumPy's are no
- * faster, and neither is keyed by a counter. Here normal number i is a pure function of
- * (seed, i), so blocks are independent and the loops below vectorize (AVX-512: about 0.7 ms).
+ * Written by hand because no library does this job: torch's CPU generator is a serial
+ * mt19937, NumPy's are no faster, and neither is keyed by a counter. Here normal number i is a
+ * pure function of (seed, i), so blocks are independent and the loops below vectorize
+ * (figures in docs/benchmarks.md).
  *
  * Every operation is plain IEEE single precision (no FMA contraction, no fast-math, own
  * polynomials instead of libm), so every build and every instruction set gives the same bits,
@@ -147,7 +147,7 @@ static void gaussian_kernel(float *out, const float *x, int64_t first, int64_t n
 /* Large tensors are split over OpenMP threads at 256-number boundaries (the numbers do not
  * depend on the split). The extension links the libgomp that torch has already loaded, so
  * these are torch's own intra-op threads, which torch.set_num_threads sets: a second pool
- * would fight torch's spinning workers for the same cores (measured: no faster on 2 cores). */
+ * would fight torch's spinning workers for the same cores. */
 static void gaussian_parallel(float *out, const float *x, int64_t n, uint64_t seed, int mode,
                               float level, int clip) {
 #ifdef _OPENMP

@@ -20,7 +20,7 @@ import torch
 from randkit.config import ExperimentConfig
 from randkit.cv.plan import Trial
 from randkit.data import LabeledData
-from randkit.errors import UserError
+from randkit.extras import require
 from randkit.streams import Streams
 
 Job = dict[str, Any]  # {"config": dict, "trial": dict, "out": str, "threads": int | None}
@@ -131,12 +131,9 @@ class RayRunner:
         self.context = context
 
     def run(self, trials: list[Trial], on_done: OnDone) -> None:
-        try:
-            import ray
-        except ImportError:
-            raise UserError(
-                "cv.runner", "'ray' needs the ray extra: pip install 'randkit[ray]'"
-            ) from None
+        require("ray", "cv.runner 'ray'")
+        import ray
+
         from randkit.cv.trial import run_trial_job
 
         cfg = self.context.cfg

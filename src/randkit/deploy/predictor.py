@@ -41,7 +41,7 @@ from randkit.deploy.sampling import PASS_ROWS, Sampling, sample_groups
 from randkit.deploy.smoothing import certify_from_counts, noise_chunks
 from randkit.deploy.uncertainty import entropy, mutual_information
 from randkit.randomize.base import Compose
-from randkit.randomize.modules import randomness_needs, use_generator
+from randkit.randomize.modules import draw_numbers, randomness_needs, use_generator
 from randkit.randomize.weights import perturbed_parameters
 from randkit.streams import Streams
 
@@ -108,10 +108,8 @@ class RequestSource:
                 f"a stochastic layer drew shape {shape}, not one row per batch row "
                 f"({self.total}); mc_dropout cannot batch this model"
             )
-        sample = torch.rand if kind == "uniform" else torch.randn
         parts = [
-            sample((rows, *shape[1:]), generator=g, device=device, dtype=dtype)
-            for rows, g in self.blocks
+            draw_numbers(kind, (rows, *shape[1:]), g, device, dtype) for rows, g in self.blocks
         ]
         if self.padding:
             parts.append(torch.zeros((self.padding, *shape[1:]), device=device, dtype=dtype))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -94,30 +93,6 @@ def build_randomization(
         drop_connect=cfg.drop_connect,
         grad_noise=grad,
     )
-
-
-def randomize_batch(
-    plan: Randomization,
-    streams: Any,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    keys: dict[str, int],
-    device: torch.device,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Augmentation (stream ``augment``) then input noise (stream ``noise``, ``what=input``)
-    for one batch at stream coordinates ``keys``; targets become soft when the pipeline mixes
-    labels. ``streams`` is a ``Streams`` or ``ScopedStreams``."""
-    targets = y
-    if plan.augment is not None:
-        generator = streams.torch("augment", device=device, **keys)
-        params = plan.augment.draw(x.shape, generator, device)
-        x = plan.augment.apply(x, params)
-        if plan.augment.mixes_labels:
-            targets = plan.augment.apply_targets(y, params)
-    if plan.input_noise is not None:
-        generator = streams.torch("noise", device=device, what="input", **keys)
-        x = plan.input_noise(x, generator)
-    return x, targets
 
 
 def preflight(model: torch.nn.Module, plan: Randomization, sample: torch.Tensor) -> None:

@@ -52,12 +52,23 @@ def current_generator(layer: str) -> torch.Generator | RandomSource:
     return generator
 
 
+def draw_numbers(
+    kind: str,
+    shape: tuple[int, ...],
+    generator: torch.Generator,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """What a stochastic layer draws from a generator: ``kind`` "uniform" or "normal"."""
+    sample = torch.rand if kind == "uniform" else torch.randn
+    return sample(tuple(shape), generator=generator, device=device, dtype=dtype)
+
+
 def draw(layer: str, kind: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
     """``kind`` ("uniform" or "normal") numbers of ``shape`` from the current source."""
     source = current_generator(layer)
     if isinstance(source, torch.Generator):
-        sample = torch.rand if kind == "uniform" else torch.randn
-        return sample(shape, generator=source, device=like.device, dtype=like.dtype)
+        return draw_numbers(kind, shape, source, like.device, like.dtype)
     return source.draw(kind, tuple(shape), like.device, like.dtype)
 
 

@@ -59,18 +59,36 @@ def perturbed_parameters(
     weights never change, so nothing has to be undone after the step. ``relative`` scales
     the noise by each weight tensor's standard deviation.
     """
-    out: dict[str, torch.Tensor] = {}
-    for name, weight in model.named_parameters():
-        if weight.dim() < 2:
+    named = list(model.named_parameters())
+    parts = perturbation_parts(named, generator, noise_std, relative, drop_connect)
+    return {name: apply_perturbation(w, parts[name]) for name, w in named if name in parts}
+
+
+def perturbation_parts(
+    named: list[tuple[str, torch.Tensor]],
+    generator: torch.Generator,
+    noise_std: float = 0.0,
+    relative: bool = False,
+    drop_connect: float = 0.0,
+) -> dict[str, dict[str, torch.Tensor]]:
+    """For each weight (>= 2 dims) of one model, in order, its DropConnect ``factor`` and
+    additive ``noise`` (either may be missing); ``apply_perturbation`` combines them."""
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for name, w in named:
+        if w.dim() < 2:
             continue
-        factor, noise = weight_perturbation(weight, generator, noise_std, relative, drop_connect)
-        w = weight
-        if factor is not None:
-            w = w * factor
-        if noise is not None:
-            w = w + noise
-        out[name] = w
+        factor, noise = weight_perturbation(w, generator, noise_std, relative, drop_connect)
+        out[name] = {k: v for k, v in (("factor", factor), ("noise", noise)) if v is not None}
     return out
+
+
+def apply_perturbation(w: torch.Tensor, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``w * factor + noise``, with what ``parts`` holds of the two."""
+    if "factor" in parts:
+        w = w * parts["factor"]
+    if "noise" in parts:
+        w = w + parts["noise"]
+    return w
 
 
 def weight_perturbation(

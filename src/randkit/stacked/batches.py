@@ -13,7 +13,7 @@ from randkit.randomize import Randomization
 from randkit.train import rules
 
 NEUTRAL = {"uniform": 1.0, "normal": 0.0}  # a padded row keeps its activation unchanged
-Calls = list[tuple[str, tuple[int, ...]]]
+Calls = list[tuple[str, tuple[int, ...], torch.dtype]]
 
 
 def pad(t: torch.Tensor, rows: int, value: float = 0.0) -> torch.Tensor:
@@ -24,7 +24,7 @@ def pad(t: torch.Tensor, rows: int, value: float = 0.0) -> torch.Tensor:
 
 
 class Recorder:
-    """Records what the stochastic layers ask for (kind and shape), answering neutrally."""
+    """Records what the stochastic layers ask for (kind, shape, dtype), answering neutrally."""
 
     def __init__(self) -> None:
         self.calls: Calls = []
@@ -32,7 +32,7 @@ class Recorder:
     def draw(
         self, kind: str, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype
     ) -> torch.Tensor:
-        self.calls.append((kind, shape))
+        self.calls.append((kind, shape, dtype))
         return (torch.ones if kind == "uniform" else torch.zeros)(shape, device=device, dtype=dtype)
 
 
@@ -59,11 +59,12 @@ def dropout_draws(
     per_call: list[list[torch.Tensor]] = [[] for _ in calls]
     for run, r, key in zip(runs, rows, keys, strict=True):
         generator = rules.dropout_generator(run.member.streams, key, device) if r else None
-        for i, (kind, shape) in enumerate(calls):
+        for i, (kind, shape, dtype) in enumerate(calls):
             if generator is None:
-                values = torch.empty((0, *shape[1:]), device=device)
+                values = torch.empty((0, *shape[1:]), device=device, dtype=dtype)
             else:
-                values = rules.draw_layer_numbers(kind, (r, *shape[1:]), generator, device)
+                own = (r, *shape[1:])
+                values = rules.draw_layer_numbers(kind, own, generator, device, dtype)
             per_call[i].append(pad(values, shape[0], NEUTRAL[kind]))
     return [torch.stack(parts) for parts in per_call]
 

@@ -22,6 +22,7 @@ from torch.nn import functional as F
 
 from randkit.config import TrainConfig
 from randkit.data import TensorData
+from randkit.errors import UserError
 from randkit.randomize import Randomization, use_generator
 from randkit.stacked import batches
 from randkit.stacked.forward import StackedForward, stacked_cross_entropy
@@ -276,6 +277,13 @@ class StackedTrainer:
             with torch.no_grad(), use_generator(recorder):
                 probe = torch.zeros(shape_key, device=self.device, dtype=dtype)
                 functional_call(self.base, first, (probe,))
+            odd = [shape for _, shape, _ in recorder.calls if shape[0] != shape_key[0]]
+            if odd:
+                raise UserError(
+                    "model",
+                    f"a stochastic layer draws numbers of shape {list(odd[0])}, not one row per "
+                    "example; only one model at a time can train it (another runner)",
+                )
             self._calls[shape_key] = recorder.calls
         calls = self._calls[shape_key]
         return batches.dropout_draws(self.runs, rows, keys, calls, self.device)

@@ -186,7 +186,7 @@ class Trainer:
             logits_seen.append(logits)
             return F.cross_entropy(logits, targets, label_smoothing=self.cfg.label_smoothing)
 
-        seed = self.streams.seed("noise", what="zeroth_order", **keys)
+        seed = rules.zeroth_order_seed(self.streams, keys)
         loss = self.optimizer.step(closure, seed=seed)
         return loss, logits_seen[0]
 

@@ -36,7 +36,11 @@ def make_scheduler(
     if cfg.schedule == "onecycle":
         # One-cycle has its own warm-up phase; warmup_epochs sets its length when given.
         pct = warmup / total if warmup else 0.3
-        return lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=total, pct_start=pct)
+        # Momentum (Adam's beta1) stays fixed: only the learning rate follows the cycle, in
+        # every trainer (the stacked optimizer takes a learning rate per step, nothing else).
+        return lr_scheduler.OneCycleLR(
+            optimizer, max_lr=cfg.lr, total_steps=total, pct_start=pct, cycle_momentum=False
+        )
     main: lr_scheduler.LRScheduler | None = None
     if cfg.schedule == "step":
         main = lr_scheduler.StepLR(

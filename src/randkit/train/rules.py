@@ -22,8 +22,9 @@ from torch import nn
 
 from randkit.config import EarlyStoppingConfig, TrainConfig
 from randkit.randomize import Randomization, use_generator
-from randkit.randomize.build import randomize_batch
-from randkit.randomize.weights import weight_perturbation
+from randkit.randomize.modules import draw_numbers
+from randkit.randomize.weights import apply_perturbation as apply_perturbation
+from randkit.randomize.weights import perturbation_parts
 from randkit.streams import ScopedStreams, Streams
 from randkit.train.optim import make_optimizer, make_scheduler
 
@@ -75,9 +76,20 @@ def randomize_inputs(
     keys: dict[str, int],
     device: torch.device,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Augmentation (stream ``augment``) then input noise (``noise``, what=input); the
-    targets become probabilities when the augmentation mixes labels."""
-    return randomize_batch(plan, streams, x, y, keys, device)
+    """Augmentation (stream ``augment``) then input noise (``noise``, what=input) for one
+    batch at stream coordinates ``keys``; the targets become probabilities when the
+    augmentation mixes labels."""
+    targets = y
+    if plan.augment is not None:
+        generator = streams.torch("augment", device=device, **keys)
+        params = plan.augment.draw(x.shape, generator, device)
+        x = plan.augment.apply(x, params)
+        if plan.augment.mixes_labels:
+            targets = plan.augment.apply_targets(y, params)
+    if plan.input_noise is not None:
+        generator = streams.torch("noise", device=device, what="input", **keys)
+        x = plan.input_noise(x, generator)
+    return x, targets
 
 
 def dropout_generator(
@@ -88,11 +100,19 @@ def dropout_generator(
 
 
 def draw_layer_numbers(
-    kind: str, shape: Sequence[int], generator: torch.Generator, device: torch.device
+    kind: str,
+    shape: Sequence[int],
+    generator: torch.Generator,
+    device: torch.device,
+    dtype: torch.dtype,
 ) -> torch.Tensor:
     """The numbers a stochastic layer draws: ``kind`` "uniform" or "normal"."""
-    sample = torch.rand if kind == "uniform" else torch.randn
-    return sample(tuple(shape), generator=generator, device=device)
+    return draw_numbers(kind, tuple(shape), generator, device, dtype)
+
+
+def zeroth_order_seed(streams: AnyStreams, keys: dict[str, int]) -> int:
+    """The seed of the step's zeroth-order perturbation (``noise``, what=zeroth_order)."""
+    return streams.seed("noise", what="zeroth_order", **keys)
 
 
 @contextlib.contextmanager
@@ -127,23 +147,8 @@ def perturbed_weights(
 ) -> dict[str, dict[str, torch.Tensor]]:
     """For each weight (>= 2 dims) of one model, in order, its DropConnect ``factor`` and
     additive ``noise`` (either may be missing); use ``apply_perturbation``."""
-    out: dict[str, dict[str, torch.Tensor]] = {}
-    for name, w in named:
-        if w.dim() < 2:
-            continue
-        factor, noise = weight_perturbation(
-            w, generator, plan.weight_noise_std, plan.weight_noise_relative, plan.drop_connect
-        )
-        out[name] = {k: v for k, v in (("factor", factor), ("noise", noise)) if v is not None}
-    return out
-
-
-def apply_perturbation(w: torch.Tensor, parts: dict[str, torch.Tensor]) -> torch.Tensor:
-    if "factor" in parts:
-        w = w * parts["factor"]
-    if "noise" in parts:
-        w = w + parts["noise"]
-    return w
+    std, relative, drop = plan.weight_noise_std, plan.weight_noise_relative, plan.drop_connect
+    return perturbation_parts(list(named), generator, std, relative, drop)
 
 
 # -- gradients ----------------------------------------------------------------------------
@@ -170,7 +175,7 @@ def clip_gradients(grads: Sequence[torch.Tensor], max_norm: float) -> None:
     """Scale each model's gradients so that their joint 2-norm is at most ``max_norm``, as
     ``torch.nn.utils.clip_grad_norm_`` does; every tensor's dimension 0 indexes the models
     (one model: add that dimension with ``unsqueeze(0)``)."""
-    per_tensor = [torch.linalg.vector_norm(g.flatten(1), dim=1) for g in grads]
+    per_tensor = [torch.linalg.vector_norm(g.reshape(len(g), -1), dim=1) for g in grads]
     norms = torch.linalg.vector_norm(torch.stack(per_tensor, dim=1), dim=1)
     scale = (max_norm / (norms + 1e-6)).clamp(max=1.0)
     for g in grads:
@@ -188,7 +193,9 @@ def learning_rate_schedule(
     (None, None) for a constant rate: then ``cfg.lr`` is the rate of every step."""
     if cfg.schedule == "constant" and not cfg.warmup_epochs:
         return None, None
-    optimizer = make_optimizer(nn.Linear(1, 1), cfg)
+    stand_in = nn.Module()
+    stand_in.weight = nn.Parameter(torch.zeros(1))  # drawn from no generator
+    optimizer = make_optimizer(stand_in, cfg)
     return optimizer, make_scheduler(optimizer, cfg, steps_per_epoch)
 
 
