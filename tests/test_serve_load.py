@@ -113,7 +113,12 @@ async def run_load(url: str) -> list[tuple[dict[str, Any], str, list[list]]]:
     results: list[tuple[dict[str, Any], str, list[list]] | None] = [None] * REQUESTS
     errors: list[str] = []
     queue = iter(range(REQUESTS))
-    limits = httpx.Limits(max_connections=CONCURRENCY, max_keepalive_connections=CONCURRENCY)
+    # Idle connections are dropped by the client well before uvicorn's 5 s keep-alive timeout:
+    # with both at 5 s, a busy machine lets the client reuse a connection just as the server
+    # closes it (a ReadError that says nothing about the server).
+    limits = httpx.Limits(
+        max_connections=CONCURRENCY, max_keepalive_connections=CONCURRENCY, keepalive_expiry=1.0
+    )
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=120) as client:
 
         async def worker() -> None:
