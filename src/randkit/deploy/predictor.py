@@ -38,7 +38,7 @@ from randkit.deploy.forward import (
     repeat_rows,
 )
 from randkit.deploy.sampling import PASS_ROWS, Sampling, sample_groups
-from randkit.deploy.smoothing import certify_from_counts, noise_chunks
+from randkit.deploy.smoothing import add_votes, certify_from_counts, noise_chunks
 from randkit.deploy.uncertainty import entropy, mutual_information
 from randkit.randomize.base import Compose
 from randkit.randomize.modules import draw_numbers, randomness_needs, use_generator
@@ -249,8 +249,8 @@ class Predictor:
             return outputs(_probs(logits, len(x)), sampling.seed)
         n, n0, classes = len(x), sampling.n0, logits.shape[-1]
         votes = logits.argmax(-1)
-        selection = _vote_counts(votes[: n * n0].view(n, n0), classes)
-        counts = _vote_counts(votes[n * n0 :].view(n, sampling.samples), classes)
+        selection = _vote_counts(votes[: n * n0], n, classes)
+        counts = _vote_counts(votes[n * n0 :], n, classes)
         assert sampling.sigma is not None
         predicted, radius = certify_from_counts(
             selection, counts, sampling.samples, sampling.alpha, sampling.sigma
@@ -337,6 +337,9 @@ def _probs(logits: torch.Tensor, n: int) -> np.ndarray:
     return probs.view(-1, n, logits.shape[-1]).cpu().numpy()
 
 
-def _vote_counts(votes: torch.Tensor, classes: int) -> np.ndarray:
-    """(N, samples) class votes -> (N, classes) counts."""
-    return torch.nn.functional.one_hot(votes.long(), classes).sum(1).cpu().numpy()
+def _vote_counts(votes: torch.Tensor, inputs: int, classes: int) -> np.ndarray:
+    """Input-major class votes (``noise_chunks`` order) -> (inputs, classes) counts."""
+    counts = torch.zeros(inputs, classes, dtype=torch.long, device=votes.device)
+    owners = torch.arange(inputs, device=votes.device).repeat_interleave(len(votes) // inputs)
+    add_votes(counts, owners, votes.long())
+    return counts.cpu().numpy()

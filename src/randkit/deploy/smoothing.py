@@ -103,8 +103,7 @@ class Smoothed:
             forward = RowForward(self.model, self.device)
 
             def run(batch: torch.Tensor, who: torch.Tensor) -> None:
-                predicted = forward(batch, FORWARD_CHUNK).argmax(1)
-                counts.index_put_((who, predicted), torch.ones_like(predicted), accumulate=True)
+                add_votes(counts, who, forward(batch, FORWARD_CHUNK).argmax(1))
 
             for i, noisy in noise_chunks(x, n, self.sigma, generator):
                 pending.append(noisy)
@@ -200,6 +199,12 @@ def noise_chunks(
             shape = (min(NOISE_CHUNK, n - start), *x.shape[1:])
             noise = torch.randn(shape, generator=generator, device=x.device, dtype=x.dtype)
             yield i, x[i] + sigma * noise
+
+
+def add_votes(counts: torch.Tensor, owners: torch.Tensor, predicted: torch.Tensor) -> None:
+    """Count each noisy sample's class for its input: ``counts[owners[j], predicted[j]] += 1``
+    (the one vote counter of every smoothing path)."""
+    counts.index_put_((owners, predicted), torch.ones_like(predicted), accumulate=True)
 
 
 def certify_from_counts(
