@@ -10,6 +10,7 @@ import torch
 from torch.nn import functional as F
 
 from randkit.randomize import Randomization
+from randkit.randomize.modules import draw_numbers
 from randkit.train import rules
 
 NEUTRAL = {"uniform": 1.0, "normal": 0.0}  # a padded row keeps its activation unchanged
@@ -64,7 +65,7 @@ def dropout_draws(
                 values = torch.empty((0, *shape[1:]), device=device, dtype=dtype)
             else:
                 own = (r, *shape[1:])
-                values = rules.draw_layer_numbers(kind, own, generator, device, dtype)
+                values = draw_numbers(kind, own, generator, device, dtype)
             per_call[i].append(pad(values, shape[0], NEUTRAL[kind]))
     return [torch.stack(parts) for parts in per_call]
 

@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
-from torch.nn import functional as F
 
 from randkit.config import TrainConfig
 from randkit.data import TensorData
@@ -194,8 +193,7 @@ class StackedTrainer:
     def _step(self, epoch: int, batch: int) -> None:
         rows = [run.rows(batch) for run in self.runs]
         keys = [
-            rules.step_keys(epoch, epoch * run.steps_per_epoch + batch, run.member.coords)
-            for run in self.runs
+            rules.step_keys(epoch, run.state.global_step, run.member.coords) for run in self.runs
         ]
         if self.pool is not None:
             x, target, label = self.pool.batch(batch, self.cfg.batch_size, max(rows))
@@ -249,20 +247,17 @@ class StackedTrainer:
         """(each model's weighted mean loss (K,), logits (K, width, classes))."""
         draws = self._dropout_draws(rows, keys, x.shape[2:])
         params = self._perturbed(rows, keys)
-        smoothing = self.cfg.label_smoothing
         if self.stacked is not None:
             logits = self.stacked(params, self.buffers, x, draws)
-            return stacked_cross_entropy(logits, target, weight, smoothing), logits
+        else:
 
-        def per_model(
-            p: dict, b: dict, xb: torch.Tensor, tb: torch.Tensor, wb: torch.Tensor, db: list
-        ) -> tuple[torch.Tensor, torch.Tensor]:
-            with use_generator(batches.PreDrawn(db)):
-                logits = functional_call(self.base, (p, b), (xb,))
-            ce = F.cross_entropy(logits, tb, reduction="none", label_smoothing=smoothing)
-            return (ce * wb).sum() / wb.sum().clamp(min=1), logits
+            def per_model(p: dict, b: dict, xb: torch.Tensor, db: list) -> torch.Tensor:
+                with use_generator(batches.PreDrawn(db)):
+                    return functional_call(self.base, (p, b), (xb,))
 
-        return vmap(per_model, randomness="error")(params, self.buffers, x, target, weight, draws)
+            logits = vmap(per_model, randomness="error")(params, self.buffers, x, draws)
+        losses = stacked_cross_entropy(logits, target, weight, self.cfg.label_smoothing)
+        return losses, logits
 
     def _dropout_draws(
         self, rows: list[int], keys: list[dict[str, int]], sample_shape: torch.Size

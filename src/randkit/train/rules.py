@@ -22,7 +22,6 @@ from torch import nn
 
 from randkit.config import EarlyStoppingConfig, TrainConfig
 from randkit.randomize import Randomization, use_generator
-from randkit.randomize.modules import draw_numbers
 from randkit.randomize.weights import apply_perturbation as apply_perturbation
 from randkit.randomize.weights import perturbation_parts
 from randkit.streams import ScopedStreams, Streams
@@ -97,17 +96,6 @@ def dropout_generator(
 ) -> torch.Generator:
     """What randkit's stochastic layers draw from in the step at ``keys``."""
     return streams.torch("dropout", device=device, **keys)
-
-
-def draw_layer_numbers(
-    kind: str,
-    shape: Sequence[int],
-    generator: torch.Generator,
-    device: torch.device,
-    dtype: torch.dtype,
-) -> torch.Tensor:
-    """The numbers a stochastic layer draws: ``kind`` "uniform" or "normal"."""
-    return draw_numbers(kind, tuple(shape), generator, device, dtype)
 
 
 def zeroth_order_seed(streams: AnyStreams, keys: dict[str, int]) -> int:
