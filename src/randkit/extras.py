@@ -20,6 +20,8 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "serve": ("fastapi", "uvicorn", "prometheus_client"),
     "report": ("jinja2", "matplotlib"),
     "ray": ("ray",),
+    "lightning": ("lightning",),
+    "metrics": ("torchmetrics",),
 }
 
 
