@@ -18,9 +18,19 @@ def cross_validate(*args, **kwargs):  # type: ignore[no-untyped-def]
     return run(*args, **kwargs)
 
 
+def __getattr__(name: str):  # type: ignore[no-untyped-def]
+    # randkit.Trial (what a trial function gets) loads the cross-validation stack lazily.
+    if name == "Trial":
+        from randkit.cv.fit import Trial
+
+        return Trial
+    raise AttributeError(f"module 'randkit' has no attribute {name!r}")
+
+
 __all__ = [
     "SOURCES",
     "Streams",
+    "Trial",
     "UserError",
     "__version__",
     "cross_validate",
