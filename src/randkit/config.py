@@ -24,6 +24,9 @@ from pydantic import (
 from randkit.errors import UserError
 from randkit.streams import SOURCES
 
+# Where files are, not what the experiment is: never part of a fingerprint.
+LOCATION_FIELDS = ("model.code_dir",)
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -32,7 +35,10 @@ class _Strict(BaseModel):
 class DataConfig(_Strict):
     """Where the examples come from and how the held-out test part is cut."""
 
-    kind: Literal["digits", "image_folder", "csv_text", "npz"] = "digits"
+    # "object": a Python object given to randkit.cross_validate (a Dataset, arrays), named
+    # by ``object``; it cannot be loaded from the config.
+    kind: Literal["digits", "image_folder", "csv_text", "npz", "object"] = "digits"
+    object: str | None = None
     path: Path | None = None
     test_fraction: float = Field(0.2, gt=0, lt=1)
     val_fraction: float = Field(0.0, ge=0, lt=1)
@@ -57,21 +63,38 @@ class DataConfig(_Strict):
 
     @model_validator(mode="after")
     def _path_needed(self) -> DataConfig:
-        if self.kind != "digits" and self.path is None:
+        if self.kind not in ("digits", "object") and self.path is None:
             raise ValueError(f"data.path: required when data.kind is {self.kind!r}")
         return self
 
 
 class ModelConfig(_Strict):
     """A model from the registry (``mlp``, ``cnn``, ``resnet``, ``text``) or
-    ``package.module:factory``; ``args`` are its keyword arguments."""
+    ``package.module:factory``; ``args`` are its keyword arguments.
+
+    ``code_dir`` is where a ``module:factory`` that is not importable is looked for (then
+    the working directory). ``load_config`` sets it to the config file's folder, so a run's
+    resolved config still finds the module; it is not part of the fingerprint.
+    """
 
     name: str = "cnn"
     args: dict[str, Any] = Field(default_factory=dict)
+    code_dir: Path | None = None
+
+
+MetricName = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
+Task = Literal["classification", "regression", "multilabel"]
+
+
+_DEFAULT_HEADLINE = {"classification": "accuracy", "regression": "rmse", "multilabel": "macro_f1"}
 
 
 class EarlyStoppingConfig(_Strict):
-    metric: Literal["loss", "accuracy", "macro_f1"] = "loss"
+    """Stop when the validation ``metric`` (any metric the run computes: ``loss``,
+    ``accuracy``, ``rmse``, a user metric's name, ...) has not improved for ``patience``
+    epochs; losses and errors improve downwards, the others upwards."""
+
+    metric: MetricName = "loss"
     patience: int = Field(5, gt=0)
     min_delta: float = Field(0.0, ge=0)
 
@@ -232,7 +255,9 @@ class CVConfig(_Strict):
     test_fraction: float = Field(0.2, gt=0, lt=1)
     inner_val_fraction: float = Field(0.0, ge=0, lt=1)
     holdout_fraction: float = Field(0.0, ge=0, lt=1)
-    metric: Literal["accuracy", "loss", "macro_f1"] = "accuracy"
+    # The headline metric; None: the task's (accuracy, rmse, macro_f1) or, for a trial
+    # function, the first key it returns.
+    metric: MetricName | None = None
     runner: Literal["sequential", "vectorized", "processes", "ray"] = "sequential"
     workers: int | None = Field(None, ge=1)
     threads_per_trial: int | None = Field(None, ge=1)
@@ -260,6 +285,7 @@ class DeployConfig(_Strict):
 
 class ExperimentConfig(_Strict):
     seed: int = Field(0, ge=0, lt=2**63)
+    task: Task = "classification"
     seeds: dict[str, StrictInt] = Field(default_factory=dict)
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -303,7 +329,14 @@ class ExperimentConfig(_Strict):
         """A hash of the resolved config (minus the dotted fields in ``ignore``): a checkpoint
         or a cross-validation resumes only under the same one."""
         resolved = self.resolved()
-        for dotted in ignore:
+        # Written as before these fields existed, so that older runs keep their fingerprint.
+        if resolved["task"] == "classification":
+            del resolved["task"]
+        if resolved["data"]["object"] is None:
+            del resolved["data"]["object"]
+        if resolved["cv"]["metric"] is None:
+            resolved["cv"]["metric"] = _DEFAULT_HEADLINE[self.task]
+        for dotted in (*ignore, *LOCATION_FIELDS):
             section, _, name = dotted.partition(".")
             resolved.get(section, {}).pop(name, None)
         canonical = json.dumps(resolved, sort_keys=True, separators=(",", ":"))
@@ -394,4 +427,10 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Ex
             if not isinstance(node, dict):
                 raise UserError(dotted, f"cannot set inside a non-mapping, got {node!r}")
         node[leaf] = value
-    return validate_config(raw, origin=str(path))
+    cfg = validate_config(raw, origin=str(path))
+    if ":" in cfg.model.name:
+        # A user module is looked for next to the config, whatever the working directory.
+        folder = path.resolve().parent
+        given = cfg.model.code_dir
+        cfg.model.code_dir = folder if given is None else (folder / given).resolve()
+    return cfg

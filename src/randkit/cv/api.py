@@ -1,4 +1,12 @@
-"""``randkit.cross_validate``: the Python entry point."""
+"""``randkit.cross_validate``: the Python entry point, for the user's own objects.
+
+Two ways in, with the same plans, runners, run store, resume, statistics and report:
+
+* the built-in trainer: ``model`` is an ``nn.Module`` subclass, a factory, an instance, a zoo
+  name or ``"module:factory"``; ``loss``, ``optimizer``, ``scheduler``, ``metrics`` and
+  ``callbacks`` replace the config's choices;
+* the user's own loop: ``fit=fit_and_score`` is called with a ``randkit.Trial`` per trial.
+"""
 
 from __future__ import annotations
 
@@ -8,73 +16,99 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from randkit import atomic
 from randkit.config import validate_config
+from randkit.cv.objects import UserObjects, check_model_object, describe
 from randkit.cv.run import CVResult, run_cv
+from randkit.data.dataset import DatasetData, dataset_data
 from randkit.errors import UserError
+from randkit.train.parts import UserParts, check_callbacks, class_and_kwargs
 
-
-def _dataset_section(dataset: Any, out: Path) -> dict[str, Any]:
-    """A ``data:`` config section. In-memory arrays are written to ``out/data.npz`` (no
-    pickle), so that every runner, worker processes and Ray included, can load them."""
-    if isinstance(dataset, str):
-        return {"kind": dataset}
-    if isinstance(dataset, dict):
-        return dict(dataset)
-    if isinstance(dataset, tuple | list) and len(dataset) in (2, 3):
-        x, y, *groups = (np.asarray(part) for part in dataset)
-        out.mkdir(parents=True, exist_ok=True)
-        path = out / "data.npz"
-        arrays = {"x": x, "y": y, **({"groups": groups[0]} if groups else {})}
-        buffer = io.BytesIO()
-        np.savez(buffer, **arrays)
-        atomic.write_bytes(path, buffer.getvalue())
-        return {"kind": "npz", "path": str(path)}
-    raise UserError(
-        "dataset",
-        "must be 'digits', a data config dict or (x, y[, groups]) "
-        f"arrays, got {type(dataset).__name__}",
-    )
+RUNNERS = ("sequential", "vectorized", "processes", "ray")
 
 
 def cross_validate(
-    model_factory: str | dict[str, Any] = "cnn",
-    dataset: Any = "digits",
-    splitter: str | Any = "stratified_kfold",
-    seed: int = 0,
-    train: dict[str, Any] | None = None,
-    runner: str = "sequential",
+    model: Any = None,
+    data: Any = "digits",
     *,
+    fit: Any = None,
+    task: str | None = None,
+    labels: Any = None,
+    groups: Any = None,
+    splitter: str | Any | None = None,
     folds: int = 5,
     repeats: int = 1,
     vary: list[str] | None = None,
+    seed: int = 0,
+    loss: Any = None,
+    optimizer: Any = None,
+    scheduler: Any = None,
+    metrics: Any = None,
+    metric: str | None = None,
+    train: dict[str, Any] | None = None,
     randomize: dict[str, Any] | None = None,
+    callbacks: Any = None,
+    num_workers: int = 0,
+    runner: str = "sequential",
+    workers: int | None = None,
     cv: dict[str, Any] | None = None,
     out: str | Path | None = None,
     quiet: bool = True,
 ) -> CVResult:
-    """Cross-validate a model and return ``.table`` (one row per trial) and ``.summary``.
+    """Cross-validate a model (or a trial function) and return ``.table`` (one row per trial)
+    and ``.summary`` (headline mean, intervals, variance by random source).
 
-    ``model_factory`` is a zoo name, ``"package.module:factory"`` or ``{"name", "args"}``;
-    ``splitter`` a name (``kfold``, ``stratified_kfold``, ``group_kfold``,
-    ``stratified_group_kfold``, ``shuffle_split``, ``5x2``) or any scikit-learn splitter object.
+    ``data``: a map-style ``torch.utils.data.Dataset``, ``(x, y[, groups])`` arrays, ``"digits"``
+    or a data config dict. ``task``: ``classification``, ``regression`` or ``multilabel``
+    (inferred from the targets when unambiguous). ``splitter``: a name (``kfold``,
+    ``stratified_kfold``, ``group_kfold``, ``stratified_group_kfold``, ``shuffle_split``,
+    ``5x2``) or any scikit-learn splitter object. See docs/cross-validation.md.
 
-    >>> result = cross_validate("mlp", "digits", train={"epochs": 3})   # doctest: +SKIP
-    >>> result.summary["mean"], result.summary["ci95"]                   # doctest: +SKIP
+    >>> result = cross_validate(MyNet, my_dataset, train={"epochs": 3})     # doctest: +SKIP
+    >>> result.summary["mean"], result.summary["ci95"]                     # doctest: +SKIP
     """
     out = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="randkit-cv-"))
-    model = {"name": model_factory} if isinstance(model_factory, str) else dict(model_factory)
+    if runner not in RUNNERS:
+        raise UserError("runner", f"must be one of {', '.join(RUNNERS)}, got {runner!r}")
+    if fit is not None and model is not None:
+        raise UserError("fit", "give either model= (built-in trainer) or fit= (your loop)")
+    if fit is not None and not callable(fit):
+        raise UserError("fit", f"must be a function of a randkit.Trial, got {type(fit).__name__}")
+    if fit is not None and runner == "vectorized":
+        raise UserError(
+            "runner",
+            "'vectorized' runs the built-in trainer; a fit= function "
+            "runs with 'sequential', 'processes' or 'ray'",
+        )
+    objects = UserObjects(fit=fit)
+    objects.parts = _parts(task, loss, optimizer, scheduler, metrics, callbacks, num_workers)
+    model_section = _model_section(model, objects, fit)
+    uses_objects = fit is not None or objects.model is not None
+    loaded, data_section = _data(data, labels, groups, task, out, uses_objects)
+    if loaded is not None:
+        objects.dataset = loaded.dataset
+        objects.parts.task = loaded.task
+    elif task is not None and task != "classification":
+        raise UserError("task", f"{task!r} needs data given as a Dataset or (x, y) arrays")
+    if fit is not None and loaded is None:
+        raise UserError("data", "a fit= function needs a Dataset or (x, y) arrays")
+    plain = not uses_objects and loaded is None and objects.parts.default_loop
+    default_splitter = "stratified_kfold" if objects.parts.task == "classification" else "kfold"
     cv_section: dict[str, Any] = {
         "folds": folds,
         "repeats": repeats,
         "runner": runner,
+        "workers": workers,
+        "metric": metric,
+        "splitter": default_splitter,
         **(cv or {}),
     }
     splitter_object = None
     if isinstance(splitter, str):
         cv_section["splitter"] = splitter
-    else:
+    elif splitter is not None:
         if not hasattr(splitter, "split"):
             raise UserError("splitter", f"needs a split() method, got {type(splitter).__name__}")
         splitter_object = splitter
@@ -82,10 +116,117 @@ def cross_validate(
         cv_section["vary"] = vary
     raw = {
         "seed": seed,
-        "data": _dataset_section(dataset, out),
-        "model": model,
+        "task": objects.parts.task,
+        "data": data_section,
+        "model": model_section,
         "train": dict(train or {}),
         "randomize": dict(randomize or {}),
         "cv": cv_section,
     }
-    return run_cv(validate_config(raw), out, quiet=quiet, splitter=splitter_object)
+    cfg = validate_config(raw)
+    return run_cv(
+        cfg,
+        out,
+        quiet=quiet,
+        splitter=splitter_object,
+        data=loaded,
+        objects=None if plain else objects,
+    )
+
+
+def _parts(
+    task: str | None,
+    loss: Any,
+    optimizer: Any,
+    scheduler: Any,
+    metrics: Any,
+    callbacks: Any,
+    num_workers: int,
+) -> UserParts:
+    if loss is not None and not callable(loss):
+        raise UserError(
+            "loss", f"must be a callable (outputs, targets) -> tensor, got {loss!r:.60}"
+        )
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+        raise UserError("num_workers", f"must be an integer >= 0, got {num_workers!r}")
+    return UserParts(
+        task=task or "classification",
+        loss=loss,
+        optimizer=None
+        if optimizer is None or isinstance(optimizer, str)
+        else class_and_kwargs(optimizer, "optimizer", torch.optim.Optimizer),  # type: ignore[arg-type]
+        scheduler=None if scheduler is None else class_and_kwargs(scheduler, "scheduler", object),
+        metrics=metrics,
+        callbacks=check_callbacks(callbacks),
+        num_workers=num_workers,
+    )
+
+
+def _model_section(model: Any, objects: UserObjects, fit: Any) -> dict[str, Any]:
+    """The config's model section; a Python model object goes to ``objects.model`` and the
+    section records it by reference (``module:qualname``, importable again for an export)."""
+    if fit is not None:
+        return {"name": describe(fit)}
+    if model is None:
+        model = "cnn"
+    if isinstance(model, str):
+        return {"name": model}
+    if isinstance(model, dict):
+        return dict(model)
+    check_model_object(model)
+    objects.model = model
+    return {"name": describe(model)}
+
+
+def _is_arrays(data: Any) -> bool:
+    """``(x, y)`` or ``(x, y, groups)``: array-likes of one length (not a Dataset)."""
+    if not isinstance(data, tuple | list) or len(data) not in (2, 3):
+        return False
+    kinds = (np.ndarray, torch.Tensor, list)
+    if not all(isinstance(part, kinds) for part in data):
+        return False
+    return len({len(part) for part in data}) == 1
+
+
+def _data(
+    data: Any, labels: Any, groups: Any, task: str | None, out: Path, uses_objects: bool
+) -> tuple[DatasetData | None, dict[str, Any]]:
+    """The user's data as a ``DatasetData`` when it is a Python object (None for data the
+    config can load), and the config's data section."""
+    if isinstance(data, str):
+        return None, {"kind": data}
+    if isinstance(data, dict):
+        return None, dict(data)
+    if _is_arrays(data):
+        x, y, *rest = (
+            part.numpy() if isinstance(part, torch.Tensor) else np.asarray(part) for part in data
+        )
+        groups = rest[0] if groups is None and rest else groups
+        if not uses_objects and labels is None and _plain_classes(y, task):
+            return None, _npz_section(x, y, groups, out)  # today's path: standardized inputs
+        dataset = torch.utils.data.TensorDataset(torch.as_tensor(x), torch.zeros(len(y)))
+        loaded = dataset_data(dataset, y if labels is None else labels, groups, task)
+        return loaded, {"kind": "object", "object": "(x, y) arrays"}
+    if isinstance(data, torch.utils.data.DataLoader):
+        data = data.dataset  # randkit makes each trial's loaders; the data set is what counts
+    loaded = dataset_data(data, labels, groups, task)
+    return loaded, {"kind": "object", "object": describe(data)}
+
+
+def _plain_classes(y: np.ndarray, task: str | None) -> bool:
+    """Class labels the config path takes (1-D; continuous values are refused there)."""
+    from randkit.train.tasks import infer_task
+
+    return y.ndim == 1 and infer_task(y, task, "task") == "classification"
+
+
+def _npz_section(x: np.ndarray, y: np.ndarray, groups: Any, out: Path) -> dict[str, Any]:
+    """In-memory arrays are written to ``out/data.npz`` (no pickle), so that every runner,
+    worker processes and Ray included, can load them."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "data.npz"
+    arrays = {"x": x, "y": y, **({"groups": np.asarray(groups)} if groups is not None else {})}
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    atomic.write_bytes(path, buffer.getvalue())
+    return {"kind": "npz", "path": str(path)}

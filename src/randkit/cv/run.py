@@ -14,14 +14,16 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from randkit.config import ExperimentConfig
 from randkit.cv import stats
+from randkit.cv.objects import UserObjects
 from randkit.cv.plan import Plan, make_plan
 from randkit.cv.runners import RunContext, make_runner
 from randkit.cv.store import ResultTable, RunStore
 from randkit.data import LabeledData, load_data
-from randkit.data.base import data_fingerprint
+from randkit.data.base import TensorData, data_fingerprint
+from randkit.data.dataset import DatasetData, dataset_fingerprint
+from randkit.errors import UserError
 from randkit.extras import MissingExtraError
 from randkit.streams import Streams
-from randkit.train.loop import model_and_randomization
 
 _log = logging.getLogger(__name__)
 
@@ -41,17 +43,24 @@ def run_cv(
     restart: bool = False,
     quiet: bool = False,
     splitter: Any | None = None,
-    data: LabeledData | None = None,
+    data: LabeledData | DatasetData | None = None,
     report: bool = True,
+    objects: UserObjects | None = None,
 ) -> CVResult:
     """Plan, run the missing trials with the configured runner, then write ``results.csv``,
     ``summary.json`` and ``report.html`` (skipped, with one warning, without the ``report``
-    extra)."""
+    extra). ``objects``: the user's trial function, model, loss, ... (``cross_validate``)."""
     data = data if data is not None else load_data(cfg.data)
     streams = Streams(cfg.seed, cfg.seeds)
-    plan = make_plan(cfg.cv, data.targets.numpy(), data.groups, streams, splitter)
-    _preflight(cfg, data, plan, streams)
-    data_hash = data_fingerprint(data)
+    targets = data.targets if isinstance(data, DatasetData) else data.targets.numpy()
+    plan = make_plan(cfg.cv, targets, data.groups, streams, splitter)
+    if objects is not None:
+        objects.check_sendable(cfg.cv.runner)
+    if objects is None or objects.fit is None:
+        _preflight(cfg, data, plan, streams, objects)
+    data_hash = (
+        data_fingerprint(data) if isinstance(data, LabeledData) else dataset_fingerprint(data)
+    )
     store = RunStore(out)
     store.prepare(cfg, plan, restart, data_hash)
     records = store.finished()
@@ -64,10 +73,10 @@ def run_cv(
             advance(record)
 
         if missing:
-            context = RunContext(cfg, config, data, data_hash, out)
+            context = RunContext(cfg, config, data, data_hash, out, objects)
             make_runner(context).run(missing, on_done)
-    table = store.write_results(plan, records)
     summary = summarize_run(cfg, plan, records, [str(c) for c in data.classes])
+    table = store.write_results(plan, records)  # columns of every metric the trials report
     store.write_summary(summary)
     report_path = None
     if report:
@@ -80,20 +89,38 @@ def run_cv(
     return CVResult(out, table, summary, len(missing), report_path)
 
 
-def _preflight(cfg: ExperimentConfig, data: LabeledData, plan: Plan, streams: Streams) -> None:
+def _preflight(
+    cfg: ExperimentConfig,
+    data: LabeledData | DatasetData,
+    plan: Plan,
+    streams: Streams,
+    objects: UserObjects | None,
+) -> None:
     """Build the first trial's model and run it once before anything is written."""
-    from randkit.cv.trial import prepare_trial
+    from randkit.cv.checks import check_objects_on_sample, sample_batch
+    from randkit.cv.trial import prepare_trial, trial_model
     from randkit.randomize.build import preflight
     from randkit.streams import ScopedStreams
 
     trial = plan.trials[0]
     scoped = ScopedStreams(streams, trial.scopes())
     prepared = prepare_trial(cfg, data, trial, scoped)
-    model, randomization = model_and_randomization(cfg, prepared, scoped)
-    preflight(model, randomization, prepared.train.x[:2])
+    model, randomization = trial_model(cfg, objects, prepared, data, scoped)
+    if objects is not None:
+        check_objects_on_sample(cfg, objects, model, prepared, data)
+    preflight(model, randomization, sample_batch(prepared)[0][:2])
     if cfg.cv.runner == "vectorized":
         from randkit.stacked import check_stackable
 
+        if objects is not None and not (
+            objects.parts.default_loop and isinstance(prepared.train, TensorData)
+        ):
+            raise UserError(
+                "runner",
+                "'vectorized' trains classifiers on in-memory data with the config's loss, "
+                "optimizer and metrics; use 'sequential', 'processes' or 'ray' for a "
+                "Dataset, another task or your own loss, optimizer, metrics or callbacks",
+            )
         check_stackable(model, cfg.train.optimizer, "cv.runner")
 
 
@@ -101,7 +128,7 @@ def summarize_run(
     cfg: ExperimentConfig, plan: Plan, records: dict[str, dict[str, Any]], classes: list[str]
 ) -> dict[str, Any]:
     ordered = [records[t.id] for t in plan.trials]
-    metric = cfg.cv.metric
+    metric = headline_metric(cfg, ordered)
     scores = [r["test"][metric] for r in ordered]
     headline = stats.summarize(scores)
     n_train = float(np.mean([r["train_size"] for r in ordered]))
@@ -124,12 +151,35 @@ def summarize_run(
         "vary": list(cfg.cv.vary),
         "runner": cfg.cv.runner,
         "classes": classes,
+        "task": cfg.task,
         "per_metric": {
             name: _short(stats.summarize([r["test"][name] for r in ordered]))
-            for name in ("accuracy", "loss", "macro_f1")
+            for name in metric_names(ordered)
         },
-        "variance_components": variance_by_source(cfg, plan, records),
+        "variance_components": variance_by_source(cfg, plan, records, metric),
     }
+
+
+def metric_names(records: list[dict[str, Any]]) -> list[str]:
+    """The metrics every trial reports, in the order the first one lists them."""
+    names = list(records[0]["test"])
+    return [n for n in names if all(n in r["test"] for r in records)]
+
+
+def headline_metric(cfg: ExperimentConfig, records: list[dict[str, Any]]) -> str:
+    """``cv.metric``, else the task's (accuracy, rmse, macro_f1) when the trials report it,
+    else the first metric a trial function returns."""
+    from randkit.train.tasks import headline_metric as task_headline
+
+    names = metric_names(records)
+    metric = cfg.cv.metric or task_headline(cfg.task)
+    if metric in names:
+        return metric
+    if cfg.cv.metric is not None:
+        raise UserError(
+            "metric", f"{cfg.cv.metric!r} is not reported by every trial; they report {names}"
+        )
+    return names[0]
 
 
 def _short(summary: dict[str, Any]) -> dict[str, Any]:
@@ -148,7 +198,7 @@ def _matrix(plan: Plan, records: dict[str, dict[str, Any]], group: str, metric: 
 
 
 def variance_by_source(
-    cfg: ExperimentConfig, plan: Plan, records: dict[str, dict[str, Any]]
+    cfg: ExperimentConfig, plan: Plan, records: dict[str, dict[str, Any]], metric: str
 ) -> dict[str, Any]:
     """Variance components of the metric (see README: estimator and assumptions).
 
@@ -156,7 +206,6 @@ def variance_by_source(
     sources in ``vary`` together) and between folds within a repeat. Decomposition plan: for
     each source, the within-fold variance across its levels while the others stay fixed.
     """
-    metric = cfg.cv.metric
     if cfg.cv.decompose:
         components = {}
         for source in cfg.cv.vary:
@@ -208,9 +257,11 @@ def _progress(quiet: bool, total: int, done: int) -> Iterator[Any]:
         task = progress.add_task("trials", total=total, completed=done)
 
         def advance(record: dict[str, Any]) -> None:
-            metric = record["test"]["accuracy"]
+            name, value = next(iter(record["test"].items()))
+            if "accuracy" in record["test"]:
+                name, value = "accuracy", record["test"]["accuracy"]
             progress.update(
-                task, advance=1, description=f"trial {record['id']}: accuracy {metric:.4f}"
+                task, advance=1, description=f"trial {record['id']}: {name} {value:.4f}"
             )
 
         yield advance

@@ -18,8 +18,10 @@ from typing import Any, Protocol
 import torch
 
 from randkit.config import ExperimentConfig
+from randkit.cv.objects import UserObjects
 from randkit.cv.plan import Trial
 from randkit.data import LabeledData
+from randkit.data.dataset import DatasetData
 from randkit.extras import require
 from randkit.streams import Streams
 
@@ -34,9 +36,14 @@ class RunContext:
 
     cfg: ExperimentConfig
     config: dict[str, Any]
-    data: LabeledData
+    data: LabeledData | DatasetData
     data_hash: str
     out: Path
+    objects: UserObjects | None = None
+
+    def shared(self) -> tuple[UserObjects | None, DatasetData | None]:
+        """What workers cannot load from the config: the user's objects and Dataset."""
+        return self.objects, self.data if isinstance(self.data, DatasetData) else None
 
     def streams(self) -> Streams:
         return Streams(self.cfg.seed, self.cfg.seeds)
@@ -96,7 +103,7 @@ class SequentialRunner:
                 torch.set_num_threads(ctx.cfg.cv.threads_per_trial)
             streams, device = ctx.streams(), resolve_device(ctx.cfg.train.device)
             for trial in trials:
-                on_done(run_trial(ctx.cfg, ctx.data, trial, streams, device, ctx.out))
+                on_done(run_trial(ctx.cfg, ctx.data, trial, streams, device, ctx.out, ctx.objects))
         finally:
             torch.set_num_threads(previous)
 
@@ -108,14 +115,19 @@ class ProcessRunner:
         self.context = context
 
     def run(self, trials: list[Trial], on_done: OnDone) -> None:
-        from randkit.cv.trial import run_trial_job
+        from randkit.cv.trial import run_trial_job, set_worker_objects
 
         cv = self.context.cfg.cv
         workers = min(cv.workers or cpu_count(), len(trials))
         threads = cv.threads_per_trial or max(1, cpu_count() // workers)
         jobs = [self.context.job(t, threads) for t in trials]
         spawn = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=workers, mp_context=spawn) as pool:
+        with ProcessPoolExecutor(
+            max_workers=workers,
+            mp_context=spawn,
+            initializer=set_worker_objects,  # the user's objects, once per worker
+            initargs=self.context.shared(),
+        ) as pool:
             pending = {pool.submit(run_trial_job, **job) for job in jobs}
             while pending:
                 done, pending = wait(pending, return_when=FIRST_COMPLETED)
@@ -149,7 +161,8 @@ class RayRunner:
                 max_retries=cfg.cv.retries,
                 retry_exceptions=False,
             )
-            pending = [task.remote(**self.context.job(t, threads)) for t in trials]
+            shared = ray.put(self.context.shared())  # one copy per node, not per task
+            pending = [task.remote(**self.context.job(t, threads), shared=shared) for t in trials]
             while pending:
                 done, pending = ray.wait(pending, num_returns=1)
                 for ref in done:

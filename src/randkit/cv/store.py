@@ -26,7 +26,7 @@ from randkit.errors import UserError
 # Where trials run does not change what they compute: a run may be resumed with another runner.
 RUNNER_FIELDS = ("cv.runner", "cv.workers", "cv.address", "cv.retries", "cv.threads_per_trial")
 
-RESULT_COLUMNS = [
+ID_COLUMNS = [
     "id",
     "fold",
     "repeat",
@@ -34,11 +34,9 @@ RESULT_COLUMNS = [
     *[f"seed_{s}" for s in PLAN_SOURCES],
     "train_size",
     "test_size",
-    "accuracy",
-    "loss",
-    "macro_f1",
-    "fit_seconds",
 ]
+# The metrics columns of a classification run; other tasks and trial functions have theirs.
+RESULT_COLUMNS = [*ID_COLUMNS, "accuracy", "loss", "macro_f1", "fit_seconds"]
 
 
 class ResultTable:
@@ -180,7 +178,8 @@ class RunStore:
                     "fit_seconds": record["fit_seconds"],
                 }
             )
-        table = ResultTable(RESULT_COLUMNS, rows)
+        metrics = [m for m in records[plan.trials[0].id]["test"] if m not in ID_COLUMNS]
+        table = ResultTable([*ID_COLUMNS, *metrics, "fit_seconds"], rows)
         atomic.write_text(self.out / "results.csv", table.to_csv())
         return table
 

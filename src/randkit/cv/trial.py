@@ -16,30 +16,48 @@ from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
 from randkit import atomic
 from randkit.config import ExperimentConfig, validate_config
+from randkit.cv.fit import run_fit_trial
+from randkit.cv.objects import UserObjects, build_user_model
 from randkit.cv.plan import PLAN_SOURCES, Trial
 from randkit.data import LabeledData, featurize, load_data
-from randkit.data.base import Prepared, data_fingerprint, stratified_holdout
+from randkit.data.base import Prepared, TensorData, data_fingerprint, stratified_holdout
+from randkit.data.dataset import DatasetData, dataset_parts
 from randkit.errors import UserError
+from randkit.models import Classifier
+from randkit.randomize import Randomization, build_randomization
 from randkit.streams import ScopedStreams, Streams
 from randkit.train.loop import Trainer, model_and_randomization, resolve_device
 from randkit.train.metrics import classification_metrics, predict_logits
+from randkit.train.tasks import num_outputs
+
+
+def split_validation(
+    cfg: ExperimentConfig, targets: np.ndarray, trial: Trial, streams: ScopedStreams
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """(train, val) indices of the trial's training fold. The validation part is
+    ``cv.inner_val_fraction`` (else ``data.val_fraction``), stratified for classification."""
+    train_idx = trial.train_idx
+    fraction = cfg.cv.inner_val_fraction or cfg.data.val_fraction
+    if fraction == 0:
+        return train_idx, None
+    keep, held = stratified_holdout(
+        targets[train_idx],
+        fraction,
+        streams.seed("split", part="val"),
+        "cv.inner_val_fraction",
+        stratify=cfg.task == "classification",
+    )
+    return train_idx[keep], train_idx[held]
 
 
 def prepare_trial(
-    cfg: ExperimentConfig, data: LabeledData, trial: Trial, streams: ScopedStreams
+    cfg: ExperimentConfig, data: LabeledData | DatasetData, trial: Trial, streams: ScopedStreams
 ) -> Prepared:
     """Featurize the trial's split; anything learned from data sees the training part only."""
-    train_idx, val_idx = trial.train_idx, None
-    # The validation part of each training fold: cv.inner_val_fraction, else data.val_fraction.
-    fraction = cfg.cv.inner_val_fraction or cfg.data.val_fraction
-    if fraction > 0:
-        keep, held = stratified_holdout(
-            data.targets.numpy()[train_idx],
-            fraction,
-            streams.seed("split", part="val"),
-            "cv.inner_val_fraction",
-        )
-        train_idx, val_idx = train_idx[keep], train_idx[held]
+    targets = data.targets if isinstance(data, DatasetData) else data.targets.numpy()
+    train_idx, val_idx = split_validation(cfg, targets, trial, streams)
+    if isinstance(data, DatasetData):
+        return dataset_parts(data, train_idx, val_idx, trial.test_idx)
     text = {
         "max_length": cfg.data.max_length,
         "max_vocab": cfg.data.max_vocab,
@@ -55,14 +73,11 @@ def trial_record(
     logits: torch.Tensor,
     history: list[dict[str, float]],
     fit_seconds: float,
+    scores: dict[str, float] | None = None,
 ) -> dict[str, Any]:
-    """The JSON record of a finished trial (``trials/<id>/metrics.json``)."""
-    k = len(prepared.classes)
-    y, predicted = prepared.test.y.numpy(), logits.argmax(1).numpy()
-    precision, recall, f1, support = precision_recall_fscore_support(
-        y, predicted, labels=list(range(k)), zero_division=0
-    )
-    return {
+    """The JSON record of a finished trial (``trials/<id>/metrics.json``). ``scores``: the
+    test metrics when the trainer computed them (another task, the user's metrics)."""
+    common = {
         "id": trial.id,
         "fold": trial.fold,
         "repeat": trial.repeat,
@@ -71,6 +86,16 @@ def trial_record(
         "seeds": {source: streams.seed(source) for source in PLAN_SOURCES},
         "train_size": len(prepared.train),
         "test_size": len(prepared.test),
+    }
+    if scores is not None:  # the user's task or metrics: no per-class tables
+        return {**common, "test": scores, "history": history, "fit_seconds": round(fit_seconds, 4)}
+    k = len(prepared.classes)
+    y, predicted = prepared.test.y.numpy(), logits.argmax(1).numpy()
+    precision, recall, f1, support = precision_recall_fscore_support(
+        y, predicted, labels=list(range(k)), zero_division=0
+    )
+    return {
+        **common,
         "test": classification_metrics(logits, prepared.test.y, k, per_class_f1=f1),
         "per_class": {
             "precision": precision.tolist(),
@@ -92,18 +117,42 @@ def save_trial(out: Path, record: dict[str, Any], weights: dict[str, torch.Tenso
     atomic.write_json(folder / "metrics.json", record)
 
 
+def trial_model(
+    cfg: ExperimentConfig,
+    objects: UserObjects | None,
+    prepared: Prepared,
+    data: LabeledData | DatasetData,
+    streams: ScopedStreams,
+) -> tuple[Classifier, Randomization]:
+    """The trial's fresh model (the config's or the user's object) and randomization."""
+    if objects is None or objects.model is None:
+        return model_and_randomization(cfg, prepared, streams)
+    randomization = build_randomization(
+        cfg.randomize, len(prepared.classes), prepared.input_shape, prepared.unit_range
+    )
+    outputs = num_outputs(
+        cfg.task, data.targets if isinstance(data, DatasetData) else data.targets.numpy()
+    )
+    model = build_user_model(objects.model, prepared, outputs, streams, cfg.randomize.init)
+    return model, randomization
+
+
 def run_trial(
     cfg: ExperimentConfig,
-    data: LabeledData,
+    data: LabeledData | DatasetData,
     trial: Trial,
     streams: Streams,
     device: torch.device,
     out: Path | None = None,
+    objects: UserObjects | None = None,
 ) -> dict[str, Any]:
     """Train and evaluate one trial; with ``out``, save it under ``out/trials/<id>/``."""
     scoped = ScopedStreams(streams, trial.scopes())
+    if objects is not None and objects.fit is not None:
+        return _run_function_trial(cfg, data, trial, scoped, objects, out)
     prepared = prepare_trial(cfg, data, trial, scoped)
-    model, randomization = model_and_randomization(cfg, prepared, scoped)
+    model, randomization = trial_model(cfg, objects, prepared, data, scoped)
+    parts = objects.parts if objects is not None else None
     trainer = Trainer(
         model,
         prepared.train,
@@ -113,15 +162,38 @@ def run_trial(
         scoped,
         device,
         randomization,
+        parts,
     )
     started = time.perf_counter()
     trainer.fit()
     _maybe_die(trial.id)
     fit_seconds = time.perf_counter() - started
-    logits = predict_logits(trainer.model, prepared.test.x, device)
-    record = trial_record(trial, scoped, prepared, logits, trainer.state.history, fit_seconds)
+    if parts is None or (parts.default_loop and isinstance(prepared.test, TensorData)):
+        logits = predict_logits(trainer.model, prepared.test.x, device)
+        record = trial_record(trial, scoped, prepared, logits, trainer.state.history, fit_seconds)
+    else:
+        scores = trainer.evaluate(prepared.test)
+        record = trial_record(
+            trial, scoped, prepared, torch.empty(0), trainer.state.history, fit_seconds, scores
+        )
     if out is not None:
         save_trial(out, record, trainer.model.state_dict() if cfg.cv.save_models else None)
+    return record
+
+
+def _run_function_trial(
+    cfg: ExperimentConfig,
+    data: LabeledData | DatasetData,
+    trial: Trial,
+    streams: ScopedStreams,
+    objects: UserObjects,
+    out: Path | None,
+) -> dict[str, Any]:
+    assert objects.fit is not None and isinstance(data, DatasetData) and out is not None
+    split = split_validation(cfg, data.targets, trial, streams)
+    record = run_fit_trial(objects.fit, data.dataset, trial, streams, out, split)
+    _maybe_die(trial.id)
+    save_trial(out, record, None)
     return record
 
 
@@ -149,21 +221,37 @@ def _load_data_cached(data_json: str, data_hash: str) -> LabeledData:
     return data
 
 
+# The run's user objects in a worker process: set once per process (ProcessPoolExecutor's
+# initializer), or passed with each Ray task (Ray keeps one copy per node in its object store).
+_worker_objects: dict[str, Any] = {}
+
+
+def set_worker_objects(objects: UserObjects | None, data: DatasetData | None) -> None:
+    _worker_objects.update(objects=objects, data=data)
+
+
 def run_trial_job(
     config: dict[str, Any],
     trial: dict[str, Any],
     out: str,
     threads: int | None = None,
     data_hash: str = "",
+    shared: tuple[UserObjects | None, DatasetData | None] | None = None,
 ) -> dict[str, Any]:
     """A trial from plain JSON data: what worker processes and Ray tasks execute. The data
-    set is loaded once per process."""
+    set is loaded once per process (or comes with the run's objects)."""
     if threads:
         torch.set_num_threads(threads)
     cfg = validate_config(config)
-    data = _load_data_cached(
-        json.dumps(cfg.data.model_dump(mode="json"), sort_keys=True), data_hash
+    objects, data = (
+        shared
+        if shared is not None
+        else (_worker_objects.get("objects"), _worker_objects.get("data"))
     )
+    if data is None:
+        data = _load_data_cached(
+            json.dumps(cfg.data.model_dump(mode="json"), sort_keys=True), data_hash
+        )
     return run_trial(
         cfg,
         data,
@@ -171,6 +259,7 @@ def run_trial_job(
         Streams(cfg.seed, cfg.seeds),
         resolve_device(cfg.train.device),
         Path(out),
+        objects,
     )
 
 

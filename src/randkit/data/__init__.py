@@ -7,6 +7,7 @@ from randkit.data.arrays import load_digits_data, load_npz
 from randkit.data.base import LabeledData, Prepared, TensorData, featurize, prepare
 from randkit.data.images import load_image_folder
 from randkit.data.text import Vocabulary, load_csv_text
+from randkit.errors import UserError
 from randkit.streams import Streams
 
 __all__ = [
@@ -25,6 +26,12 @@ def load_data(cfg: DataConfig) -> LabeledData:
     """Load the whole data set the config names (no split yet)."""
     if cfg.kind == "digits":
         return load_digits_data()
+    if cfg.kind == "object":
+        raise UserError(
+            "data.kind",
+            f"'object' data ({cfg.object}) was a Python object given to "
+            "randkit.cross_validate; it cannot be loaded from a config",
+        )
     assert cfg.path is not None
     if cfg.kind == "npz":
         return load_npz(cfg.path)

@@ -86,13 +86,17 @@ class Prepared:
 
 
 def stratified_holdout(
-    targets: np.ndarray, fraction: float, seed: int, field_name: str
+    targets: np.ndarray, fraction: float, seed: int, field_name: str, stratify: bool = True
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Indices (keep, held_out), stratified by class. Errors name the fraction's field."""
+    """Indices (keep, held_out), stratified by class (a plain random cut of regression or
+    multilabel targets with ``stratify=False``). Errors name the fraction's field."""
     indices = np.arange(len(targets))
     try:
         keep, held = train_test_split(
-            indices, test_size=fraction, stratify=targets, random_state=seed % 2**32
+            indices,
+            test_size=fraction,
+            stratify=targets if stratify else None,
+            random_state=seed % 2**32,
         )
     except ValueError as exc:
         raise UserError(field_name, f"cannot hold out {fraction} stratified: {exc}") from None

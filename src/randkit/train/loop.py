@@ -6,6 +6,7 @@ from a checkpoint."""
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -13,6 +14,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 from torch.nn import functional as F
+from torch.utils.data import Dataset
 
 from randkit.config import ExperimentConfig, TrainConfig
 from randkit.data import Prepared, TensorData
@@ -22,10 +24,13 @@ from randkit.randomize.build import build_randomization
 from randkit.randomize.modules import randomness_needs
 from randkit.streams import ScopedStreams, Streams
 from randkit.train import rules
+from randkit.train.batches import batch_source, predict
 from randkit.train.checkpoint import optimizer_from_flat, strip_prefix
 from randkit.train.metrics import evaluate
 from randkit.train.optim import make_optimizer, make_scheduler
+from randkit.train.parts import UserParts
 from randkit.train.rules import LoopState
+from randkit.train.tasks import default_loss, task_metrics, user_metrics
 
 ProgressHook = Callable[[LoopState, float], None]
 CheckpointHook = Callable[["Trainer"], None]
@@ -59,16 +64,18 @@ class Trainer:
     def __init__(
         self,
         model: nn.Module,
-        train: TensorData,
-        val: TensorData | None,
+        train: TensorData | Dataset[Any],
+        val: TensorData | Dataset[Any] | None,
         num_classes: int,
         cfg: TrainConfig,
         streams: Streams,
         device: torch.device,
         randomization: Randomization | None = None,
+        parts: UserParts | None = None,
         **coords: int,
     ) -> None:
         self.cfg = cfg
+        self.parts = parts or UserParts()
         self.randomization = randomization or Randomization()
         self._randomness_needs = randomness_needs(model)
         self.streams = streams
@@ -79,8 +86,17 @@ class Trainer:
         self.val_data = val
         self.num_classes = num_classes
         self.steps_per_epoch = rules.steps_per_epoch(len(train), cfg.batch_size)
-        self.optimizer = make_optimizer(self.model, cfg)
-        self.scheduler = make_scheduler(self.optimizer, cfg, self.steps_per_epoch)
+        self.batches = batch_source(train, cfg.batch_size, self.parts.num_workers)
+        self._scheduler_per_step = True
+        if self.parts.optimizer is not None:
+            self.optimizer = self.parts.make_optimizer(self.model)
+        else:
+            self.optimizer = make_optimizer(self.model, cfg)
+        if self.parts.scheduler is not None:
+            self.scheduler, self._scheduler_per_step = self.parts.make_scheduler(self.optimizer)
+        else:
+            self.scheduler = make_scheduler(self.optimizer, cfg, self.steps_per_epoch)
+        self.loss_fn = self.parts.loss or _default_loss(self.parts.task, cfg.label_smoothing)
         self.state = LoopState()
         self.best_weights: dict[str, torch.Tensor] | None = None
 
@@ -110,22 +126,27 @@ class Trainer:
         self.state = LoopState(**state["loop"])
 
     # -- the loop -----------------------------------------------------------------------
+    def stop(self) -> None:
+        """End training after this epoch (what a callback calls to stop early)."""
+        self.state.stopped_early = True
+
     def fit(
         self, on_step: ProgressHook | None = None, on_checkpoint: CheckpointHook | None = None
     ) -> None:
         cfg, state = self.cfg, self.state
-        x, y = self.train_data.x, self.train_data.y
         self.model.train()
+        self._callbacks("on_train_start")
         while not self.finished:
             order = self.batch_order(state.epoch)
-            for batch in range(state.step_in_epoch, self.steps_per_epoch):
-                index = order[batch * cfg.batch_size : (batch + 1) * cfg.batch_size]
-                loss, correct = self._step(x[index].to(self.device), y[index].to(self.device))
-                rules.record_step(state, loss * len(index), correct, len(index))
+            loader = self.batches.epoch(order, state.step_in_epoch, self._loader_generator())
+            for batch, (xb, yb) in enumerate(loader, start=state.step_in_epoch):
+                loss, correct = self._step(xb.to(self.device), yb.to(self.device))
+                rules.record_step(state, loss * len(yb), correct, len(yb))
                 state.step_in_epoch = batch + 1
                 state.global_step += 1
                 if on_step is not None:
                     on_step(state, loss)
+                self._callbacks("on_step_end", state.global_step, loss)
                 if cfg.checkpoint_every and state.global_step % cfg.checkpoint_every == 0:
                     if state.step_in_epoch < self.steps_per_epoch and on_checkpoint:
                         on_checkpoint(self)
@@ -134,6 +155,18 @@ class Trainer:
                 on_checkpoint(self)
         if self.best_weights is not None:
             self.model.load_state_dict(self.best_weights)
+
+    def _loader_generator(self) -> torch.Generator | None:
+        """Seeds of DataLoader workers (random transforms inside a Dataset), per epoch."""
+        if not self.batches.streamed:
+            return None
+        return self.streams.torch("augment", what="loader", epoch=self.state.epoch, **self.coords)
+
+    def _callbacks(self, hook: str, *args: Any) -> None:
+        for callback in self.parts.callbacks:
+            method = getattr(callback, hook, None)
+            if method is not None:
+                method(self, *args)
 
     def batch_order(self, epoch: int) -> torch.Tensor:
         """The permutation of the training examples for ``epoch``, from stream ``order``."""
@@ -149,7 +182,7 @@ class Trainer:
         else:
             with self._stochastic_layers(keys):
                 logits = self._forward(xb, keys)
-                loss = F.cross_entropy(logits, targets, label_smoothing=self.cfg.label_smoothing)
+                loss = self.loss_fn(logits, targets)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
             grads = [p.grad for p in self.model.parameters() if p.grad is not None]
@@ -157,8 +190,10 @@ class Trainer:
             if self.cfg.grad_clip is not None:
                 rules.clip_gradients([g.unsqueeze(0) for g in grads], self.cfg.grad_clip)
             self.optimizer.step()
-        if self.scheduler is not None:
+        if self.scheduler is not None and self._scheduler_per_step:
             self.scheduler.step()
+        if self.parts.task != "classification":
+            return float(loss.detach()), 0
         return float(loss.detach()), int((logits.argmax(1) == yb).sum())
 
     def _stochastic_layers(self, keys: dict[str, int]) -> Any:
@@ -184,18 +219,48 @@ class Trainer:
             with self._stochastic_layers(keys):
                 logits = self._forward(xb, keys)
             logits_seen.append(logits)
-            return F.cross_entropy(logits, targets, label_smoothing=self.cfg.label_smoothing)
+            return self.loss_fn(logits, targets)
 
         seed = rules.zeroth_order_seed(self.streams, keys)
         loss = self.optimizer.step(closure, seed=seed)
         return loss, logits_seen[0]
 
+    def evaluate(self, data: TensorData | Dataset[Any]) -> dict[str, float]:
+        """The task's metrics and the user's on ``data``, in eval mode."""
+        if self.parts.default_loop and isinstance(data, TensorData):
+            return evaluate(self.model, data, self.num_classes, self.device)
+        outputs, targets = predict(self.model, data, self.device, self.parts.num_workers)
+        return {
+            **task_metrics(self.parts.task, outputs, targets),
+            **user_metrics(self.parts.metrics, outputs, targets),
+        }
+
     def _end_epoch(self) -> None:
         scores = None
         if self.val_data is not None:
-            scores = evaluate(self.model, self.val_data, self.num_classes, self.device)
+            scores = self.evaluate(self.val_data)
         lr = float(self.optimizer.param_groups[0]["lr"])
-        if rules.finish_epoch(self.state, lr, scores, self.cfg.early_stopping):
+        if self.scheduler is not None and not self._scheduler_per_step:
+            self.scheduler.step()
+        accuracy = self.parts.task == "classification"
+        stopped = self.state.stopped_early  # a callback's stop() during the epoch
+        improved = rules.finish_epoch(
+            self.state, lr, scores, self.cfg.early_stopping, train_accuracy=accuracy
+        )
+        if improved:
             self.best_weights = copy.deepcopy(
                 {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
             )
+        self._callbacks("on_epoch_end", self.state.history[-1])
+        self.state.stopped_early = self.state.stopped_early or stopped
+
+
+def _label_smoothed_cross_entropy(smoothing: float) -> Any:
+    return functools.partial(F.cross_entropy, label_smoothing=smoothing)
+
+
+def _default_loss(task: str, label_smoothing: float) -> Any:
+    """Cross-entropy with the config's label smoothing, or the task's default loss."""
+    if task == "classification":
+        return _label_smoothed_cross_entropy(label_smoothing)
+    return default_loss(task)

@@ -21,11 +21,13 @@ import torch
 from torch import nn
 
 from randkit.config import EarlyStoppingConfig, TrainConfig
+from randkit.errors import UserError
 from randkit.randomize import Randomization, use_generator
 from randkit.randomize.weights import apply_perturbation as apply_perturbation
 from randkit.randomize.weights import perturbation_parts
 from randkit.streams import ScopedStreams, Streams
 from randkit.train.optim import make_optimizer, make_scheduler
+from randkit.train.tasks import metric_direction
 
 AnyStreams = Streams | ScopedStreams
 
@@ -198,6 +200,7 @@ def finish_epoch(
     lr: float,
     val_scores: dict[str, float] | None,
     rule: EarlyStoppingConfig | None,
+    train_accuracy: bool = True,
 ) -> bool:
     """Record the epoch in ``state.history``, apply early stopping and start the next epoch.
     True when this epoch's weights are the best so far (the caller keeps them)."""
@@ -205,8 +208,9 @@ def finish_epoch(
         "epoch": state.epoch + 1,
         "lr": lr,
         "train_loss": state.loss_sum / max(1, state.seen),
-        "train_accuracy": state.correct / max(1, state.seen),
     }
+    if train_accuracy:  # classification only
+        record["train_accuracy"] = state.correct / max(1, state.seen)
     improved = False
     if val_scores is not None:
         record.update({f"val_{k}": v for k, v in val_scores.items()})
@@ -220,8 +224,14 @@ def finish_epoch(
 
 
 def _early_stopping(state: LoopState, scores: dict[str, float], rule: EarlyStoppingConfig) -> bool:
-    # Loss improves downwards, accuracy and F1 upwards; compare on one signed scale.
-    value = -scores[rule.metric] if rule.metric == "loss" else scores[rule.metric]
+    # Losses and errors improve downwards, accuracy and F1 upwards: one signed scale.
+    if rule.metric not in scores:
+        raise UserError(
+            "train.early_stopping.metric",
+            f"{rule.metric!r} is not a validation metric of this run: {', '.join(scores)}",
+        )
+    sign = 1 if metric_direction(rule.metric) == "max" else -1
+    value = sign * scores[rule.metric]
     if state.best_value is None or value > state.best_value + rule.min_delta:
         state.best_value, state.best_epoch, state.bad_epochs = value, state.epoch + 1, 0
         return True

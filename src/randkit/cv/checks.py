@@ -1,0 +1,95 @@
+"""Checks of the user's objects on a few training examples, before any training: the model's
+forward pass and output width, the loss, the metrics and the early-stopping metric. A wrong
+object fails here in one line that names it, not in a worker an hour later."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from randkit.config import ExperimentConfig
+from randkit.cv.objects import UserObjects, describe
+from randkit.data import Prepared, TensorData
+from randkit.data.dataset import DatasetData
+from randkit.errors import UserError
+from randkit.train.batches import pair
+from randkit.train.tasks import (
+    check_output_width,
+    default_loss,
+    num_outputs,
+    task_metrics,
+    user_metrics,
+)
+
+SAMPLE = 8  # examples: enough for every metric to be defined, cheap for any model
+
+
+def sample_batch(prepared: Prepared) -> tuple[torch.Tensor, torch.Tensor]:
+    train = prepared.train
+    if isinstance(train, TensorData):
+        return train.x[:SAMPLE], train.y[:SAMPLE]
+    return pair(next(iter(DataLoader(train, batch_size=SAMPLE))))
+
+
+def check_objects_on_sample(
+    cfg: ExperimentConfig,
+    objects: UserObjects,
+    model: torch.nn.Module,
+    prepared: Prepared,
+    data: Any,
+) -> None:
+    x, y = sample_batch(prepared)
+    outputs = _forward(model, x)
+    targets = data.targets if isinstance(data, DatasetData) else data.targets.numpy()
+    expected = num_outputs(cfg.task, targets)
+    width = outputs.shape[1] if outputs.dim() > 1 else None
+    check_output_width(cfg.task, width, expected, "model")
+    loss = objects.parts.loss or default_loss(cfg.task)
+    try:
+        value = loss(outputs, y)
+    except UserError:
+        raise
+    except Exception as exc:  # the user's loss may fail in any way
+        raise UserError(
+            "loss",
+            f"{describe(loss)} fails on outputs {list(outputs.shape)} and targets "
+            f"{list(y.shape)} ({y.dtype}): {type(exc).__name__}: {str(exc).splitlines()[0]}",
+        ) from None
+    if (
+        not isinstance(value, torch.Tensor)
+        or value.numel() != 1
+        or not value.dtype.is_floating_point
+    ):
+        raise UserError(
+            "loss", f"{describe(loss)} must return a scalar float tensor, got {value!r:.80}"
+        )
+    names = {
+        **task_metrics(cfg.task, outputs, y),
+        **user_metrics(objects.parts.metrics, outputs, y),
+    }
+    rule = cfg.train.early_stopping
+    if rule is not None and rule.metric not in names:
+        raise UserError(
+            "train.early_stopping.metric",
+            f"{rule.metric!r} is not a metric of this run; choose one of {', '.join(names)}",
+        )
+
+
+def _forward(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            outputs = model(x)
+    except Exception as exc:  # the user's forward may fail in any way
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError("model", f"forward pass fails on input {list(x.shape)}: {first}") from None
+    finally:
+        model.train(was_training)
+    if not isinstance(outputs, torch.Tensor):
+        raise UserError(
+            "model", f"forward must return a tensor of outputs, got {type(outputs).__name__}"
+        )
+    return outputs.float()
