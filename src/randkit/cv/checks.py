@@ -39,7 +39,8 @@ def check_objects_on_sample(
     model: torch.nn.Module,
     prepared: Prepared,
     data: Any,
-) -> None:
+) -> list[str]:
+    """The checks; returns the names of the metrics every trial will report."""
     x, y = sample_batch(prepared)
     outputs = _forward(model, x)
     targets = data.targets if isinstance(data, DatasetData) else data.targets.numpy()
@@ -75,6 +76,7 @@ def check_objects_on_sample(
             "train.early_stopping.metric",
             f"{rule.metric!r} is not a metric of this run; choose one of {', '.join(names)}",
         )
+    return list(names)
 
 
 def _forward(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:

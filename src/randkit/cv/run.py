@@ -106,8 +106,15 @@ def _preflight(
     scoped = ScopedStreams(streams, trial.scopes())
     prepared = prepare_trial(cfg, data, trial, scoped)
     model, randomization = trial_model(cfg, objects, prepared, data, scoped)
+    names = ["loss", "accuracy", "macro_f1"]
     if objects is not None:
-        check_objects_on_sample(cfg, objects, model, prepared, data)
+        names = check_objects_on_sample(cfg, objects, model, prepared, data)
+    if cfg.cv.metric is not None and cfg.cv.metric not in names:
+        raise UserError(
+            "metric" if objects is not None else "cv.metric",
+            f"{cfg.cv.metric!r} is not reported by this run's trials; choose one of "
+            f"{', '.join(names)}",
+        )
     preflight(model, randomization, sample_batch(prepared)[0][:2])
     if cfg.cv.runner == "vectorized":
         from randkit.stacked import check_stackable
