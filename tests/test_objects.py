@@ -255,3 +255,23 @@ def test_a_lightning_module_as_model_points_to_the_lightning_trial(tmp_path):
 
     with pytest.raises(UserError, match="LightningTrial"):
         randkit.cross_validate(Lit, om.DigitsItems(200), out=tmp_path / "run")
+
+
+def test_a_config_run_of_npz_regression_targets(tmp_path):
+    from sklearn.datasets import load_diabetes
+
+    bunch = load_diabetes()
+    path = tmp_path / "diabetes.npz"
+    np.savez(path, x=bunch.data, y=bunch.target)
+    data = {"kind": "npz", "path": str(path)}
+    with pytest.raises(UserError, match="task='regression'"):
+        randkit.cross_validate("mlp", data, folds=2, train=FAST, out=tmp_path / "refused")
+    with pytest.raises(UserError, match="cv.splitter: 'stratified_kfold' stratifies"):
+        randkit.cross_validate(
+            "mlp", data, task="regression", splitter="stratified_kfold", out=tmp_path / "strat"
+        )
+    result = randkit.cross_validate(
+        "mlp", data, task="regression", folds=2, train=FAST, out=tmp_path / "run"
+    )
+    assert result.summary["metric"] == "rmse" and len(result.table) == 2
+    assert (result.out / "report.html").is_file()

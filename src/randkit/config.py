@@ -307,6 +307,20 @@ class ExperimentConfig(_Strict):
         return seeds
 
     @model_validator(mode="after")
+    def _splitter_fits_task(self) -> ExperimentConfig:
+        """Stratified splitters need class labels: another task defaults to ``kfold``."""
+        stratified = ("stratified_kfold", "stratified_group_kfold", "5x2", "shuffle_split")
+        if self.task == "classification" or self.cv.splitter not in stratified:
+            return self
+        if "splitter" not in self.cv.model_fields_set:
+            self.cv.splitter = "kfold"
+            return self
+        raise ValueError(
+            f"cv.splitter: {self.cv.splitter!r} stratifies class labels; task {self.task!r} "
+            "needs 'kfold' or 'group_kfold'"
+        )
+
+    @model_validator(mode="after")
     def _early_stopping_needs_val(self) -> ExperimentConfig:
         has_val = self.data.val_fraction > 0 or self.cv.inner_val_fraction > 0
         if self.train.early_stopping is not None and not has_val:

@@ -90,8 +90,6 @@ def cross_validate(
     if loaded is not None:
         objects.dataset = loaded.dataset
         objects.parts.task = loaded.task
-    elif task is not None and task != "classification":
-        raise UserError("task", f"{task!r} needs data given as a Dataset or (x, y) arrays")
     if fit is not None and loaded is None:
         raise UserError("data", "a fit= function needs a Dataset or (x, y) arrays")
     plain = not uses_objects and loaded is None and objects.parts.default_loop

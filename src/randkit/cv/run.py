@@ -50,6 +50,9 @@ def run_cv(
     """Plan, run the missing trials with the configured runner, then write ``results.csv``,
     ``summary.json`` and ``report.html`` (skipped, with one warning, without the ``report``
     extra). ``objects``: the user's trial function, model, loss, ... (``cross_validate``)."""
+    if data is None and cfg.task != "classification":
+        data, objects = _task_data(cfg), objects or UserObjects()
+        objects.parts.task = cfg.task
     data = data if data is not None else load_data(cfg.data)
     streams = Streams(cfg.seed, cfg.seeds)
     targets = data.targets if isinstance(data, DatasetData) else data.targets.numpy()
@@ -87,6 +90,24 @@ def run_cv(
         else:
             report_path = write_report(out)
     return CVResult(out, table, summary, len(missing), report_path)
+
+
+def _task_data(cfg: ExperimentConfig) -> DatasetData:
+    """Regression or multilabel targets of an ``.npz`` file, kept as they are."""
+    import torch
+
+    from randkit.data.arrays import npz_arrays
+    from randkit.data.dataset import dataset_data
+
+    if cfg.data.kind != "npz" or cfg.data.path is None:
+        raise UserError(
+            "task",
+            f"{cfg.task!r} needs data.kind 'npz' (x and y arrays) in a config, or a Dataset "
+            f"or arrays given to randkit.cross_validate; got data.kind {cfg.data.kind!r}",
+        )
+    x, y, groups = npz_arrays(cfg.data.path, multilabel=cfg.task == "multilabel")
+    dataset = torch.utils.data.TensorDataset(torch.from_numpy(x), torch.zeros(len(y)))
+    return dataset_data(dataset, y, groups, cfg.task)
 
 
 def _preflight(

@@ -23,7 +23,7 @@ from randkit.data import LabeledData, featurize, load_data
 from randkit.data.base import Prepared, TensorData, data_fingerprint, stratified_holdout
 from randkit.data.dataset import DatasetData, dataset_parts
 from randkit.errors import UserError
-from randkit.models import Classifier
+from randkit.models import Classifier, build_model
 from randkit.randomize import Randomization, build_randomization
 from randkit.streams import ScopedStreams, Streams
 from randkit.train.loop import Trainer, model_and_randomization, resolve_device
@@ -125,7 +125,7 @@ def trial_model(
     streams: ScopedStreams,
 ) -> tuple[Classifier, Randomization]:
     """The trial's fresh model (the config's or the user's object) and randomization."""
-    if objects is None or objects.model is None:
+    if cfg.task == "classification" and (objects is None or objects.model is None):
         return model_and_randomization(cfg, prepared, streams)
     randomization = build_randomization(
         cfg.randomize, len(prepared.classes), prepared.input_shape, prepared.unit_range
@@ -133,7 +133,12 @@ def trial_model(
     outputs = num_outputs(
         cfg.task, data.targets if isinstance(data, DatasetData) else data.targets.numpy()
     )
-    model = build_user_model(objects.model, prepared, outputs, streams, cfg.randomize.init)
+    if objects is None or objects.model is None:
+        model = build_model(
+            cfg.model, prepared, streams, init=cfg.randomize.init, num_outputs=outputs
+        )
+    else:
+        model = build_user_model(objects.model, prepared, outputs, streams, cfg.randomize.init)
     return model, randomization
 
 

@@ -24,12 +24,12 @@ def load_digits_data() -> LabeledData:
     )
 
 
-def load_npz(path: Path) -> LabeledData:
-    """``x``: ``(N, D)`` vectors, ``(N, H, W)`` or ``(N, C, H, W)`` images; ``y``: labels;
-    optional ``groups`` (N,) for group splitters.
-
-    Values are used as they are (not rescaled to [0, 1]); the model standardizes them.
-    """
+def npz_arrays(
+    path: Path, multilabel: bool = False
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """``x`` (float32), ``y`` and the optional ``groups`` of an ``.npz`` file, checked:
+    ``x`` is ``(N, D)`` vectors, ``(N, H, W)`` or ``(N, C, H, W)`` images; ``y`` is ``(N,)``
+    (``(N, L)`` 0/1 labels when ``multilabel``)."""
     if not path.is_file():
         raise UserError("data.path", f"npz file not found: {str(path)!r}")
     try:
@@ -47,11 +47,12 @@ def load_npz(path: Path) -> LabeledData:
         raise UserError("data.path", f"cannot read npz {str(path)!r}: {exc}") from None
     if x.dtype.kind not in "fiub":
         raise UserError("data.path", f"x in {str(path)!r} must be numeric, got dtype {x.dtype}")
-    if x.ndim not in (2, 3, 4) or y.ndim != 1 or len(x) != len(y):
+    y_dims = 2 if multilabel else 1
+    if x.ndim not in (2, 3, 4) or y.ndim != y_dims or len(x) != len(y):
         raise UserError(
             "data.path",
-            f"x must be (N, D), (N, H, W) or (N, C, H, W) and y (N,); "
-            f"got x {x.shape} and y {y.shape}",
+            f"x must be (N, D), (N, H, W) or (N, C, H, W) and y "
+            f"{'(N, L)' if multilabel else '(N,)'}; got x {x.shape} and y {y.shape}",
         )
     x = x.astype(np.float32)
     bad = ~np.isfinite(x)
@@ -60,14 +61,26 @@ def load_npz(path: Path) -> LabeledData:
         raise UserError("data.path", f"x in {str(path)!r} holds NaN or Inf (first at row {row})")
     if y.dtype.kind == "f" and not np.isfinite(y).all():
         raise UserError("data.path", f"y in {str(path)!r} holds NaN or Inf")
-    classes, targets = np.unique(y, return_inverse=True)
     if x.ndim == 3:
         x = x[:, None]
-    kind = "vector" if x.ndim == 2 else "image"
-    if groups is not None and groups.shape != y.shape:
+    if groups is not None and groups.shape != y.shape[:1]:
         raise UserError(
             "data.path", f"groups in {str(path)!r} must be (N,) like y, got {groups.shape}"
         )
+    return x, y, groups
+
+
+def load_npz(path: Path) -> LabeledData:
+    """The classes of an ``.npz`` file (see ``npz_arrays``). Values are used as they are
+    (not rescaled to [0, 1]); the model standardizes them."""
+    x, y, groups = npz_arrays(path)
+    from randkit.train.tasks import infer_task
+
+    # Continuous targets never become classes silently: a config run is a classification
+    # unless it names another task.
+    infer_task(y, None, "task")
+    classes, targets = np.unique(y, return_inverse=True)
+    kind = "vector" if x.ndim == 2 else "image"
     return LabeledData(
         torch.from_numpy(x),
         torch.from_numpy(targets.astype(np.int64)),

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import importlib
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -14,6 +14,7 @@ from randkit.config import ModelConfig
 from randkit.data import Prepared
 from randkit.errors import UserError
 from randkit.models import zoo
+from randkit.models.user_code import import_reference
 from randkit.randomize.weights import initialize
 from randkit.streams import Streams
 
@@ -51,7 +52,10 @@ class Classifier(nn.Module):
         return self.net(self.standardize(x))
 
 
-def resolve_factory(name: str) -> Callable[..., nn.Module]:
+def resolve_factory(name: str, search: Sequence[Path] = ()) -> Callable[..., nn.Module]:
+    """A zoo name or ``module:factory``. A module that is not importable is looked for as a
+    ``.py`` file in each folder of ``search`` (the config's ``model.code_dir``), then in the
+    working directory."""
     if name in REGISTRY:
         return REGISTRY[name]
     if ":" not in name:
@@ -60,20 +64,22 @@ def resolve_factory(name: str) -> Callable[..., nn.Module]:
             f"unknown model {name!r}; expected one of "
             f"{', '.join(REGISTRY)} or 'package.module:factory'",
         )
-    module_name, _, attr = name.partition(":")
-    try:
-        factory = getattr(importlib.import_module(module_name), attr)
-    except Exception as exc:  # a user module may fail to import in any way
-        raise UserError(
-            "model.name", f"cannot import {name!r}: {type(exc).__name__}: {exc}"
-        ) from None
+    factory = import_reference(name, "model.name", search)
     if not callable(factory):
         raise UserError("model.name", f"{name!r} is not callable")
     return factory
 
 
-def _call_factory(cfg: ModelConfig, spec: dict[str, Any]) -> nn.Module:
-    factory = resolve_factory(cfg.name)
+def code_folders(cfg: ModelConfig) -> tuple[Path, ...]:
+    """Where ``cfg``'s module is looked for when it is not importable (before the cwd)."""
+    return (cfg.code_dir,) if cfg.code_dir is not None else ()
+
+
+def _call_factory(
+    cfg: ModelConfig, spec: dict[str, Any], factory: Callable[..., nn.Module] | None = None
+) -> nn.Module:
+    if factory is None:
+        factory = resolve_factory(cfg.name, code_folders(cfg))
     try:
         params = inspect.signature(factory).parameters
     except (TypeError, ValueError):
@@ -103,6 +109,8 @@ def build_model(
     prepared: Prepared,
     streams: Streams,
     init: str | None = None,
+    factory: Callable[..., nn.Module] | None = None,
+    num_outputs: int | None = None,
     **coords: int | str,
 ) -> Classifier:
     """Build the model; every initial weight comes from stream ``init`` at ``coords``.
@@ -110,16 +118,18 @@ def build_model(
     Modules initialize themselves from torch's global RNG (``reset_parameters``), so the
     construction runs with that RNG seeded from the stream and restored afterwards. A named
     ``init`` scheme (``kaiming_normal``, ...) then re-draws Linear/Conv weights from the
-    stream through a generator.
+    stream through a generator. ``factory`` replaces the one ``cfg.name`` resolves to (a
+    bundle passes the factory of the code it carries).
     """
     spec: dict[str, Any] = {
-        "num_classes": len(prepared.classes),
+        # A regression or multilabel model's outputs take the place of the classes.
+        "num_classes": len(prepared.classes) if num_outputs is None else num_outputs,
         "in_shape": list(prepared.input_shape),
     }
     if prepared.vocab_size is not None:
         spec["vocab_size"] = prepared.vocab_size
     with streams.fork_global("init", **coords):
-        net = _call_factory(cfg, spec)
+        net = _call_factory(cfg, spec, factory)
     if init is not None:
         initialize(net, init, streams.torch("init", scheme=init, **coords))
     standardize = None
