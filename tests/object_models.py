@@ -27,6 +27,11 @@ class DigitsNet(nn.Module):
         return self.body(x)
 
 
+def plain_net(num_classes: int) -> nn.Module:
+    """A factory of a stackable model (no global-RNG layers), for the vectorized runner."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, num_classes))
+
+
 def make_net(hidden: int = 16) -> nn.Module:
     """A factory without num_classes: always 10 outputs."""
     return DigitsNet(10, hidden)

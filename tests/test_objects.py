@@ -275,3 +275,29 @@ def test_a_config_run_of_npz_regression_targets(tmp_path):
     )
     assert result.summary["metric"] == "rmse" and len(result.table) == 2
     assert (result.out / "report.html").is_file()
+
+
+def test_a_model_class_on_arrays_runs_vectorized_like_sequential(tmp_path):
+    x, y = om.digits_arrays()
+    sequential = cv(om.plain_net, (x, y), tmp_path, "seq")
+    vectorized = cv(om.plain_net, (x, y), tmp_path, "vec", runner="vectorized")
+    assert np.allclose(vectorized.table["accuracy"], sequential.table["accuracy"], atol=0.02)
+    first = weights(sequential)["net.1.weight"]
+    assert torch.allclose(weights(vectorized)["net.1.weight"], first, atol=1e-4)
+
+
+def test_a_resumed_run_with_another_loss_or_optimizer_is_refused(tmp_path):
+    from sklearn.datasets import load_diabetes
+
+    bunch = load_diabetes()
+    data = (bunch.data.astype(np.float32), (bunch.target / 100).astype(np.float32))
+    linear = functools.partial(torch.nn.Linear, 10, 1)
+    cv(linear, data, tmp_path, task="regression")
+    again = cv(linear, data, tmp_path, task="regression")
+    assert again.trained == 0
+    with pytest.raises(UserError, match="different config"):
+        cv(linear, data, tmp_path, task="regression", loss=om.smooth_l1)
+    with pytest.raises(UserError, match="different config"):
+        cv(linear, data, tmp_path, task="regression", optimizer=(torch.optim.SGD, {"lr": 0.1}))
+    config = (tmp_path / "run" / "config.yaml").read_text()
+    assert "partial(torch.nn.modules.linear:Linear, 10, 1)" in config

@@ -286,6 +286,9 @@ class DeployConfig(_Strict):
 class ExperimentConfig(_Strict):
     seed: int = Field(0, ge=0, lt=2**63)
     task: Task = "classification"
+    # What the Python objects given to randkit.cross_validate were, by name (loss,
+    # optimizer with its arguments, metrics, ...): a resumed run must have the same.
+    objects: dict[str, str] = Field(default_factory=dict)
     seeds: dict[str, StrictInt] = Field(default_factory=dict)
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -346,6 +349,8 @@ class ExperimentConfig(_Strict):
         # Written as before these fields existed, so that older runs keep their fingerprint.
         if resolved["task"] == "classification":
             del resolved["task"]
+        if not resolved["objects"]:
+            del resolved["objects"]
         if resolved["data"]["object"] is None:
             del resolved["data"]["object"]
         if resolved["cv"]["metric"] is None:

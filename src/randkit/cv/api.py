@@ -114,6 +114,7 @@ def cross_validate(
         cv_section["vary"] = vary
     raw = {
         "seed": seed,
+        "objects": objects.names(),
         "task": objects.parts.task,
         "data": data_section,
         "model": model_section,

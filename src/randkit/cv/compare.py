@@ -11,6 +11,7 @@ import numpy as np
 
 from randkit.cv import stats
 from randkit.errors import UserError
+from randkit.train.tasks import metric_direction
 
 _NEEDED = ("id", "fold", "repeat", "seed_split", "train_size", "test_size")
 
@@ -35,21 +36,24 @@ def _read(run: Path) -> tuple[dict[str, dict[str, str]], dict[str, Any]]:
 def _column(rows: list[dict[str, str]], name: str) -> np.ndarray:
     """One numeric column of the paired rows (an empty field is NaN, as pandas reads it)."""
     if rows and name not in rows[0]:
-        raise UserError("--metric", f"the runs' results.csv has no column {name!r}")
+        metrics = [c for c in rows[0] if c not in (*_NEEDED, "group", "fit_seconds")]
+        metrics = [c for c in metrics if not c.startswith("seed_")]
+        raise UserError(
+            "--metric", f"the runs' results.csv has no column {name!r}; it has {metrics}"
+        )
     return np.array([float(row[name] or "nan") for row in rows])
 
 
 def compare_runs(
     run_a: Path, run_b: Path, metric: str | None = None, alpha: float = 0.05
 ) -> dict[str, Any]:
-    """Paired per-trial differences A - B (B - A for loss, so positive always favours A),
+    """Paired per-trial differences A - B (B - A for losses and errors, so positive always
+    favours A), on any metric both runs report,
     the Nadeau-Bengio corrected resampled t-test, and Dietterich's 5x2cv t-test when both
     runs are 5x2 plans."""
     table_a, summary_a = _read(run_a)
     table_b, summary_b = _read(run_b)
     metric = metric or summary_a["metric"]
-    if metric not in ("accuracy", "loss", "macro_f1"):
-        raise UserError("--metric", f"must be accuracy, loss or macro_f1, got {metric!r}")
     shared = [tid for tid in table_a if tid in table_b]
     paired_a, paired_b = [table_a[t] for t in shared], [table_b[t] for t in shared]
     if len(shared) < 2 or len(shared) != len(table_a) or len(shared) != len(table_b):
@@ -65,7 +69,8 @@ def compare_runs(
             "the runs split the data differently (seed of source 'split' "
             "differs); compare needs the same partitions",
         )
-    sign = -1.0 if metric == "loss" else 1.0
+    # Losses and errors (rmse, mae, ...) improve downwards.
+    sign = -1.0 if metric_direction(metric) == "min" else 1.0
     scores_a, scores_b = _column(paired_a, metric), _column(paired_b, metric)
     differences = sign * (scores_a - scores_b)
     n_train = round(_column(paired_a, "train_size").mean())

@@ -9,6 +9,7 @@ records what they are by name, so a resumed run checks it is the same experiment
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import pickle
 from collections.abc import Callable
@@ -38,15 +39,22 @@ class UserObjects:
 
     def names(self) -> dict[str, str]:
         """What each object is, by name, for ``config.yaml`` and the resume check."""
+        parts = self.parts
         named = {
             "fit": self.fit,
             "model": self.model,
             "dataset": self.dataset,
-            "loss": self.parts.loss,
-            "optimizer": self.parts.optimizer and self.parts.optimizer[0],
-            "scheduler": self.parts.scheduler and self.parts.scheduler[0],
+            "loss": parts.loss,
+            "metrics": parts.metrics,
+            "callbacks": parts.callbacks or None,
         }
-        return {key: describe(value) for key, value in named.items() if value is not None}
+        names = {key: describe(value) for key, value in named.items() if value is not None}
+        for key, spec in (("optimizer", parts.optimizer), ("scheduler", parts.scheduler)):
+            if spec is not None:
+                names[key] = f"{describe(spec[0])}({_arguments(spec[1])})" + "".join(
+                    f", {extra}" for extra in spec[2:]
+                )
+        return names
 
     def check_sendable(self, runner: str) -> None:
         """Refuse, before anything runs, an object a worker process or Ray task cannot get."""
@@ -82,10 +90,19 @@ class UserObjects:
                 ) from None
 
 
+def _arguments(kwargs: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in sorted(kwargs.items()))
+
+
 def describe(value: Any) -> str:
     """``module:qualname`` of a function or class, ``instance of module:qualname`` else."""
     if isinstance(value, tuple | list):
         return ", ".join(describe(v) for v in value)
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={describe(v)}" for k, v in value.items())
+    if isinstance(value, functools.partial):
+        arguments = [repr(a) for a in value.args] + [_arguments(value.keywords)]
+        return f"partial({describe(value.func)}, {', '.join(a for a in arguments if a)})"
     target = value if inspect.isclass(value) or inspect.isroutine(value) else type(value)
     name = f"{getattr(target, '__module__', '?')}:{getattr(target, '__qualname__', '?')}"
     return name if target is value else f"instance of {name}"

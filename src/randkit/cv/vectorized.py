@@ -9,8 +9,7 @@ import time
 
 from randkit.cv.plan import Trial
 from randkit.cv.runners import OnDone, RunContext
-from randkit.cv.trial import prepare_trial, save_trial, trial_record
-from randkit.models import build_model
+from randkit.cv.trial import prepare_trial, save_trial, trial_model, trial_record
 from randkit.randomize import build_randomization
 from randkit.stacked import Member, StackedTrainer, check_stackable
 from randkit.streams import ScopedStreams
@@ -29,7 +28,8 @@ class VectorizedRunner:
         for trial in trials:
             scoped = ScopedStreams(streams, trial.scopes())
             split = prepare_trial(cfg, data, trial, scoped)
-            models.append(build_model(cfg.model, split, scoped, init=cfg.randomize.init))
+            model, _ = trial_model(cfg, self.context.objects, split, data, scoped)
+            models.append(model)
             scopes.append(scoped)
             prepared.append(split)
         check_stackable(models[0], cfg.train.optimizer, "cv.runner")
