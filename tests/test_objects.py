@@ -266,7 +266,7 @@ def test_a_config_run_of_npz_regression_targets(tmp_path):
     data = {"kind": "npz", "path": str(path)}
     with pytest.raises(UserError, match="task='regression'"):
         randkit.cross_validate("mlp", data, folds=2, train=FAST, out=tmp_path / "refused")
-    with pytest.raises(UserError, match="cv.splitter: 'stratified_kfold' stratifies"):
+    with pytest.raises(UserError, match=r"cv\.splitter: 'stratified_kfold' stratifies"):
         randkit.cross_validate(
             "mlp", data, task="regression", splitter="stratified_kfold", out=tmp_path / "strat"
         )
