@@ -4,16 +4,20 @@ Layout of a bundle, ``REPOSITORY/NAME/VERSION/``:
 
 * ``bundle.json``: what a server needs to rebuild and feed the model(s) (see ``export_bundle``);
 * ``model.safetensors`` (one model) or ``models/<trial id>.safetensors`` (an ensemble of the
-  fold models of a cross-validation run), each byte-for-byte the run's own file.
+  fold models of a cross-validation run), each byte-for-byte the run's own file;
+* ``code/<module>.py``: a custom model's module when it is a plain file rather than part of
+  an installed package (see ``bundle_code``), recorded with its SHA-256 in bundle.json.
 
 Exports are atomic: the bundle is written into a hidden temp folder inside ``REPOSITORY/NAME``,
 checked by loading it back, then renamed into place; an existing version is never replaced.
-Loading (``bundle_load``, re-exported here) reads only JSON and safetensors and checks every
-member against its SHA-256.
+Loading (``bundle_load``, re-exported here) unpickles nothing: it reads JSON and safetensors
+and checks every member and the code file against their SHA-256.
 
 Trust note: the architecture is rebuilt from the model section (``mlp``, ``cnn``, ``resnet``,
-``text`` or ``package.module:factory``); a custom factory's module is imported, as it is when
-training, so load bundles of custom models only from a source you trust.
+``text`` or ``package.module:factory``). A custom factory's code runs when a bundle loads:
+the bundle's own ``code/<module>.py`` (after its SHA-256 check) or the installed module, as
+when training. A SHA-256 guards against corruption, not against whoever wrote the bundle:
+load bundles of custom models only from a source you trust.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ import yaml
 import randkit
 from randkit import atomic
 from randkit.config import ExperimentConfig, validate_config
+from randkit.deploy.bundle_code import code_to_copy, copy_code
 from randkit.deploy.bundle_load import BUNDLE_FILE as BUNDLE_FILE
 from randkit.deploy.bundle_load import FORMAT as FORMAT
 from randkit.deploy.bundle_load import NAME_PATTERN as NAME_PATTERN
@@ -66,6 +71,7 @@ class _Source:
     input: dict[str, Any]
     classes: list[str]
     preprocessing: dict[str, Any]
+    code: tuple[str, Path] | None = None  # (module, source file) a custom model needs
 
 
 def check_name(value: object, field: str) -> str:
@@ -115,6 +121,7 @@ def export_bundle(
         )
     # Everything that reads the run (and may fail on it) happens before anything is written.
     source = _inspect_run(run, ensemble)
+    source.code = code_to_copy(source.cfg.model)
 
     made = [p for p in (repository, family) if not p.exists()]
     family.mkdir(parents=True, exist_ok=True)
@@ -306,6 +313,10 @@ def _write_members(source: _Source, folder: Path) -> dict[str, Any]:
         data = origin.read_bytes()
         digests[member] = hashlib.sha256(data).hexdigest()
         atomic.write_bytes(folder / member, data)
+    code = None
+    if source.code is not None:
+        code, text = copy_code(source.cfg.model.name, source.code)
+        atomic.write_bytes(folder / code["file"], text)
     randomize = source.cfg.randomize
     noise = randomize.input_noise
     # Test-time augmentation reuses the training augmentation, minus the label-mixing kinds.
@@ -316,7 +327,8 @@ def _write_members(source: _Source, folder: Path) -> dict[str, Any]:
     ]
     weight_noise = randomize.weight_noise.model_dump() if randomize.weight_noise else None
     return {
-        "model": source.cfg.model.model_dump(mode="json"),
+        "model": source.cfg.model.model_dump(mode="json", include={"name", "args"}),
+        "code": code,
         "input": source.input,
         "classes": source.classes,
         "num_classes": len(source.classes),

@@ -1,5 +1,7 @@
 """Reading model bundles: ``load_bundle`` checks and rebuilds one, ``validate_input`` checks
-a request's inputs against it. Only JSON and safetensors are read; nothing is unpickled.
+a request's inputs against it. Only JSON and safetensors are read; nothing is unpickled. A
+custom model's code carried by the bundle (``code/<module>.py``, SHA-256 checked) is
+imported, which runs it: see the trust note in ``randkit.deploy.bundle``.
 (Writing them is ``randkit.deploy.bundle.export_bundle``.)
 """
 
@@ -8,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +23,7 @@ from safetensors.torch import load as load_safetensors_bytes
 from torch import nn
 
 from randkit.config import ModelConfig
+from randkit.deploy.bundle_code import bundled_factory
 from randkit.errors import UserError
 
 FORMAT = "randkit-bundle/1"
@@ -83,11 +87,12 @@ def load_bundle(path: str | Path, device: str = "cpu") -> LoadedBundle:
     kind, shape, dtype, vocab_size = _check_input_section(meta.get("input"))
     classes = _check_classes(meta)
     members = _check_members(meta)
+    factory = bundled_factory(path, meta, model_cfg)
 
     models = []
     for member in members:
         weights = _read_member(path, member, meta["sha256"].get(member))
-        model = _build(model_cfg, kind, shape, vocab_size, classes)
+        model = _build(model_cfg, kind, shape, vocab_size, classes, factory)
         _load_weights(model, weights, member, model_cfg.name)
         models.append(model.to(target).eval())
     return LoadedBundle(path, meta, models, classes, shape, dtype, target)
@@ -108,6 +113,9 @@ def _device(name: str) -> torch.device:
 def _check_model_section(section: object) -> ModelConfig:
     if not isinstance(section, dict):
         raise _bad(f"model section must be an object with name and args, got {section!r}")
+    unknown = sorted(set(section) - {"name", "args"})
+    if unknown:
+        raise _bad(f"model section: unknown field {unknown[0]!r}, got {section!r}")
     try:
         return ModelConfig.model_validate(section)
     except ValidationError as exc:
@@ -201,7 +209,12 @@ def _read_member(path: Path, member: str, expected: str) -> dict[str, torch.Tens
 
 
 def _build(
-    cfg: ModelConfig, kind: str, shape: list[int], vocab_size: int | None, classes: list[str]
+    cfg: ModelConfig,
+    kind: str,
+    shape: list[int],
+    vocab_size: int | None,
+    classes: list[str],
+    factory: Callable[..., nn.Module] | None = None,
 ) -> nn.Module:
     """The architecture, from a throwaway seed (every weight is overwritten by the member)."""
     from randkit.data import Prepared, TensorData
@@ -222,7 +235,8 @@ def _build(
         std=torch.ones(shape[0]) if stats else None,
     )
     try:
-        return build_model(cfg, prepared, Streams(0))  # build_model forks the global RNG
+        # build_model forks the global RNG
+        return build_model(cfg, prepared, Streams(0), factory=factory)
     except UserError as exc:
         raise _bad(f"model section does not build: {exc}") from None
 

@@ -12,12 +12,14 @@ its SHA-256 (``load_source_file``). Loading a file runs its code: only load file
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
+import importlib.machinery
 import importlib.util
 import inspect
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -99,11 +101,6 @@ def _lookup(module: ModuleType, qualname: str, reference: str, field: str) -> An
     return obj
 
 
-def _candidate_files(module_name: str, search: Sequence[Path]) -> list[Path]:
-    relative = Path(*module_name.split(".")).with_suffix(".py")
-    return [Path(folder) / relative for folder in search]
-
-
 def _search_folders(search: Sequence[Path]) -> list[Path]:
     folders: list[Path] = []
     for folder in [*search, Path.cwd()]:
@@ -138,14 +135,47 @@ def import_reference(reference: str, field: str, search: Sequence[Path] = ()) ->
 def _import_from_folders(
     reference: str, module_name: str, search: Sequence[Path], exc: Exception, field: str
 ) -> ModuleType:
+    """A module file ``<folder>/a/b.py``, or a package ``<folder>/a/__init__.py`` whose
+    submodules then import as usual (relative imports included). While it runs, its folder
+    is on ``sys.path``, as a script's is, so it can import its neighbours."""
     folders = _search_folders(search)
-    found = next((p for p in _candidate_files(module_name, folders) if p.is_file()), None)
-    if found is None:
-        looked = ", ".join(str(folder) for folder in folders)
-        raise UserError(
-            field, f"cannot import {reference!r}: {_describe(exc)} (looked in: {looked})"
-        )
-    return load_source_file(found, module_name, None, field=field)
+    top = module_name.partition(".")[0]
+    relative = Path(*module_name.split(".")).with_suffix(".py")
+    for folder in folders:
+        init = folder / top / "__init__.py"
+        if init.is_file():
+            with _on_path(folder):
+                _load_package(init, top, field)
+                try:
+                    return importlib.import_module(module_name)
+                except Exception as inner:  # a user module may fail to import in any way
+                    raise UserError(
+                        field, f"cannot import {reference!r}: {_describe(inner)}"
+                    ) from None
+        if (folder / relative).is_file():
+            with _on_path(folder):
+                return load_source_file(folder / relative, module_name, None, field=field)
+    looked = ", ".join(str(folder) for folder in folders)
+    raise UserError(field, f"cannot import {reference!r}: {_describe(exc)} (looked in: {looked})")
+
+
+@contextlib.contextmanager
+def _on_path(folder: Path) -> Iterator[None]:
+    entry = str(folder)
+    sys.path.insert(0, entry)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(ValueError):
+            sys.path.remove(entry)
+
+
+def _load_package(init: Path, name: str, field: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(
+        name, init, submodule_search_locations=[str(init.parent)]
+    )
+    assert spec is not None and spec.loader is not None
+    return _execute(spec, init, field)
 
 
 def _describe(exc: BaseException) -> str:
@@ -184,15 +214,21 @@ def load_source_file(
     spec = importlib.util.spec_from_file_location(module_name, path)
     if spec is None or spec.loader is None:
         raise UserError(field, f"cannot load {str(path)!r} as module {module_name!r}")
+    return _execute(spec, path, field)
+
+
+def _execute(spec: importlib.machinery.ModuleSpec, path: Path, field: str) -> ModuleType:
+    """Run a module's code, registered in ``sys.modules`` (removed again if it fails)."""
+    assert spec.loader is not None
     module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module
+    sys.modules[spec.name] = module
     try:
         spec.loader.exec_module(module)
     except BaseException as exc:
-        sys.modules.pop(module_name, None)
+        sys.modules.pop(spec.name, None)
         if isinstance(exc, Exception):
             raise UserError(
-                field, f"cannot import {module_name!r} from {str(path)!r}: {_describe(exc)}"
+                field, f"cannot import {spec.name!r} from {str(path)!r}: {_describe(exc)}"
             ) from None
         raise
     return module
