@@ -170,3 +170,18 @@ def test_cross_validate_on_ray_gives_the_sequential_scores(
     }
     for metric in ("test_acc", "training_steps"):
         assert runs["sequential"].table[metric].tolist() == runs["ray"].table[metric].tolist()
+
+
+def test_a_rerun_with_other_lightning_settings_is_refused(tmp_path):
+    import randkit
+    from randkit import UserError
+
+    randkit.cross_validate(
+        data=dataset(),
+        fit=lightning_trial(trainer_kwargs={"max_epochs": 1}),
+        folds=2,
+        out=tmp_path / "run",
+    )
+    longer = lightning_trial(trainer_kwargs={"max_epochs": 2})
+    with pytest.raises(UserError, match="different config"):
+        randkit.cross_validate(data=dataset(), fit=longer, folds=2, out=tmp_path / "run")

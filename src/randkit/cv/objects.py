@@ -103,7 +103,11 @@ def describe(value: Any) -> str:
     if isinstance(value, functools.partial):
         arguments = [repr(a) for a in value.args] + [_arguments(value.keywords)]
         return f"partial({describe(value.func)}, {', '.join(a for a in arguments if a)})"
-    target = value if inspect.isclass(value) or inspect.isroutine(value) else type(value)
+    named = inspect.isclass(value) or inspect.isroutine(value)
+    if not named and type(value).__repr__ is not object.__repr__:
+        if not isinstance(value, nn.Module | Dataset) and " at 0x" not in repr(value):
+            return repr(value)  # an object that says what it is (its settings)
+    target = value if named else type(value)
     name = f"{getattr(target, '__module__', '?')}:{getattr(target, '__qualname__', '?')}"
     return name if target is value else f"instance of {name}"
 

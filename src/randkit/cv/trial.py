@@ -12,7 +12,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+from sklearn.metrics import (
+    confusion_matrix,
+    f1_score,
+    precision_recall_fscore_support,
+    roc_auc_score,
+)
 
 from randkit import atomic
 from randkit.config import ExperimentConfig, validate_config
@@ -26,9 +31,10 @@ from randkit.errors import UserError
 from randkit.models import Classifier, build_model
 from randkit.randomize import Randomization, build_randomization
 from randkit.streams import ScopedStreams, Streams
+from randkit.train.batches import predict
 from randkit.train.loop import Trainer, model_and_randomization, resolve_device
 from randkit.train.metrics import classification_metrics, predict_logits
-from randkit.train.tasks import num_outputs
+from randkit.train.tasks import num_outputs, task_metrics, user_metrics
 
 
 def split_validation(
@@ -70,14 +76,17 @@ def trial_record(
     trial: Trial,
     streams: ScopedStreams,
     prepared: Prepared,
-    logits: torch.Tensor,
+    outputs: torch.Tensor,
+    targets: torch.Tensor,
     history: list[dict[str, float]],
     fit_seconds: float,
-    scores: dict[str, float] | None = None,
+    task: str = "classification",
+    extra: dict[str, float] | None = None,
 ) -> dict[str, Any]:
-    """The JSON record of a finished trial (``trials/<id>/metrics.json``). ``scores``: the
-    test metrics when the trainer computed them (another task, the user's metrics)."""
-    common = {
+    """The JSON record of a finished trial (``trials/<id>/metrics.json``): the task's test
+    metrics and ``extra`` (the user's), per-class tables (classification) or per-label
+    scores (multilabel), the learning curves."""
+    record: dict[str, Any] = {
         "id": trial.id,
         "fold": trial.fold,
         "repeat": trial.repeat,
@@ -87,16 +96,26 @@ def trial_record(
         "train_size": len(prepared.train),
         "test_size": len(prepared.test),
     }
-    if scores is not None:  # the user's task or metrics: no per-class tables
-        return {**common, "test": scores, "history": history, "fit_seconds": round(fit_seconds, 4)}
-    k = len(prepared.classes)
-    y, predicted = prepared.test.y.numpy(), logits.argmax(1).numpy()
+    if task == "classification":
+        record.update(class_tables(outputs, targets, len(prepared.classes)))
+    else:
+        record["test"] = task_metrics(task, outputs, targets)
+        if task == "multilabel":
+            record["per_label"] = per_label_scores(outputs, targets)
+    record["test"].update(extra or {})
+    record["history"] = history
+    record["fit_seconds"] = round(fit_seconds, 4)
+    return record
+
+
+def class_tables(outputs: torch.Tensor, targets: torch.Tensor, k: int) -> dict[str, Any]:
+    """Test metrics, per-class precision/recall/F1/support and the confusion matrix."""
+    y, predicted = targets.numpy(), outputs.argmax(1).numpy()
     precision, recall, f1, support = precision_recall_fscore_support(
         y, predicted, labels=list(range(k)), zero_division=0
     )
     return {
-        **common,
-        "test": classification_metrics(logits, prepared.test.y, k, per_class_f1=f1),
+        "test": classification_metrics(outputs, targets, k, per_class_f1=f1),
         "per_class": {
             "precision": precision.tolist(),
             "recall": recall.tolist(),
@@ -104,9 +123,19 @@ def trial_record(
             "support": support.tolist(),
         },
         "confusion_matrix": confusion_matrix(y, predicted, labels=list(range(k))).tolist(),
-        "history": history,
-        "fit_seconds": round(fit_seconds, 4),
     }
+
+
+def per_label_scores(outputs: torch.Tensor, targets: torch.Tensor) -> dict[str, list[Any]]:
+    """F1 (logits thresholded at 0) and ROC AUC of each label; AUC is None for a label
+    whose test part holds one class only."""
+    y, scores = targets.numpy().astype(int), outputs.numpy()
+    f1 = f1_score(y, scores > 0, average=None, zero_division=0)
+    auroc = [
+        float(roc_auc_score(y[:, j], scores[:, j])) if len(np.unique(y[:, j])) == 2 else None
+        for j in range(y.shape[1])
+    ]
+    return {"f1": np.atleast_1d(f1).tolist(), "auroc": auroc, "support": y.sum(0).tolist()}
 
 
 def save_trial(out: Path, record: dict[str, Any], weights: dict[str, torch.Tensor] | None) -> None:
@@ -174,13 +203,15 @@ def run_trial(
     _maybe_die(trial.id)
     fit_seconds = time.perf_counter() - started
     if parts is None or (parts.default_loop and isinstance(prepared.test, TensorData)):
-        logits = predict_logits(trainer.model, prepared.test.x, device)
-        record = trial_record(trial, scoped, prepared, logits, trainer.state.history, fit_seconds)
+        outputs, targets = predict_logits(trainer.model, prepared.test.x, device), prepared.test.y
+        extra = None
     else:
-        scores = trainer.evaluate(prepared.test)
-        record = trial_record(
-            trial, scoped, prepared, torch.empty(0), trainer.state.history, fit_seconds, scores
-        )
+        outputs, targets = predict(trainer.model, prepared.test, device, parts.num_workers)
+        extra = user_metrics(parts.metrics, outputs, targets)
+    history = trainer.state.history
+    record = trial_record(
+        trial, scoped, prepared, outputs, targets, history, fit_seconds, cfg.task, extra
+    )
     if out is not None:
         save_trial(out, record, trainer.model.state_dict() if cfg.cv.save_models else None)
     return record

@@ -48,8 +48,9 @@ class VectorizedRunner:
         seconds = (time.perf_counter() - started) / len(trials)
         test_logits = trainer.test_logits([p.test.x for p in prepared])
         for k, trial in enumerate(trials):
+            split = prepared[k]
             record = trial_record(
-                trial, scopes[k], prepared[k], test_logits[k], trainer.histories[k], seconds
+                trial, scopes[k], split, test_logits[k], split.test.y, trainer.histories[k], seconds
             )
             save_trial(out, record, trainer.weights(k) if cfg.cv.save_models else None)
             on_done(record)

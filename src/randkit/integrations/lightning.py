@@ -299,6 +299,24 @@ class LightningTrial:
             if key in self.loader_kwargs:
                 raise UserError(f"loader_kwargs.{key}", "is set from the trial's streams")
 
+    def __repr__(self) -> str:
+        """The settings, by name: a cross-validation records it, so that a rerun into the
+        same folder with other settings is refused instead of resuming old checkpoints."""
+        from randkit.cv.objects import describe
+
+        settings = {
+            "module_kwargs": self.module_kwargs,
+            "datamodule": self.datamodule and describe(self.datamodule),
+            "datamodule_kwargs": self.datamodule_kwargs,
+            "batch_size": self.batch_size,
+            "eval_batch_size": self.eval_batch_size,
+            "trainer_kwargs": {k: v for k, v in self.trainer_kwargs.items() if k != "callbacks"},
+            "callbacks": describe(self.trainer_kwargs.get("callbacks", [])),
+            "metrics": self.metrics,
+        }
+        shown = ", ".join(f"{k}={v!r}" for k, v in settings.items())
+        return f"LightningTrial({describe(self.module)}, {shown})"
+
     def __call__(self, trial: Trial) -> dict[str, float]:
         with seeded_global_rngs(trial.streams), deterministic():
             return self._fit_and_score(trial)
