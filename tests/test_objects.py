@@ -301,3 +301,79 @@ def test_a_resumed_run_with_another_loss_or_optimizer_is_refused(tmp_path):
         cv(linear, data, tmp_path, task="regression", optimizer=(torch.optim.SGD, {"lr": 0.1}))
     config = (tmp_path / "run" / "config.yaml").read_text()
     assert "partial(torch.nn.modules.linear:Linear, 10, 1)" in config
+
+
+NET_FILE = """
+import torch
+from torch import nn
+
+
+class FileNet(nn.Module):
+    def __init__(self, num_classes: int, hidden: int = 8) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(64, hidden), nn.ReLU(),
+                                  nn.Linear(hidden, num_classes))
+
+    def forward(self, x):
+        return self.body(x)
+"""
+
+LOAD_BUNDLE = """
+import json, sys
+import torch
+from randkit.deploy.bundle import load_bundle
+bundle = load_bundle(sys.argv[1])
+x = torch.linspace(0, 1, 3 * 64).reshape(3, *bundle.input_shape)
+with torch.no_grad():
+    print(json.dumps([model(x).tolist() for model in bundle.models]))
+"""
+
+
+def test_a_bundle_of_a_python_api_run_loads_in_a_fresh_process(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "rk_file_net.py").write_text(NET_FILE)
+    monkeypatch.syspath_prepend(str(project))
+    import rk_file_net
+
+    x, y = om.digits_arrays(300)
+    result = cv(functools.partial(rk_file_net.FileNet, hidden=6), (x, y), tmp_path)
+    env = {k: v for k, v in __import__("os").environ.items() if k != "PYTHONPATH"}
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+
+    def python(*args: str) -> str:
+        done = subprocess.run(
+            [sys.executable, *args],
+            capture_output=True,
+            text=True,
+            cwd=elsewhere,
+            env=env,
+            timeout=300,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    repo = tmp_path / "repo"
+    python(
+        *("-m", "randkit", "export", str(result.out), "--repository", str(repo)),
+        *("--name", "net", "--ensemble"),
+    )
+    (project / "rk_file_net.py").unlink()  # the bundle carries its own copy
+    fresh = json.loads(python("-c", LOAD_BUNDLE, str(repo / "net" / "1")).splitlines()[-1])
+    model = functools.partial(rk_file_net.FileNet, hidden=6)(10)
+    wrapped = torch.nn.Sequential()
+    state = weights(result)
+    model.load_state_dict(
+        {k.removeprefix("net."): v for k, v in state.items() if k.startswith("net.")}
+    )
+    del wrapped
+    probe = torch.linspace(0, 1, 3 * 64).reshape(3, 1, 8, 8)
+    with torch.no_grad():
+        expected = model.eval()(probe)
+    torch.testing.assert_close(torch.tensor(fresh[0]), expected)
+    sys.modules.pop("rk_file_net", None)

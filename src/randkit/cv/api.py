@@ -10,7 +10,10 @@ Two ways in, with the same plans, runners, run store, resume, statistics and rep
 
 from __future__ import annotations
 
+import functools
+import inspect
 import io
+import json
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -24,6 +27,7 @@ from randkit.cv.objects import UserObjects, check_model_object, describe
 from randkit.cv.run import CVResult, run_cv
 from randkit.data.dataset import DatasetData, dataset_data
 from randkit.errors import UserError
+from randkit.models.user_code import source_file_of
 from randkit.train.parts import UserParts, check_callbacks, class_and_kwargs
 
 RUNNERS = ("sequential", "vectorized", "processes", "ray")
@@ -174,7 +178,27 @@ def _model_section(model: Any, objects: UserObjects, fit: Any) -> dict[str, Any]
         return dict(model)
     check_model_object(model)
     objects.model = model
-    return {"name": describe(model)}
+    return _model_reference(model)
+
+
+def _model_reference(model: Any) -> dict[str, Any]:
+    """``{"name": "module:qualname", "args": ..., "code_dir": ...}`` for a class, a function
+    or a keyword ``functools.partial`` of one, so that ``randkit export`` can build the model
+    again (its folder is where the bundle's code is found); an instance is only named."""
+    target, args = model, {}
+    if isinstance(model, functools.partial) and not model.args:
+        target, args = model.func, dict(model.keywords)
+    if not (inspect.isclass(target) or inspect.isfunction(target)) or "<" in target.__qualname__:
+        return {"name": describe(model)}
+    section: dict[str, Any] = {"name": describe(target), "args": args}
+    source = source_file_of(target)
+    if source is not None and "site-packages" not in source.parts:
+        section["code_dir"] = str(source.parent)
+    try:
+        json.dumps(args)
+    except TypeError:
+        return {"name": describe(model)}
+    return section
 
 
 def _is_arrays(data: Any) -> bool:

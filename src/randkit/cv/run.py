@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from randkit.config import ExperimentConfig
@@ -79,6 +80,7 @@ def run_cv(
             context = RunContext(cfg, config, data, data_hash, out, objects)
             make_runner(context).run(missing, on_done)
     summary = summarize_run(cfg, plan, records, [str(c) for c in data.classes])
+    summary["input"] = _input_description(data)
     table = store.write_results(plan, records)  # columns of every metric the trials report
     store.write_summary(summary)
     report_path = None
@@ -92,10 +94,17 @@ def run_cv(
     return CVResult(out, table, summary, len(missing), report_path)
 
 
+def _input_description(data: LabeledData | DatasetData) -> dict[str, Any]:
+    """What one input looks like: what an export needs when the data cannot be reloaded."""
+    if isinstance(data, DatasetData):
+        kind = "image" if len(data.input_shape) == 3 else "vector"
+        return {"kind": kind, "shape": list(data.input_shape), "unit_range": False}
+    shape = list(data.inputs.shape[1:]) if isinstance(data.inputs, torch.Tensor) else []
+    return {"kind": data.kind, "shape": shape, "unit_range": data.unit_range}
+
+
 def _task_data(cfg: ExperimentConfig) -> DatasetData:
     """Regression or multilabel targets of an ``.npz`` file, kept as they are."""
-    import torch
-
     from randkit.data.arrays import npz_arrays
     from randkit.data.dataset import dataset_data
 

@@ -265,6 +265,20 @@ def _inspect_cv(run: Path) -> _Source:
         raise UserError(
             "run", f"trial {unsaved[0]!r} of {str(run)!r} saved no model{why}; nothing to export"
         )
+    if cfg.task != "classification":
+        raise UserError(
+            "run",
+            f"{str(run)!r} is a {cfg.task} run; bundles and the server serve classifiers",
+        )
+    files = {}
+    for trial_id in trial_ids:
+        if not PART_PATTERN.fullmatch(trial_id):
+            raise UserError("run", f"{str(plan_path)!r} lists an unsafe trial id {trial_id!r}")
+        files[f"{MEMBERS_DIR}/{trial_id}.safetensors"] = (
+            run / "trials" / trial_id / "model.safetensors"
+        )
+    if cfg.data.kind == "object":
+        return _object_data_source(run, cfg, files)
     data = load_data(cfg.data)
     if data_fingerprint(data) != plan.get("data_hash"):
         raise UserError(
@@ -279,13 +293,6 @@ def _inspect_cv(run: Path) -> _Source:
             "so its models take different inputs; export a `randkit train` run instead",
         )
     assert isinstance(data.inputs, torch.Tensor)
-    files = {}
-    for trial_id in trial_ids:
-        if not PART_PATTERN.fullmatch(trial_id):
-            raise UserError("run", f"{str(plan_path)!r} lists an unsafe trial id {trial_id!r}")
-        files[f"{MEMBERS_DIR}/{trial_id}.safetensors"] = (
-            run / "trials" / trial_id / "model.safetensors"
-        )
     return _Source(
         kind="cv",
         cfg=cfg,
@@ -293,6 +300,22 @@ def _inspect_cv(run: Path) -> _Source:
         input=_input_section(data.kind, list(data.inputs.shape[1:]), data.unit_range, None),
         classes=[str(c) for c in data.classes],
         preprocessing={},
+    )
+
+
+def _object_data_source(run: Path, cfg: ExperimentConfig, files: dict[str, Path]) -> _Source:
+    """A run of a Python Dataset or arrays (``randkit.cross_validate``): the data cannot be
+    loaded again, so the input and the classes come from its ``summary.json``."""
+    try:
+        summary = json.loads((run / "summary.json").read_text(encoding="utf-8"))
+        shape, classes = summary["input"], summary["classes"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        raise UserError(
+            "run", f"{str(run)!r} has no summary.json with input and classes; rerun it"
+        ) from None
+    section = _input_section(shape["kind"], list(shape["shape"]), shape["unit_range"], None)
+    return _Source(
+        kind="cv", cfg=cfg, files=files, input=section, classes=classes, preprocessing={}
     )
 
 

@@ -92,7 +92,8 @@ def load_bundle(path: str | Path, device: str = "cpu") -> LoadedBundle:
     models = []
     for member in members:
         weights = _read_member(path, member, meta["sha256"].get(member))
-        model = _build(model_cfg, kind, shape, vocab_size, classes, factory)
+        standardized = "standardize.mean" in weights  # not so for a Python Dataset's run
+        model = _build(model_cfg, kind, shape, vocab_size, classes, factory, standardized)
         _load_weights(model, weights, member, model_cfg.name)
         models.append(model.to(target).eval())
     return LoadedBundle(path, meta, models, classes, shape, dtype, target)
@@ -215,14 +216,17 @@ def _build(
     vocab_size: int | None,
     classes: list[str],
     factory: Callable[..., nn.Module] | None = None,
+    standardized: bool = True,
 ) -> nn.Module:
-    """The architecture, from a throwaway seed (every weight is overwritten by the member)."""
+    """The architecture, from a throwaway seed (every weight is overwritten by the member);
+    ``standardized``: behind the input standardization that config runs train with."""
     from randkit.data import Prepared, TensorData
     from randkit.models import build_model
     from randkit.streams import Streams
 
     empty = TensorData(torch.empty(0), torch.empty(0, dtype=torch.long))
-    stats = kind != "text"  # image and vector models standardize per channel / feature
+    # Config runs' image and vector models standardize per channel / feature.
+    stats = kind != "text" and standardized
     prepared = Prepared(
         train=empty,
         val=None,
