@@ -74,18 +74,7 @@ def cross_validate(
     >>> result.summary["mean"], result.summary["ci95"]                     # doctest: +SKIP
     """
     out = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="randkit-cv-"))
-    if runner not in RUNNERS:
-        raise UserError("runner", f"must be one of {', '.join(RUNNERS)}, got {runner!r}")
-    if fit is not None and model is not None:
-        raise UserError("fit", "give either model= (built-in trainer) or fit= (your loop)")
-    if fit is not None and not callable(fit):
-        raise UserError("fit", f"must be a function of a randkit.Trial, got {type(fit).__name__}")
-    if fit is not None and runner == "vectorized":
-        raise UserError(
-            "runner",
-            "'vectorized' runs the built-in trainer; a fit= function "
-            "runs with 'sequential', 'processes' or 'ray'",
-        )
+    _check_entry(model, fit, runner)
     objects = UserObjects(fit=fit)
     objects.parts = _parts(task, loss, optimizer, scheduler, metrics, callbacks, num_workers)
     model_section = _model_section(model, objects, fit)
@@ -94,47 +83,67 @@ def cross_validate(
     if loaded is not None:
         objects.dataset = loaded.dataset
         objects.parts.task = loaded.task
-    if fit is not None and loaded is None:
+    elif fit is not None:
         raise UserError("data", "a fit= function needs a Dataset or (x, y) arrays")
-    plain = not uses_objects and loaded is None and objects.parts.default_loop
-    default_splitter = "stratified_kfold" if objects.parts.task == "classification" else "kfold"
     cv_section: dict[str, Any] = {
         "folds": folds,
         "repeats": repeats,
         "runner": runner,
         "workers": workers,
         "metric": metric,
-        "splitter": default_splitter,
+        # Stratified folds need class labels.
+        "splitter": "stratified_kfold" if objects.parts.task == "classification" else "kfold",
         **(cv or {}),
+        **({"splitter": splitter} if isinstance(splitter, str) else {}),
+        **({"vary": vary} if vary is not None else {}),
     }
-    splitter_object = None
-    if isinstance(splitter, str):
-        cv_section["splitter"] = splitter
-    elif splitter is not None:
-        if not hasattr(splitter, "split"):
-            raise UserError("splitter", f"needs a split() method, got {type(splitter).__name__}")
-        splitter_object = splitter
-    if vary is not None:
-        cv_section["vary"] = vary
-    raw = {
-        "seed": seed,
-        "objects": objects.names(),
-        "task": objects.parts.task,
-        "data": data_section,
-        "model": model_section,
-        "train": dict(train or {}),
-        "randomize": dict(randomize or {}),
-        "cv": cv_section,
-    }
-    cfg = validate_config(raw)
+    cfg = validate_config(
+        {
+            "seed": seed,
+            "objects": objects.names(),
+            "task": objects.parts.task,
+            "data": data_section,
+            "model": model_section,
+            "train": dict(train or {}),
+            "randomize": dict(randomize or {}),
+            "cv": cv_section,
+        }
+    )
+    plain = not uses_objects and loaded is None and objects.parts.default_loop
     return run_cv(
         cfg,
         out,
         quiet=quiet,
-        splitter=splitter_object,
+        splitter=_splitter_object(splitter),
         data=loaded,
         objects=None if plain else objects,
     )
+
+
+def _check_entry(model: Any, fit: Any, runner: str) -> None:
+    if runner not in RUNNERS:
+        raise UserError("runner", f"must be one of {', '.join(RUNNERS)}, got {runner!r}")
+    if fit is None:
+        return
+    if model is not None:
+        raise UserError("fit", "give either model= (built-in trainer) or fit= (your loop)")
+    if not callable(fit):
+        raise UserError("fit", f"must be a function of a randkit.Trial, got {type(fit).__name__}")
+    if runner == "vectorized":
+        raise UserError(
+            "runner",
+            "'vectorized' runs the built-in trainer; a fit= function "
+            "runs with 'sequential', 'processes' or 'ray'",
+        )
+
+
+def _splitter_object(splitter: Any) -> Any:
+    """A scikit-learn splitter object given instead of a name (used as given)."""
+    if splitter is None or isinstance(splitter, str):
+        return None
+    if not hasattr(splitter, "split"):
+        raise UserError("splitter", f"needs a split() method, got {type(splitter).__name__}")
+    return splitter
 
 
 def _parts(
