@@ -115,3 +115,14 @@ def fit_with_global_rng(trial) -> dict[str, float]:  # type: ignore[no-untyped-d
 
 def fit_returns_list(trial) -> list[float]:  # type: ignore[no-untyped-def]
     return [0.5]
+
+
+def fit_reads_targets(trial) -> dict[str, float]:  # type: ignore[no-untyped-def]
+    """Checks what a trial function's loader yields: the labels, as class indices."""
+    x, y = next(iter(trial.loader("train", batch_size=100_000)))
+    assert y.dtype == torch.long and x.dtype == torch.float32, (x.dtype, y.dtype)
+    expected = trial.dataset.tensors[1][torch.as_tensor(trial.train_indices)]
+    return {
+        "label_sum": float(y.sum()),
+        "same": float(torch.equal(y.sort().values, expected.sort().values)),
+    }

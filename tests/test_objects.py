@@ -377,3 +377,37 @@ def test_a_bundle_of_a_python_api_run_loads_in_a_fresh_process(tmp_path, monkeyp
         expected = model.eval()(probe)
     torch.testing.assert_close(torch.tensor(fresh[0]), expected)
     sys.modules.pop("rk_file_net", None)
+
+
+def test_a_trial_function_on_arrays_reads_the_real_labels(tmp_path):
+    x, y = om.digits_arrays(200)
+    result = randkit.cross_validate(
+        data=(x.astype(np.float64), y + 1), fit=om.fit_reads_targets, folds=2, out=tmp_path / "r"
+    )
+    assert result.table["same"].tolist() == [1.0, 1.0]
+    # Non-negative integer labels are class indices as they are (1..10: 11 classes).
+    labels = y + 1
+    train_labels = [labels[np.setdiff1d(np.arange(200), t.test_idx)].sum() for t in _plan(result)]
+    assert result.table["label_sum"].tolist() == [float(s) for s in train_labels]
+
+
+def _plan(result):  # type: ignore[no-untyped-def]
+    from randkit.cv.plan import Plan
+
+    return Plan.from_json(json.loads((result.out / "plan.json").read_text())).trials
+
+
+def test_torchmetrics_multilabel_metrics_get_integer_targets(tmp_path):
+    from torchmetrics.classification import MultilabelAveragePrecision
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(200, 8)).astype(np.float32)
+    y = (x[:, :3] > 0).astype(np.float32)
+    result = cv(
+        "mlp",
+        (x, y),
+        tmp_path,
+        task="multilabel",
+        metrics={"ap": MultilabelAveragePrecision(num_labels=3)},
+    )
+    assert ((result.table["ap"] > 0) & (result.table["ap"] <= 1)).all()

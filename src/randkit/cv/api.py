@@ -25,7 +25,7 @@ from randkit import atomic
 from randkit.config import validate_config
 from randkit.cv.objects import UserObjects, check_model_object, describe
 from randkit.cv.run import CVResult, run_cv
-from randkit.data.dataset import DatasetData, dataset_data
+from randkit.data.dataset import DatasetData, dataset_data, targets_of
 from randkit.errors import UserError
 from randkit.models.user_code import source_file_of
 from randkit.train.parts import UserParts, check_callbacks, class_and_kwargs
@@ -236,8 +236,14 @@ def _data(
         groups = rest[0] if groups is None and rest else groups
         if not uses_objects and labels is None and _plain_classes(y, task):
             return None, _npz_section(x, y, groups, out)  # today's path: standardized inputs
-        dataset = torch.utils.data.TensorDataset(torch.as_tensor(x), torch.zeros(len(y)))
-        loaded = dataset_data(dataset, y if labels is None else labels, groups, task)
+        inputs = torch.as_tensor(x.astype(np.float32) if x.dtype == np.float64 else x)
+        placeholder = torch.utils.data.TensorDataset(inputs, torch.zeros(len(y)))
+        loaded = dataset_data(placeholder, y if labels is None else labels, groups, task)
+        # Items hold the encoded targets (class indices, float32 values), as a trial
+        # function's loaders and the trainer expect them.
+        loaded.dataset = torch.utils.data.TensorDataset(
+            inputs, torch.from_numpy(targets_of(loaded))
+        )
         return loaded, {"kind": "object", "object": "(x, y) arrays"}
     if isinstance(data, torch.utils.data.DataLoader):
         data = data.dataset  # randkit makes each trial's loaders; the data set is what counts

@@ -18,6 +18,7 @@ from randkit.train.batches import pair
 from randkit.train.tasks import (
     check_output_width,
     default_loss,
+    metric_targets,
     num_outputs,
     task_metrics,
     user_metrics,
@@ -68,7 +69,7 @@ def check_objects_on_sample(
         )
     names = {
         **task_metrics(cfg.task, outputs, y),
-        **user_metrics(objects.parts.metrics, outputs, y),
+        **user_metrics(objects.parts.metrics, outputs, metric_targets(cfg.task, y)),
     }
     rule = cfg.train.early_stopping
     if rule is not None and rule.metric not in names:

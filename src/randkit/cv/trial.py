@@ -34,7 +34,7 @@ from randkit.streams import ScopedStreams, Streams
 from randkit.train.batches import predict
 from randkit.train.loop import Trainer, model_and_randomization, resolve_device
 from randkit.train.metrics import classification_metrics, predict_logits
-from randkit.train.tasks import num_outputs, task_metrics, user_metrics
+from randkit.train.tasks import metric_targets, num_outputs, task_metrics, user_metrics
 
 
 def split_validation(
@@ -207,7 +207,7 @@ def run_trial(
         extra = None
     else:
         outputs, targets = predict(trainer.model, prepared.test, device, parts.num_workers)
-        extra = user_metrics(parts.metrics, outputs, targets)
+        extra = user_metrics(parts.metrics, outputs, metric_targets(cfg.task, targets))
     history = trainer.state.history
     record = trial_record(
         trial, scoped, prepared, outputs, targets, history, fit_seconds, cfg.task, extra

@@ -30,7 +30,7 @@ from randkit.train.metrics import evaluate
 from randkit.train.optim import make_optimizer, make_scheduler
 from randkit.train.parts import UserParts
 from randkit.train.rules import LoopState
-from randkit.train.tasks import default_loss, task_metrics, user_metrics
+from randkit.train.tasks import default_loss, metric_targets, task_metrics, user_metrics
 
 ProgressHook = Callable[[LoopState, float], None]
 CheckpointHook = Callable[["Trainer"], None]
@@ -232,7 +232,7 @@ class Trainer:
         outputs, targets = predict(self.model, data, self.device, self.parts.num_workers)
         return {
             **task_metrics(self.parts.task, outputs, targets),
-            **user_metrics(self.parts.metrics, outputs, targets),
+            **user_metrics(self.parts.metrics, outputs, metric_targets(self.parts.task, targets)),
         }
 
     def _end_epoch(self) -> None:

@@ -434,3 +434,9 @@ def targets_tensor(task: str, targets: np.ndarray) -> torch.Tensor:
             array = np.unique(array, return_inverse=True)[1].reshape(array.shape)
         return torch.tensor(array.astype(np.int64))
     return torch.tensor(array.astype(np.float32))
+
+
+def metric_targets(task: str, targets: torch.Tensor) -> torch.Tensor:
+    """Targets as metrics expect them: multilabel 0/1 labels as integers (torchmetrics'
+    ``Multilabel*`` refuse float targets), the others as they are."""
+    return targets.long() if task == "multilabel" else targets
