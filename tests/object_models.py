@@ -3,6 +3,8 @@ user's objects as a user writes them (importable, so worker processes and Ray ge
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import numpy as np
 import torch
 from sklearn.datasets import load_digits
@@ -81,13 +83,51 @@ def top2_accuracy(outputs: torch.Tensor, targets: torch.Tensor) -> float:
 
 
 class RecordOptimizer:
-    """A callback that records which optimizer class trained each epoch."""
+    """A callback that records which optimizer class trained each epoch, in a list shared by
+    its copies (each trial gets its own copy of a callback)."""
 
-    def __init__(self) -> None:
-        self.seen: list[str] = []
+    SEEN: ClassVar[list[str]] = []
 
     def on_epoch_end(self, trainer, record) -> None:  # type: ignore[no-untyped-def]
-        self.seen.append(type(trainer.optimizer).__name__)
+        self.SEEN.append(type(trainer.optimizer).__name__)
+
+
+class ParityItems(DigitsItems):
+    """Items whose targets (even/odd) disagree with the ``targets`` attribute (0..9)."""
+
+    def __init__(self) -> None:
+        super().__init__(200, with_targets_attribute=True)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return torch.from_numpy(self.x[index].copy()), int(self.y[index] % 2)
+
+
+class GappedLabels(DigitsItems):
+    """Labels 0, 2, 4, ...: classes 1, 3, ... never occur."""
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return torch.from_numpy(self.x[index].copy()), int(self.y[index] * 2)
+
+
+class FloatLabels(DigitsItems):
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, float]:  # type: ignore[override]
+        return torch.from_numpy(self.x[index].copy()), float(self.y[index])
+
+
+class NoisyItems(DigitsItems):
+    """Random augmentation inside __getitem__, from torch's global RNG."""
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        x = torch.from_numpy(self.x[index].copy())
+        return x + 0.3 * torch.randn(x.shape), int(self.y[index])
+
+
+def fit_returns_fold(trial) -> dict[str, float]:  # type: ignore[no-untyped-def]
+    return {"accuracy": 0.5, "fold": 3.0}
+
+
+def fit_changes_keys(trial) -> dict[str, float]:  # type: ignore[no-untyped-def]
+    return {"accuracy": 0.5} if trial.fold == 0 else {"acc": 0.5}
 
 
 def fit_with_global_rng(trial) -> dict[str, float]:  # type: ignore[no-untyped-def]

@@ -95,6 +95,9 @@ class EarlyStoppingConfig(_Strict):
     epochs; losses and errors improve downwards, the others upwards."""
 
     metric: MetricName = "loss"
+    # Which way is better; null: lower for losses and errors (loss, mse, rmse, mae, *_loss,
+    # *error*), higher for the rest.
+    mode: Literal["min", "max"] | None = None
     patience: int = Field(5, gt=0)
     min_delta: float = Field(0.0, ge=0)
 

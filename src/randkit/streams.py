@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import random  # global-rng-ok: only read, by global_rng_guard, never drawn from
+import random  # global-rng-ok: read by global_rng_guard; seeded and restored around user code
 import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -172,6 +172,27 @@ class Streams:
                 cuda_generator = torch.cuda.default_generators[device.index or 0]
                 cuda_generator.manual_seed(self.seed(source, **coords))
             yield
+
+
+@contextlib.contextmanager
+def isolated_global_rngs(seed: int = 0) -> Iterator[None]:
+    """Run code that draws from torch's, NumPy's or Python's global RNG (a user's Dataset
+    transforms, default initialization, ``nn.Dropout``) with all three seeded from ``seed``,
+    and restore the caller's states afterwards: the code gives the same numbers wherever it
+    runs, and the caller's global RNGs are as they were."""
+    python_state = random.getstate()
+    numpy_state = np.random.get_state()  # noqa: NPY002  (saving the caller's legacy state)
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    devices = list(range(torch.cuda.device_count())) if cuda else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)  # also seeds every CUDA device
+        random.seed(seed)
+        np.random.seed(seed % 2**32)  # noqa: NPY002  (code run here may use the legacy RNG)
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)  # noqa: NPY002
 
 
 class GlobalRNGChanged(AssertionError):

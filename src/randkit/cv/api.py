@@ -25,7 +25,7 @@ from randkit import atomic
 from randkit.config import validate_config
 from randkit.cv.objects import UserObjects, check_model_object, describe
 from randkit.cv.run import CVResult, run_cv
-from randkit.data.dataset import DatasetData, dataset_data, targets_of
+from randkit.data.dataset import DatasetData, arrays_data, dataset_data
 from randkit.errors import UserError
 from randkit.models.user_code import source_file_of
 from randkit.train.parts import UserParts, check_callbacks, class_and_kwargs
@@ -75,6 +75,12 @@ def cross_validate(
     """
     out = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="randkit-cv-"))
     _check_entry(model, fit, runner)
+    own = {"runner", "workers", "folds", "repeats", "metric", "splitter", "vary"} & set(cv or {})
+    if own:
+        name = sorted(own)[0]
+        raise UserError(f"cv.{name}", f"has its own argument: pass {name}= instead")
+    if isinstance(optimizer, str):  # a config name: sgd, adam, adamw, zo-sgd
+        train, optimizer = {**(train or {}), "optimizer": optimizer}, None
     objects = UserObjects(fit=fit)
     objects.parts = _parts(task, loss, optimizer, scheduler, metrics, callbacks, num_workers)
     model_section = _model_section(model, objects, fit)
@@ -211,13 +217,20 @@ def _model_reference(model: Any) -> dict[str, Any]:
 
 
 def _is_arrays(data: Any) -> bool:
-    """``(x, y)`` or ``(x, y, groups)``: array-likes of one length (not a Dataset)."""
+    """``(x, y)`` or ``(x, y, groups)`` of array-likes (NumPy, torch, pandas, lists), not a
+    Dataset of two or three items."""
     if not isinstance(data, tuple | list) or len(data) not in (2, 3):
         return False
-    kinds = (np.ndarray, torch.Tensor, list)
-    if not all(isinstance(part, kinds) for part in data):
-        return False
-    return len({len(part) for part in data}) == 1
+    return all(
+        isinstance(part, np.ndarray | torch.Tensor | list) or hasattr(part, "__array__")
+        for part in data
+    )
+
+
+def _array(part: Any) -> np.ndarray:
+    if isinstance(part, torch.Tensor):
+        return part.detach().cpu().numpy()
+    return np.asarray(part.to_numpy() if hasattr(part, "to_numpy") else part)
 
 
 def _data(
@@ -230,21 +243,16 @@ def _data(
     if isinstance(data, dict):
         return None, dict(data)
     if _is_arrays(data):
-        x, y, *rest = (
-            part.numpy() if isinstance(part, torch.Tensor) else np.asarray(part) for part in data
-        )
+        if labels is not None:
+            raise UserError("labels", "is for a Dataset; (x, y) arrays bring their labels in y")
+        x, y, *rest = (_array(part) for part in data)
+        if len(x) != len(y) or (rest and len(rest[0]) != len(y)):
+            lengths = ", ".join(str(len(part)) for part in (x, y, *rest))
+            raise UserError("data", f"(x, y[, groups]) must have one length, got {lengths}")
         groups = rest[0] if groups is None and rest else groups
-        if not uses_objects and labels is None and _plain_classes(y, task):
+        if not uses_objects and _plain_classes(y, task):
             return None, _npz_section(x, y, groups, out)  # today's path: standardized inputs
-        inputs = torch.as_tensor(x.astype(np.float32) if x.dtype == np.float64 else x)
-        placeholder = torch.utils.data.TensorDataset(inputs, torch.zeros(len(y)))
-        loaded = dataset_data(placeholder, y if labels is None else labels, groups, task)
-        # Items hold the encoded targets (class indices, float32 values), as a trial
-        # function's loaders and the trainer expect them.
-        loaded.dataset = torch.utils.data.TensorDataset(
-            inputs, torch.from_numpy(targets_of(loaded))
-        )
-        return loaded, {"kind": "object", "object": "(x, y) arrays"}
+        return arrays_data(x, y, groups, task), {"kind": "object", "object": "(x, y) arrays"}
     if isinstance(data, torch.utils.data.DataLoader):
         data = data.dataset  # randkit makes each trial's loaders; the data set is what counts
     loaded = dataset_data(data, labels, groups, task)

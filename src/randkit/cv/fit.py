@@ -12,9 +12,8 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
-import random
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,9 +26,15 @@ from randkit import atomic
 from randkit.cv.plan import PLAN_SOURCES
 from randkit.cv.plan import Trial as PlanTrial
 from randkit.errors import UserError
-from randkit.streams import ScopedStreams, seeded_generator
+from randkit.streams import ScopedStreams, isolated_global_rngs
 
 TrialFunction = Callable[["Trial"], Mapping[str, Any]]
+
+# Columns of results.csv that a metric may not take.
+RESERVED_COLUMNS = frozenset(
+    {"id", "fold", "repeat", "group", "train_size", "test_size", "fit_seconds"}
+    | {f"seed_{source}" for source in PLAN_SOURCES}
+)
 
 
 @dataclass
@@ -126,35 +131,20 @@ def scores_of(returned: Any) -> dict[str, float]:
     for name, value in returned.items():
         if not isinstance(name, str) or not name.isidentifier():
             raise UserError("fit", f"metric names must be identifiers, got {name!r}")
+        if name in RESERVED_COLUMNS:
+            raise UserError("fit", f"returned {name!r}, a column of results.csv; rename it")
         scores[name] = _number(value, f"fit result {name!r}")
         if not math.isfinite(scores[name]):
             raise UserError("fit", f"returned {name}={scores[name]} (not finite)")
     return scores
 
 
-@contextlib.contextmanager
-def seeded_global_rngs(streams: ScopedStreams) -> Iterator[None]:
+def seeded_global_rngs(streams: ScopedStreams) -> contextlib.AbstractContextManager[None]:
     """Seed torch's, NumPy's and Python's global RNGs from the trial's ``init`` stream for the
     duration of a trial function and restore them afterwards: user code that draws from them
     (``nn.Dropout``, default initialization, a shuffling ``DataLoader`` without generator)
     then gives the same numbers in every runner and process."""
-    python_state = random.getstate()
-    numpy_state = np.random.get_state()  # noqa: NPY002  (saving the user's legacy state)
-    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
-    devices = list(range(torch.cuda.device_count())) if cuda else []
-    with torch.random.fork_rng(devices=devices):
-        sequence = streams.sequence("init", what="global")
-        torch.default_generator.set_state(seeded_generator(sequence).get_state())
-        if devices:
-            torch.cuda.manual_seed_all(streams.seed("init", what="global_cuda"))
-        seed = streams.seed("init", what="global_python")
-        random.seed(seed)
-        np.random.seed(seed % 2**32)  # noqa: NPY002  (the user's code may use the legacy RNG)
-        try:
-            yield
-        finally:
-            random.setstate(python_state)
-            np.random.set_state(numpy_state)  # noqa: NPY002
+    return isolated_global_rngs(streams.seed("init", what="global"))
 
 
 def run_fit_trial(

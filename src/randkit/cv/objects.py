@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import hashlib
 import inspect
 import pickle
 from collections.abc import Callable
@@ -62,6 +63,9 @@ class UserObjects:
             return
         dumps = pickle.dumps
         if runner == "ray":
+            from randkit.extras import require
+
+            require("ray", "runner 'ray'")
             from ray import cloudpickle  # Ray sends objects with cloudpickle
 
             dumps = cloudpickle.dumps
@@ -109,7 +113,24 @@ def describe(value: Any) -> str:
             return repr(value)  # an object that says what it is (its settings)
     target = value if named else type(value)
     name = f"{getattr(target, '__module__', '?')}:{getattr(target, '__qualname__', '?')}"
-    return name if target is value else f"instance of {name}"
+    return name if target is value else f"instance of {name}{_settings(value)}"
+
+
+def _settings(value: Any) -> str:
+    """What tells two instances of one class apart in a record: their plain public
+    attributes (a loss's ``label_smoothing``, a callback's ``patience``) and, for a module,
+    a hash of its layers as ``repr`` prints them (the architecture, not the weights)."""
+    plain = (bool, int, float, str, type(None))
+    attributes = {
+        k: v
+        for k, v in sorted(getattr(value, "__dict__", {}).items())
+        if not k.startswith("_") and k != "training" and isinstance(v, plain)
+    }
+    shown = ", ".join(f"{k}={v!r}" for k, v in attributes.items())
+    if isinstance(value, nn.Module):
+        digest = hashlib.sha256(repr(value).encode()).hexdigest()[:12]
+        shown = ", ".join(part for part in (shown, f"layers#{digest}") if part)
+    return f"({shown})" if shown else ""
 
 
 def model_spec(prepared: Prepared, outputs: int) -> dict[str, Any]:

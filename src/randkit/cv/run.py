@@ -73,6 +73,7 @@ def run_cv(
     with _progress(quiet, len(plan.trials), len(plan.trials) - len(missing)) as advance:
 
         def on_done(record: dict[str, Any]) -> None:
+            _same_metrics(records, record)
             records[record["id"]] = record
             advance(record)
 
@@ -94,6 +95,19 @@ def run_cv(
     return CVResult(out, table, summary, len(missing), report_path)
 
 
+def _same_metrics(records: dict[str, dict[str, Any]], record: dict[str, Any]) -> None:
+    """Every trial of a run reports the same metrics (a trial function might not)."""
+    if not records:
+        return
+    first = next(iter(records.values()))
+    if set(record["test"]) != set(first["test"]):
+        raise UserError(
+            "fit",
+            f"trial {record['id']} returned {sorted(record['test'])} but trial {first['id']} "
+            f"returned {sorted(first['test'])}; every trial must return the same metrics",
+        )
+
+
 def _input_description(data: LabeledData | DatasetData) -> dict[str, Any]:
     """What one input looks like: what an export needs when the data cannot be reloaded."""
     if isinstance(data, DatasetData):
@@ -106,7 +120,7 @@ def _input_description(data: LabeledData | DatasetData) -> dict[str, Any]:
 def _task_data(cfg: ExperimentConfig) -> DatasetData:
     """Regression or multilabel targets of an ``.npz`` file, kept as they are."""
     from randkit.data.arrays import npz_arrays
-    from randkit.data.dataset import dataset_data
+    from randkit.data.dataset import arrays_data
 
     if cfg.data.kind != "npz" or cfg.data.path is None:
         raise UserError(
@@ -115,8 +129,7 @@ def _task_data(cfg: ExperimentConfig) -> DatasetData:
             f"or arrays given to randkit.cross_validate; got data.kind {cfg.data.kind!r}",
         )
     x, y, groups = npz_arrays(cfg.data.path, multilabel=cfg.task == "multilabel")
-    dataset = torch.utils.data.TensorDataset(torch.from_numpy(x), torch.zeros(len(y)))
-    return dataset_data(dataset, y, groups, cfg.task)
+    return arrays_data(x, y, groups, cfg.task)
 
 
 def _preflight(

@@ -186,7 +186,8 @@ def run_trial(
         return _run_function_trial(cfg, data, trial, scoped, objects, out)
     prepared = prepare_trial(cfg, data, trial, scoped)
     model, randomization = trial_model(cfg, objects, prepared, data, scoped)
-    parts = objects.parts if objects is not None else None
+    # Each trial gets its own copies of callbacks and metric objects, under every runner.
+    parts = objects.parts.for_trial() if objects is not None else None
     trainer = Trainer(
         model,
         prepared.train,
@@ -206,7 +207,9 @@ def run_trial(
         outputs, targets = predict_logits(trainer.model, prepared.test.x, device), prepared.test.y
         extra = None
     else:
-        outputs, targets = predict(trainer.model, prepared.test, device, parts.num_workers)
+        outputs, targets = predict(
+            trainer.model, prepared.test, device, parts.num_workers, task=cfg.task
+        )
         extra = user_metrics(parts.metrics, outputs, metric_targets(cfg.task, targets))
     history = trainer.state.history
     record = trial_record(

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from randkit.data.base import Prepared, TensorData
 from randkit.errors import UserError
+from randkit.streams import isolated_global_rngs as quiet_global_rngs
 
 
 @dataclass
@@ -78,9 +79,12 @@ def _as_array(values: Any) -> np.ndarray:
 
 
 def _labels_by_pass(dataset: Any) -> np.ndarray:
-    loader = DataLoader(dataset, batch_size=256, shuffle=False)
+    # Its own generator: a DataLoader without one draws its seed from torch's global RNG.
+    loader = DataLoader(dataset, batch_size=256, shuffle=False, generator=torch.Generator())
     parts = []
-    for batch in loader:
+    with quiet_global_rngs():
+        batches = list(loader)
+    for batch in batches:
         if not isinstance(batch, list | tuple) or len(batch) < 2:
             raise UserError(
                 "data",
@@ -89,17 +93,6 @@ def _labels_by_pass(dataset: Any) -> np.ndarray:
             )
         parts.append(_as_array(batch[1]))
     return np.concatenate(parts) if parts else np.zeros(0)
-
-
-def encode_targets(targets: np.ndarray, task: str) -> tuple[np.ndarray, list[str]]:
-    """Class labels as indices 0..K-1 and the class names; other tasks' targets as float32."""
-    if task != "classification":
-        return targets.astype(np.float32), []
-    if targets.dtype.kind in "iu" and targets.size and targets.min() >= 0:
-        count = int(targets.max()) + 1  # labels already indices: keep them (the model's order)
-        return targets.astype(np.int64), [str(c) for c in range(count)]
-    classes, encoded = np.unique(targets, return_inverse=True)
-    return encoded.astype(np.int64), [str(c) for c in classes]
 
 
 def dataset_fingerprint(data: DatasetData) -> str:
@@ -168,48 +161,123 @@ def dataset_data(
     dataset: Any, labels: Any = None, groups: Any = None, task: str | None = None
 ) -> DatasetData:
     """Check a user's Dataset and read what the plan needs; refused in one line when its
-    labels do not fit the task or its items are not (input, target) pairs."""
+    labels do not fit the task, disagree with its items or its items are not
+    (input, target) pairs."""
     from randkit.train.tasks import infer_task
 
     targets = read_labels(dataset, labels)
     task = infer_task(targets, task, "task")
-    in_memory = isinstance(dataset, TensorDataset) and labels is None
-    if task == "classification" and not in_memory and not _class_indices(targets):
+    classes: list[str] = []
+    if task == "classification":
+        classes = _class_names(dataset, _check_class_indices(targets))
+    _check_items_agree(dataset, targets, "labels" if labels is not None else "data")
+    encoded = targets.astype(np.int64 if task == "classification" else np.float32)
+    return DatasetData(
+        dataset, encoded, classes, task, _input_shape(dataset), _groups(groups, len(targets))
+    )
+
+
+def arrays_data(x: np.ndarray, y: np.ndarray, groups: Any, task: str | None) -> DatasetData:
+    """``(x, y)`` arrays as an in-memory data set: any class labels (encoded as indices of
+    the sorted unique values, as ``.npz`` files are), float32 inputs."""
+    from randkit.train.tasks import infer_task
+
+    if len(x) != len(y):
+        raise UserError("data", f"x has {len(x)} rows but y has {len(y)}")
+    if x.dtype.kind not in "fiub":
+        raise UserError("data", f"x must be numeric, got dtype {x.dtype}")
+    task = infer_task(y, task, "task")
+    if task == "classification":
+        names, encoded = np.unique(y, return_inverse=True)
+        targets, classes = encoded.astype(np.int64), [str(c) for c in names]
+    else:
+        targets, classes = y.astype(np.float32), []
+    inputs = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    dataset = TensorDataset(inputs, torch.from_numpy(targets))
+    shape = list(x.shape[1:])
+    return DatasetData(dataset, targets, classes, task, shape, _groups(groups, len(y)))
+
+
+def _groups(groups: Any, n: int) -> np.ndarray | None:
+    if groups is None:
+        return None
+    array = np.asarray(groups)
+    if array.shape != (n,):
+        raise UserError("groups", f"must have one label per item ({n}), got shape {array.shape}")
+    return array
+
+
+def _check_class_indices(targets: np.ndarray) -> int:
+    """The number of classes of a Dataset's labels, which must be the indices 0..K-1 (what
+    ``nn.CrossEntropyLoss`` expects), each present: a missing index would be a class no
+    example has, which distorts macro averages."""
+    ok = targets.dtype.kind in "biu" or (
+        targets.dtype.kind == "f" and bool(np.all(targets == np.round(targets)))
+    )
+    if not ok or targets.min() < 0:
         raise UserError(
             "data",
-            "class labels of a Dataset must be integers 0..K-1 (what nn.CrossEntropyLoss "
+            "class labels of a Dataset must be the integers 0..K-1 (what nn.CrossEntropyLoss "
             f"expects), got {targets.dtype} labels such as {targets[:3].tolist()}; encode "
             "them in the Dataset or pass (x, y) arrays",
         )
-    encoded, classes = encode_targets(targets, task)
-    group_array = None
-    if groups is not None:
-        group_array = np.asarray(groups)
-        if group_array.shape != (len(targets),):
+    present = np.unique(targets.astype(np.int64))
+    count = int(present[-1]) + 1
+    if len(present) != count:
+        missing = sorted(set(range(count)) - set(present.tolist()))
+        raise UserError(
+            "data",
+            f"class labels must be 0..K-1 with every class present; {missing[:5]} of "
+            f"0..{count - 1} never occur: encode the labels without gaps",
+        )
+    return count
+
+
+def _class_names(dataset: Any, count: int) -> list[str]:
+    """The data set's own class names (torchvision's ``classes``) when it has them."""
+    names = getattr(dataset, "classes", None)
+    if isinstance(names, list | tuple) and len(names) == count:
+        return [str(n) for n in names]
+    return [str(c) for c in range(count)]
+
+
+def _check_items_agree(dataset: Any, targets: np.ndarray, field: str) -> None:
+    """The labels the plan stratifies on must be those the items give the trainer (a
+    ``target_transform`` or wrong ``labels=`` would silently train on other targets)."""
+    n = len(targets)
+    for index in sorted({int(i) for i in np.linspace(0, n - 1, min(n, 8))}):
+        with quiet_global_rngs():
+            item = _item(dataset, index)
+        label = item[1] if isinstance(item, list | tuple) and len(item) >= 2 else None
+        value = _as_array(label) if label is not None else None
+        expected = targets[index]
+        agree = (
+            value is not None
+            and value.dtype.kind in "biuf"
+            and value.shape == np.shape(expected)
+            and np.allclose(value.astype(np.float64), np.asarray(expected, dtype=np.float64))
+        )
+        if not agree:
             raise UserError(
-                "groups",
-                f"must have one label per item ({len(targets)}), got shape {group_array.shape}",
+                field,
+                f"item {index}'s target is {label!r:.40} but the labels say "
+                f"{np.asarray(expected).tolist()!r:.40}; the labels must be the items' targets",
             )
-    return DatasetData(dataset, encoded, classes, task, _input_shape(dataset), group_array)
 
 
-def _class_indices(targets: np.ndarray) -> bool:
-    if targets.dtype.kind in "b":
-        return True
-    if targets.dtype.kind in "iu":
-        return bool(targets.min() >= 0)
-    if targets.dtype.kind == "f":
-        return bool(np.all(targets == np.round(targets)) and targets.min() >= 0)
-    return False
+def _item(dataset: Any, index: int) -> Any:
+    try:
+        return dataset[index]
+    except Exception as exc:  # the user's __getitem__ may fail in any way
+        message = f"reading item {index} failed: {type(exc).__name__}: {exc}"
+        raise UserError("data", message) from None
 
 
 def _input_shape(dataset: Any) -> list[int]:
     if isinstance(dataset, TensorDataset):
         return list(dataset.tensors[0].shape[1:])
-    try:
-        item = dataset[0]
-    except Exception as exc:  # the user's __getitem__ may fail in any way
-        raise UserError("data", f"reading item 0 failed: {type(exc).__name__}: {exc}") from None
+    with quiet_global_rngs():
+        item = _item(dataset, 0)
     first = item[0] if isinstance(item, list | tuple) else item
     shape = getattr(first, "shape", None)
     if shape is None:

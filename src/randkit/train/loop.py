@@ -86,7 +86,7 @@ class Trainer:
         self.val_data = val
         self.num_classes = num_classes
         self.steps_per_epoch = rules.steps_per_epoch(len(train), cfg.batch_size)
-        self.batches = batch_source(train, cfg.batch_size, self.parts.num_workers)
+        self.batches = batch_source(train, cfg.batch_size, self.parts.num_workers, self.parts.task)
         self._scheduler_per_step = True
         if self.parts.optimizer is not None:
             self.optimizer = self.parts.make_optimizer(self.model)
@@ -96,7 +96,7 @@ class Trainer:
             self.scheduler, self._scheduler_per_step = self.parts.make_scheduler(self.optimizer)
         else:
             self.scheduler = make_scheduler(self.optimizer, cfg, self.steps_per_epoch)
-        self.loss_fn = self.parts.loss or _default_loss(self.parts.task, cfg.label_smoothing)
+        self.loss_fn = self.parts.loss or training_loss(self.parts.task, cfg.label_smoothing)
         self.state = LoopState()
         self.best_weights: dict[str, torch.Tensor] | None = None
 
@@ -229,7 +229,10 @@ class Trainer:
         """The task's metrics and the user's on ``data``, in eval mode."""
         if self.parts.default_loop and isinstance(data, TensorData):
             return evaluate(self.model, data, self.num_classes, self.device)
-        outputs, targets = predict(self.model, data, self.device, self.parts.num_workers)
+        parts = self.parts
+        outputs, targets = predict(
+            self.model, data, self.device, parts.num_workers, task=parts.task
+        )
         return {
             **task_metrics(self.parts.task, outputs, targets),
             **user_metrics(self.parts.metrics, outputs, metric_targets(self.parts.task, targets)),
@@ -241,7 +244,12 @@ class Trainer:
             scores = self.evaluate(self.val_data)
         lr = float(self.optimizer.param_groups[0]["lr"])
         if self.scheduler is not None and not self._scheduler_per_step:
-            self.scheduler.step()
+            if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                # It steps on a loss: the validation loss, else the epoch's training loss.
+                seen = max(1, self.state.seen)
+                self.scheduler.step(scores["loss"] if scores else self.state.loss_sum / seen)
+            else:
+                self.scheduler.step()
         accuracy = self.parts.task == "classification"
         stopped = self.state.stopped_early  # a callback's stop() during the epoch
         improved = rules.finish_epoch(
@@ -259,7 +267,7 @@ def _label_smoothed_cross_entropy(smoothing: float) -> Any:
     return functools.partial(F.cross_entropy, label_smoothing=smoothing)
 
 
-def _default_loss(task: str, label_smoothing: float) -> Any:
+def training_loss(task: str, label_smoothing: float) -> Any:
     """Cross-entropy with the config's label smoothing, or the task's default loss."""
     if task == "classification":
         return _label_smoothed_cross_entropy(label_smoothing)

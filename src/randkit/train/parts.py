@@ -9,6 +9,8 @@ of such classes.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -27,8 +29,9 @@ class UserParts:
     """What replaces the config's choices. ``optimizer`` and ``scheduler`` are ``(class,
     kwargs)`` pairs (``torch.optim.RMSprop``, ``{"lr": 1e-3}``); a scheduler steps once per
     epoch, or once per optimizer step with ``(class, kwargs, "step")``. ``callbacks`` get
-    ``on_step_end(trainer, step, loss)`` and ``on_epoch_end(trainer, record)``; one of them
-    stops training early with ``trainer.stop()``."""
+    ``on_train_start(trainer)``, ``on_step_end(trainer, step, loss)`` and
+    ``on_epoch_end(trainer, record)``; one of them stops training early with
+    ``trainer.stop()``. Each trial gets its own deep copy of every callback and metric."""
 
     task: str = "classification"
     loss: Loss | None = None
@@ -48,6 +51,15 @@ class UserParts:
             and self.scheduler is None
             and self.metrics is None
             and not self.callbacks
+        )
+
+    def for_trial(self) -> UserParts:
+        """A copy with fresh copies of the callbacks and metric objects: one trial's state
+        never reaches another, whichever runner (sequential, processes, Ray) runs them."""
+        return dataclasses.replace(
+            self,
+            callbacks=copy.deepcopy(tuple(self.callbacks)),
+            metrics=copy.deepcopy(self.metrics),
         )
 
     def make_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
@@ -100,12 +112,21 @@ def check_callbacks(callbacks: Any) -> tuple[Any, ...]:
     if callbacks is None:
         return ()
     items = tuple(callbacks) if isinstance(callbacks, list | tuple) else (callbacks,)
+    hooks = ("on_epoch_end", "on_step_end", "on_train_start")
     for i, callback in enumerate(items):
-        if not (hasattr(callback, "on_epoch_end") or hasattr(callback, "on_step_end")):
+        if not any(hasattr(callback, hook) for hook in hooks):
             raise UserError(
                 f"callbacks[{i}]",
-                f"{type(callback).__name__} has neither on_epoch_end nor on_step_end",
+                f"{type(callback).__name__} has none of {', '.join(hooks)}",
             )
+        try:
+            copy.deepcopy(callback)
+        except Exception as exc:  # deepcopy fails with many exception types
+            raise UserError(
+                f"callbacks[{i}]",
+                f"{type(callback).__name__} cannot be copied for each trial "
+                f"({type(exc).__name__}: {exc}); open files or connections in on_train_start",
+            ) from None
     return items
 
 

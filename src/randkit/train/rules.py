@@ -230,7 +230,7 @@ def _early_stopping(state: LoopState, scores: dict[str, float], rule: EarlyStopp
             "train.early_stopping.metric",
             f"{rule.metric!r} is not a validation metric of this run: {', '.join(scores)}",
         )
-    sign = 1 if metric_direction(rule.metric) == "max" else -1
+    sign = 1 if (rule.mode or metric_direction(rule.metric)) == "max" else -1
     value = sign * scores[rule.metric]
     if state.best_value is None or value > state.best_value + rule.min_delta:
         state.best_value, state.best_epoch, state.bad_epochs = value, state.epoch + 1, 0
