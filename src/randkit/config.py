@@ -21,6 +21,7 @@ from pydantic import (
     model_validator,
 )
 
+from randkit.config_errors import format_error
 from randkit.errors import UserError
 from randkit.streams import SOURCES
 
@@ -365,55 +366,6 @@ class ExperimentConfig(_Strict):
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
-_TEMPLATES = {
-    "greater_than": "must be > {gt}",
-    "greater_than_equal": "must be >= {ge}",
-    "less_than": "must be < {lt}",
-    "less_than_equal": "must be <= {le}",
-    "extra_forbidden": "unknown field",
-    "missing": "required field is missing",
-    "literal_error": "must be one of {expected}",
-    "int_parsing": "must be an integer",
-    "int_type": "must be an integer",
-    "int_from_float": "must be an integer",
-    "float_parsing": "must be a number",
-    "float_type": "must be a number",
-    "bool_parsing": "must be true or false",
-    "bool_type": "must be true or false",
-    "string_type": "must be a string",
-    "dict_type": "must be a mapping",
-    "model_type": "must be a mapping",
-    "model_attributes_type": "must be a mapping",
-    "tuple_type": "must be a list",
-    "list_type": "must be a list",
-    "too_short": "must have {min_length} items",
-    "too_long": "must have {max_length} items",
-    "path_type": "must be a path",
-}
-
-
-def _format_error(error: dict[str, Any]) -> str:
-    path = ".".join(str(part) for part in error["loc"])
-    value = error.get("input")
-    if error["type"] in ("value_error", "assertion_error"):
-        message = str(error["ctx"]["error"])
-        # Model-level checks already name their field; field-level ones need the path.
-        return (
-            message
-            if ": " in message and message.split(":")[0].count(".")
-            else (f"{path}: {message}")
-        )
-    template = _TEMPLATES.get(error["type"])
-    ctx = {
-        k: int(v) if isinstance(v, float) and v.is_integer() else v
-        for k, v in error.get("ctx", {}).items()
-    }
-    message = template.format(**ctx) if template else error["msg"]
-    if error["type"] in ("extra_forbidden", "missing"):
-        return f"{path}: {message}" + ("" if error["type"] == "missing" else f" (value {value!r})")
-    return f"{path}: {message}, got {value!r}"
-
-
 def validate_config(raw: Any, origin: str = "config") -> ExperimentConfig:
     """Validate plain data (as loaded from YAML) into an ``ExperimentConfig``."""
     if raw is None:
@@ -423,7 +375,7 @@ def validate_config(raw: Any, origin: str = "config") -> ExperimentConfig:
     try:
         return ExperimentConfig.model_validate(raw)
     except ValidationError as exc:
-        raise UserError("", _format_error(exc.errors()[0])) from None
+        raise UserError("", format_error(exc.errors()[0])) from None
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> ExperimentConfig:

@@ -14,7 +14,7 @@ from randkit.config import ExperimentConfig
 from randkit.cv.fit import RESERVED_COLUMNS
 from randkit.cv.objects import UserObjects, describe
 from randkit.data import Prepared, TensorData
-from randkit.data.dataset import DatasetData
+from randkit.data.dataset import targets_array
 from randkit.errors import UserError
 from randkit.streams import isolated_global_rngs
 from randkit.train.batches import pair
@@ -50,7 +50,7 @@ def check_objects_on_sample(
     """The checks; returns the names of the metrics every trial will report."""
     x, y = sample_batch(prepared, cfg.task)
     outputs = _forward(model, x)
-    targets = data.targets if isinstance(data, DatasetData) else data.targets.numpy()
+    targets = targets_array(data)
     expected = num_outputs(cfg.task, targets)
     width = outputs.shape[1] if outputs.dim() > 1 else None
     check_output_width(cfg.task, width, expected, "model")

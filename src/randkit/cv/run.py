@@ -21,7 +21,7 @@ from randkit.cv.runners import RunContext, make_runner
 from randkit.cv.store import ResultTable, RunStore
 from randkit.data import LabeledData, load_data
 from randkit.data.base import TensorData, data_fingerprint
-from randkit.data.dataset import DatasetData, dataset_fingerprint
+from randkit.data.dataset import DatasetData, dataset_fingerprint, targets_array
 from randkit.errors import UserError
 from randkit.extras import MissingExtraError
 from randkit.streams import Streams
@@ -56,7 +56,7 @@ def run_cv(
         objects.parts.task = cfg.task
     data = data if data is not None else load_data(cfg.data)
     streams = Streams(cfg.seed, cfg.seeds)
-    targets = data.targets if isinstance(data, DatasetData) else data.targets.numpy()
+    targets = targets_array(data)
     plan = make_plan(cfg.cv, targets, data.groups, streams, splitter)
     if objects is not None:
         objects.check_sendable(cfg.cv.runner)

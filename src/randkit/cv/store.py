@@ -35,8 +35,6 @@ ID_COLUMNS = [
     "train_size",
     "test_size",
 ]
-# The metrics columns of a classification run; other tasks and trial functions have theirs.
-RESULT_COLUMNS = [*ID_COLUMNS, "accuracy", "loss", "macro_f1", "fit_seconds"]
 
 
 class ResultTable:

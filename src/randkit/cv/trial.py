@@ -26,7 +26,7 @@ from randkit.cv.objects import UserObjects, build_user_model
 from randkit.cv.plan import PLAN_SOURCES, Trial
 from randkit.data import LabeledData, featurize, load_data
 from randkit.data.base import Prepared, TensorData, data_fingerprint, stratified_holdout
-from randkit.data.dataset import DatasetData, dataset_parts
+from randkit.data.dataset import DatasetData, dataset_parts, targets_array
 from randkit.errors import UserError
 from randkit.models import Classifier, build_model
 from randkit.randomize import Randomization, build_randomization
@@ -60,7 +60,7 @@ def prepare_trial(
     cfg: ExperimentConfig, data: LabeledData | DatasetData, trial: Trial, streams: ScopedStreams
 ) -> Prepared:
     """Featurize the trial's split; anything learned from data sees the training part only."""
-    targets = data.targets if isinstance(data, DatasetData) else data.targets.numpy()
+    targets = targets_array(data)
     train_idx, val_idx = split_validation(cfg, targets, trial, streams)
     if isinstance(data, DatasetData):
         return dataset_parts(data, train_idx, val_idx, trial.test_idx)
@@ -159,9 +159,7 @@ def trial_model(
     randomization = build_randomization(
         cfg.randomize, len(prepared.classes), prepared.input_shape, prepared.unit_range
     )
-    outputs = num_outputs(
-        cfg.task, data.targets if isinstance(data, DatasetData) else data.targets.numpy()
-    )
+    outputs = num_outputs(cfg.task, targets_array(data))
     if objects is None or objects.model is None:
         model = build_model(
             cfg.model, prepared, streams, init=cfg.randomize.init, num_outputs=outputs

@@ -42,6 +42,14 @@ class DatasetData:
         return isinstance(self.dataset, TensorDataset) and len(self.dataset.tensors) >= 2
 
 
+def targets_array(data: Any) -> np.ndarray:
+    """The targets of a ``DatasetData`` or a ``LabeledData`` as a NumPy array (the plan's
+    labels: class indices, regression values or 0/1 label rows)."""
+    if isinstance(data, DatasetData):
+        return data.targets
+    return data.targets.numpy()
+
+
 def dataset_length(dataset: Any, field: str = "data") -> int:
     if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
         raise UserError(
