@@ -33,6 +33,12 @@ from torch import nn
 from torch.nn import functional as F
 
 import randkit
+from randkit.train.checkpoint import (
+    optimizer_from_flat,
+    read_checkpoint,
+    save_checkpoint,
+    strip_prefix,
+)
 
 
 def make_model() -> nn.Module:
@@ -43,14 +49,15 @@ def fit_and_score(trial: randkit.Trial, epochs: int = 15) -> dict[str, float]:
     """Train a fresh model on the trial's training fold and score it on its test fold."""
     model = make_model()  # initial weights from torch's global RNG: seeded per trial
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    checkpoint = trial.dir / "checkpoint.pt"
+    # safetensors for the weights and the optimizer's tensors, JSON for the rest: no pickle.
+    checkpoint = trial.dir / "checkpoint.safetensors"
     start = 0
     if checkpoint.exists():  # the run was interrupted: continue where this trial stopped
-        saved = torch.load(checkpoint, weights_only=True)
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        start = saved["epoch"]
-        trial.history[:] = saved["history"]  # the learning curve so far
+        tensors, state = read_checkpoint(checkpoint)
+        model.load_state_dict(strip_prefix(tensors, "model."))
+        optimizer_from_flat(optimizer, tensors, state["optimizer"])
+        start = state["loop"]["epoch"]
+        trial.history[:] = state["loop"]["history"]  # the learning curve so far
 
     for epoch in range(start, epochs):
         model.train()
@@ -64,8 +71,8 @@ def fit_and_score(trial: randkit.Trial, epochs: int = 15) -> dict[str, float]:
             optimizer.step()
             total, seen = total + loss.item() * len(xb), seen + len(xb)
         trial.report(epoch, train_loss=total / seen)
-        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
-        torch.save({**state, "epoch": epoch + 1, "history": trial.history}, checkpoint)
+        loop = {"epoch": epoch + 1, "history": trial.history}
+        save_checkpoint(checkpoint, model, optimizer, {}, {"loop": loop})  # atomic
 
     model.eval()
     correct, loss_sum = 0, 0.0

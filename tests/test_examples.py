@@ -148,7 +148,8 @@ def test_own_training_loop(tmp_path: Path) -> None:
     assert (column(rows, "loss") > 0).all()
     for r in rows:
         folder = run / "trials" / r["id"]
-        assert (folder / "checkpoint.pt").exists()
+        assert (folder / "checkpoint.safetensors").exists()
+        assert not list(folder.glob("*.pt"))  # no pickle files
         history = json.loads((folder / "history.json").read_text())
         assert [h["epoch"] for h in history] == [0, 1, 2, 3]  # trial.report per epoch
     # a trial that did not finish: the rerun resumes it from its checkpoint (here after the
