@@ -204,7 +204,7 @@ def summarize_run(
         "task": cfg.task,
         "per_metric": {
             name: _short(stats.summarize([r["test"][name] for r in ordered]))
-            for name in metric_names(ordered)
+            for name in sorted(metric_names(ordered), key=lambda n: n != metric)  # headline first
         },
         "variance_components": variance_by_source(cfg, plan, records, metric),
     }
