@@ -251,6 +251,11 @@ def test_the_built_in_trainer_on_a_dataset_under_processes_matches_sequential(tm
         ({"fit": om.fit_returns_fold}, "fit", "column of results.csv"),
         ({"fit": om.fit_changes_keys}, "fit", "same metrics"),
         ({"model": om.DigitsNet, "data": (np.zeros((5, 64)), np.zeros(4))}, "data", "one length"),
+        (
+            {"model": om.DigitsNet, "data": om.digits_arrays(200), "labels": [0] * 200},
+            "labels",
+            "bring their labels",
+        ),
     ],
 )
 def test_wrong_objects_are_refused_in_one_line_before_training(tmp_path, kwargs, field, words):
