@@ -185,9 +185,9 @@ def isolated_global_rngs(seed: int = 0) -> Iterator[None]:
     cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
     devices = list(range(torch.cuda.device_count())) if cuda else []
     with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)  # also seeds every CUDA device
-        random.seed(seed)
-        np.random.seed(seed % 2**32)  # noqa: NPY002  (code run here may use the legacy RNG)
+        torch.manual_seed(seed)  # global-rng-ok: seeded for user code, restored below
+        random.seed(seed)  # global-rng-ok: restored below
+        np.random.seed(seed % 2**32)  # noqa: NPY002  # global-rng-ok: restored below
         try:
             yield
         finally:

@@ -171,7 +171,7 @@ def _parts(
         task=task or "classification",
         loss=loss,
         optimizer=None
-        if optimizer is None or isinstance(optimizer, str)
+        if optimizer is None  # a config name was moved into train.optimizer
         else class_and_kwargs(optimizer, "optimizer", torch.optim.Optimizer),  # type: ignore[arg-type]
         scheduler=None if scheduler is None else class_and_kwargs(scheduler, "scheduler", object),
         metrics=metrics,

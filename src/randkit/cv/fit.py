@@ -147,6 +147,23 @@ def seeded_global_rngs(streams: ScopedStreams) -> contextlib.AbstractContextMana
     return isolated_global_rngs(streams.seed("init", what="global"))
 
 
+def record_head(
+    plan_trial: PlanTrial, streams: ScopedStreams, train_size: int, test_size: int
+) -> dict[str, Any]:
+    """What every trial record starts with: where the trial sits in the plan, the seed of
+    each source and the sizes of its parts."""
+    return {
+        "id": plan_trial.id,
+        "fold": plan_trial.fold,
+        "repeat": plan_trial.repeat,
+        "group": plan_trial.group,
+        "levels": dict(plan_trial.levels),
+        "seeds": {source: streams.seed(source) for source in PLAN_SOURCES},
+        "train_size": train_size,
+        "test_size": test_size,
+    }
+
+
 def run_fit_trial(
     fit: TrialFunction,
     dataset: Dataset[Any],
@@ -178,14 +195,7 @@ def run_fit_trial(
         returned = fit(trial)
     fit_seconds = time.perf_counter() - started
     return {
-        "id": trial.id,
-        "fold": trial.fold,
-        "repeat": trial.repeat,
-        "group": trial.group,
-        "levels": trial.levels,
-        "seeds": {source: streams.seed(source) for source in PLAN_SOURCES},
-        "train_size": len(train_idx),
-        "test_size": len(trial.test_indices),
+        **record_head(plan_trial, streams, len(train_idx), len(trial.test_indices)),
         "test": scores_of(returned),
         "history": trial.history,
         "fit_seconds": round(fit_seconds, 4),

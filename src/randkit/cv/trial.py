@@ -21,9 +21,9 @@ from sklearn.metrics import (
 
 from randkit import atomic
 from randkit.config import ExperimentConfig, validate_config
-from randkit.cv.fit import run_fit_trial
+from randkit.cv.fit import record_head, run_fit_trial
 from randkit.cv.objects import UserObjects, build_user_model
-from randkit.cv.plan import PLAN_SOURCES, Trial
+from randkit.cv.plan import Trial
 from randkit.data import LabeledData, featurize, load_data
 from randkit.data.base import Prepared, TensorData, data_fingerprint, stratified_holdout
 from randkit.data.dataset import DatasetData, dataset_parts, targets_array
@@ -86,16 +86,7 @@ def trial_record(
     """The JSON record of a finished trial (``trials/<id>/metrics.json``): the task's test
     metrics and ``extra`` (the user's), per-class tables (classification) or per-label
     scores (multilabel), the learning curves."""
-    record: dict[str, Any] = {
-        "id": trial.id,
-        "fold": trial.fold,
-        "repeat": trial.repeat,
-        "group": trial.group,
-        "levels": trial.levels,
-        "seeds": {source: streams.seed(source) for source in PLAN_SOURCES},
-        "train_size": len(prepared.train),
-        "test_size": len(prepared.test),
-    }
+    record = record_head(trial, streams, len(prepared.train), len(prepared.test))
     if task == "classification":
         record.update(class_tables(outputs, targets, len(prepared.classes)))
     else:

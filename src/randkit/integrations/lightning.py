@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import random
+import random  # global-rng-ok: seeded for the user's code inside a restoring block
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from functools import partial
@@ -174,8 +174,8 @@ def seed_global_rngs(
         cuda_seed = streams.seed(source, what="cuda", **coords)
         torch.cuda.default_generators[device.index or 0].manual_seed(cuda_seed)
     seed = streams.seed(source, what="python", **coords)
-    random.seed(seed)
-    np.random.seed(seed % 2**32)  # noqa: NPY002  (seeding what user code draws from)
+    random.seed(seed)  # global-rng-ok: the trial restores it (seeded_global_rngs)
+    np.random.seed(seed % 2**32)  # noqa: NPY002  # global-rng-ok: restored by the trial
 
 
 class EpochSampler(Sampler[int]):
