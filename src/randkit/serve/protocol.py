@@ -118,7 +118,7 @@ def v2_input(request: V2InferRequest, bundle: LoadedBundle) -> torch.Tensor:
         raise RequestError(
             400, f"inputs.0.shape: cannot hold a tensor, got {tensor.shape}"
         ) from None
-    return _checked(bundle, array, "inputs.0")
+    return checked_input(bundle, array, "inputs.0")
 
 
 def tf_input(request: TFPredictRequest, bundle: LoadedBundle) -> torch.Tensor:
@@ -127,9 +127,9 @@ def tf_input(request: TFPredictRequest, bundle: LoadedBundle) -> torch.Tensor:
         raise RequestError(400, "give exactly one of 'instances' (rows) and 'inputs' (columns)")
     if request.instances is not None:
         rows = [_unwrap(row, "instances") for row in request.instances]
-        return _checked(bundle, _numeric(rows, "instances"), "instances")
+        return checked_input(bundle, _numeric(rows, "instances"), "instances")
     data = _unwrap(request.inputs, "inputs")
-    return _checked(bundle, _numeric(data, "inputs"), "inputs")
+    return checked_input(bundle, _numeric(data, "inputs"), "inputs")
 
 
 def _unwrap(value: Any, where: str) -> Any:
@@ -141,7 +141,8 @@ def _unwrap(value: Any, where: str) -> Any:
     return value
 
 
-def _checked(bundle: LoadedBundle, array: np.ndarray, where: str) -> torch.Tensor:
+def checked_input(bundle: LoadedBundle, array: np.ndarray, where: str) -> torch.Tensor:
+    """``array`` as the model's input tensor, checked against the bundle (400 otherwise)."""
     if bundle.input_dtype == torch.float32 and array.dtype.kind in "iu":
         array = array.astype(np.float64)  # whole numbers are fine as float pixel values
     try:
