@@ -20,11 +20,12 @@ import http.client
 import json
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 import schemathesis
 from fastapi.routing import APIRoute
@@ -439,6 +440,71 @@ def _parameters(path: str = V2, **parameters: Any) -> dict[str, Any]:
     return v2(parameters=parameters)
 
 
+def _binary(header: dict[str, Any], blob: bytes, length: str | None = None) -> Bad:
+    """A binary-extension body: the JSON header, then ``blob``."""
+    text = json.dumps(header).encode()
+    headers = {"Inference-Header-Content-Length": length or str(len(text))}
+    return Bad(V2, content=text + blob, headers=headers)
+
+
+def _binary_tensor(size: int, shape: tuple[int, ...] = (1, 1, 8, 8)) -> dict[str, Any]:
+    return {
+        "name": "input",
+        "shape": list(shape),
+        "datatype": "FP32",
+        "parameters": {"binary_data_size": size},
+    }
+
+
+def _bad_binary(id: str, case: Bad, expect: tuple[str, ...]) -> Any:
+    return pytest.param(replace(case, expect=expect), id=id)
+
+
+IMAGE_BYTES = bytes(4 * 64)
+BINARY_CASES = [
+    _bad_binary(
+        "binary-header-length-not-a-number",
+        _binary(v2(_binary_tensor(256)), IMAGE_BYTES, length="12x"),
+        ("Inference-Header-Content-Length", "'12x'"),
+    ),
+    _bad_binary(
+        "binary-header-length-past-the-body",
+        _binary(v2(_binary_tensor(256)), IMAGE_BYTES, length="99999"),
+        ("Inference-Header-Content-Length", "99999"),
+    ),
+    _bad_binary(
+        "binary-size-past-the-data",
+        _binary(v2(_binary_tensor(512)), IMAGE_BYTES),
+        ("inputs.0.parameters.binary_data_size", "512", "256 left"),
+    ),
+    _bad_binary(
+        "binary-size-not-shape",
+        _binary(v2(_binary_tensor(128)), IMAGE_BYTES[:128]),
+        ("inputs.0", "128 bytes", "[1, 1, 8, 8]", "256"),
+    ),
+    _bad_binary(
+        "binary-bytes-left-over",
+        _binary(v2(_binary_tensor(256)), IMAGE_BYTES + b"xx"),
+        ("body", "2 bytes after"),
+    ),
+    _bad_binary(
+        "binary-size-negative",
+        _binary(v2(_binary_tensor(-4)), IMAGE_BYTES),
+        ("binary_data_size", "-4"),
+    ),
+    _bad_binary(
+        "binary-without-header-length",
+        Bad(V2, content=json.dumps(v2(_binary_tensor(256))).encode() + IMAGE_BYTES),
+        ("body", "not valid JSON"),
+    ),
+    _bad_binary(
+        "binary-nan-pixels",
+        _binary(v2(_binary_tensor(256)), np.full(64, np.nan, np.float32).tobytes()),
+        ("inputs.0",),
+    ),
+]
+
+
 SHAPE_CASES = [
     bad("rank-1", V2, v2(tensor(shape=(64,))), expect=("inputs.0", "[64]", "(N, 1, 8, 8)")),
     bad("rank-5", V2, v2(tensor(shape=(1, 1, 1, 8, 8))), expect=("[1, 1, 1, 8, 8]",)),
@@ -675,7 +741,25 @@ PARAMETER_CASES = [
         )
         for mode in ("tta", "mc_dropout", "weight_noise", "smooth")
     ),
-    bad("binary-output", V2, _parameters(binary_data_output=True), expect=("binary",)),
+    bad(
+        "binary-output-not-bool",
+        V2,
+        _parameters(binary_data_output="yes"),
+        expect=("parameters.binary_data_output", "'yes'"),
+    ),
+    bad(
+        "output-binary-not-bool",
+        V2,
+        v2(outputs=[{"name": "predicted", "parameters": {"binary_data": 1}}]),
+        expect=("outputs.0.parameters.binary_data", "1"),
+    ),
+    bad(
+        "output-classification",
+        V2,
+        v2(outputs=[{"name": "predicted", "parameters": {"classification": 3}}]),
+        expect=("outputs.0.parameters.classification", "not supported"),
+    ),
+    *BINARY_CASES,
     bad(
         "too-many-rows",
         V2,

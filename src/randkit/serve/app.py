@@ -3,6 +3,7 @@ JSON errors, and the routes of both protocols (``v2.py``, ``tfserving.py``)."""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import re
 from collections.abc import AsyncIterator
@@ -18,7 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import randkit
 from randkit.serve.options import RequestError, shown
-from randkit.serve.protocol import ErrorBody
+from randkit.serve.protocol import ErrorBody, V2InferRequest
 from randkit.serve.repository import ServedModel
 from randkit.serve.server import Server, ServerSettings
 from randkit.serve.traffic import resolve_version
@@ -52,13 +53,24 @@ def _one_line(exc: RequestValidationError) -> str:
     return f"{where}: {first.get('msg', 'invalid')}, got {got}"
 
 
+def _protocol(path: str) -> str:
+    return "v2" if path.startswith("/v2/") else "tf" if path.startswith("/v1/") else "other"
+
+
+def _is_inference(scope: Scope) -> bool:
+    path = scope["path"]
+    return scope["method"] == "POST" and path.endswith(("/infer", ":predict", ":classify"))
+
+
 class _Guard:
-    """Pure ASGI middleware: bearer token, body-size limit, in-flight gauge. The body is
-    read here, up to the limit, so an oversized one is refused before any parsing."""
+    """Pure ASGI middleware: bearer token, body-size limit, body timeout, in-flight gauge.
+    The body is read here, up to the limit, so an oversized one is refused before any
+    parsing; one that stops short of its declared length is dropped after the timeout."""
 
     def __init__(self, app: ASGIApp, server: Server) -> None:
         self.app, self.server = app, server
         self.limit = int(server.settings.max_body_mb * 1024 * 1024)
+        self.timeout = server.settings.body_timeout_s
         token = server.settings.token
         self.expected = f"Bearer {token}".encode() if token else None
 
@@ -68,33 +80,49 @@ class _Guard:
             return
         headers = dict(scope.get("headers") or [])
         if scope["method"] == "POST" and headers.get(b"content-type") != b"application/json":
-            # Every POST body here is JSON; like Triton, do not insist on the content type.
+            # Every POST body here is JSON (or a V2 binary body, read by hand); like Triton,
+            # do not insist on the content type.
             scope = {**scope, "headers": _json_content_type(scope["headers"])}
         if self.expected is not None and scope["path"] not in OPEN_PATHS:
             given = headers.get(b"authorization", b"")
             if not hmac.compare_digest(given, self.expected):
-                response = error(401, "authorization: a valid bearer token is required")
+                response = self._refuse(
+                    scope, 401, "authorization: a valid bearer token is required"
+                )
                 response.headers["WWW-Authenticate"] = "Bearer"
                 await response(scope, receive, send)
                 return
         declared = headers.get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
-            await error(413, f"body: larger than the limit of {self.limit} bytes")(
-                scope, receive, send
-            )
+            await self._too_big(scope)(scope, receive, send)
             return
+        if _is_inference(scope):
+            with self.server.arrival():
+                await self._handle(scope, receive, send)
+        else:
+            await self._handle(scope, receive, send)
+
+    async def _handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         body = bytearray()
         more = scope["method"] not in ("GET", "HEAD")
         while more:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.timeout)
+            except TimeoutError:
+                response = self._refuse(
+                    scope,
+                    408,
+                    f"body: incomplete after {self.timeout:g} s ({len(body)} bytes received)",
+                )
+                response.headers["Connection"] = "close"
+                await response(scope, receive, send)
+                return
             if message["type"] == "http.disconnect":
                 return
             body += message.get("body", b"")
             more = message.get("more_body", False)
             if len(body) > self.limit:
-                await error(413, f"body: larger than the limit of {self.limit} bytes")(
-                    scope, receive, send
-                )
+                await self._too_big(scope)(scope, receive, send)
                 return
         sent = False
 
@@ -112,6 +140,13 @@ class _Guard:
         finally:
             gauge.dec()
 
+    def _refuse(self, scope: Scope, status: int, message: str) -> JSONResponse:
+        self.server.metrics.refuse(status, _protocol(scope["path"]))
+        return error(status, message)
+
+    def _too_big(self, scope: Scope) -> JSONResponse:
+        return self._refuse(scope, 413, f"body: larger than the limit of {self.limit} bytes")
+
 
 def _openapi(app: FastAPI) -> dict[str, Any]:
     """FastAPI's schema, with the errors this server really sends: 4xx ``{"error": ...}``
@@ -124,6 +159,10 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
     error_ref = {"$ref": "#/components/schemas/ErrorBody"}
     schemas = schema.setdefault("components", {}).setdefault("schemas", {})
     schemas["ErrorBody"] = ErrorBody.model_json_schema()
+    # The infer routes read their body by hand (JSON or binary); publish its JSON schema.
+    infer_schema = V2InferRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+    schemas.update(infer_schema.pop("$defs", {}))
+    schemas["V2InferRequest"] = infer_schema
     for operations in schema.get("paths", {}).values():
         for operation in operations.values():
             responses = operation.setdefault("responses", {})
@@ -177,9 +216,12 @@ def create_app(settings: ServerSettings) -> FastAPI:
     )
     app.state.server = server
 
-    def refused(request: Request, status: int, message: str) -> JSONResponse:
+    def refused(request: Request, status: int, message: str, parse: bool = False) -> JSONResponse:
         path = request.url.path
-        if path.endswith(("/infer", ":predict")):  # count refused inference requests too
+        server.metrics.refuse(status, _protocol(path), parse)
+        if path.endswith(
+            ("/infer", ":predict", ":classify")
+        ):  # count refused inference requests too
             name = request.path_params.get("name", "")
             model = server.repository.models.get(name)
             asked = request.path_params.get("version") or request.path_params.get("label")
@@ -195,10 +237,12 @@ def create_app(settings: ServerSettings) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return refused(request, 400, _one_line(exc))
+        parse = any(e.get("type") == "json_invalid" for e in exc.errors())
+        return refused(request, 400, _one_line(exc), parse)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        server.metrics.refuse(exc.status_code, _protocol(request.url.path))
         return error(exc.status_code, str(exc.detail))
 
     @app.get("/metrics", include_in_schema=False)

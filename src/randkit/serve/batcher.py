@@ -1,6 +1,10 @@
 """Dynamic batching: requests wait up to ``max_delay`` for others, up to ``max_rows`` rows
 (Monte-Carlo samples count as rows), then run in one forward pass in the worker thread.
 
+A batch waits only while another request is on its way (``others_coming``: the server has
+accepted a request that has not reached a batcher yet). A request alone runs at once, so the
+batching window costs a lone client nothing.
+
 One worker thread runs every forward pass of the server: PyTorch already uses all cores inside
 an operation, so a second concurrent forward would only fight it for them. While a batch runs,
 the next one gathers.
@@ -37,10 +41,12 @@ class Batcher:
         max_rows: int,
         max_delay_s: float,
         on_batch: BatchHook | None = None,
+        others_coming: Callable[[], bool] | None = None,
     ) -> None:
         self.engine, self.executor = engine, executor
         self.max_rows, self.max_delay_s = max(1, max_rows), max(0.0, max_delay_s)
         self.on_batch = on_batch
+        self.others_coming = others_coming or (lambda: True)  # unknown: always wait
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
         self._held: _Pending | None = None  # took it, but it did not fit the last batch
@@ -89,6 +95,8 @@ class Batcher:
         batch, rows = [first], first.rows
         deadline = time.perf_counter() + self.max_delay_s
         while rows < self.max_rows:
+            if self._held is None and self._queue.empty() and not self.others_coming():
+                break  # nothing queued and nothing on its way: waiting only adds latency
             pending = await self._next(deadline - time.perf_counter())
             if pending is None:
                 break

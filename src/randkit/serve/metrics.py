@@ -3,10 +3,24 @@ as in the tests, do not collide)."""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+# Why a request was refused, a fixed set (never a string from the request).
+REFUSAL_REASONS = ("auth", "size", "parse", "validation", "not_found", "conflict", "timeout")
 
 
 class ServerMetrics:
@@ -20,38 +34,72 @@ class ServerMetrics:
         )
         self.latency = Histogram(
             "randkit_request_latency_seconds",
-            "Time from a request's arrival to its response, by model.",
-            ["model"],
+            "Time from a request's arrival to its response, by model and version.",
+            ["model", "version"],
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
         self.queue_time = Histogram(
             "randkit_queue_seconds",
-            "Time a request waited for its batch to start.",
+            "Time a request waited for its batch to start, by model and version.",
+            ["model", "version"],
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
         self.batch_rows = Histogram(
             "randkit_batch_rows",
             "Rows (inputs times Monte-Carlo samples) per forward batch.",
+            ["model", "version"],
             buckets=ROW_BUCKETS,
             registry=self.registry,
         )
         self.batch_requests = Histogram(
             "randkit_batch_requests",
             "Requests per forward batch.",
+            ["model", "version"],
             buckets=ROW_BUCKETS,
             registry=self.registry,
         )
         self.in_flight = Gauge(
             "randkit_requests_in_flight", "Requests being handled.", registry=self.registry
         )
+        self.refused = Counter(
+            "randkit_refused_requests",
+            "Requests refused, by reason (auth, size, parse, validation, not_found, conflict, "
+            "timeout) and protocol (v2, tf, grpc, other).",
+            ["reason", "protocol"],
+            registry=self.registry,
+        )
+        for reason in REFUSAL_REASONS:  # every series from the start, so rates work at once
+            for protocol in ("v2", "tf", "grpc", "other"):
+                self.refused.labels(reason, protocol)
+        # The process's CPU, memory, file descriptors and garbage collections, in this registry
+        # (the default collectors live in the global one, which this server does not expose).
+        if PROCESS_COLLECTOR is not None:
+            ProcessCollector(registry=self.registry)
+        if PLATFORM_COLLECTOR is not None:
+            PlatformCollector(registry=self.registry)
+        if GC_COLLECTOR is not None:
+            GCCollector(registry=self.registry)
 
-    def on_batch(self, rows: int, queued: list[float]) -> None:
-        self.batch_rows.observe(rows)
-        self.batch_requests.observe(len(queued))
+    def on_batch(self, model: str, version: str, rows: int, queued: list[float]) -> None:
+        self.batch_rows.labels(model, version).observe(rows)
+        self.batch_requests.labels(model, version).observe(len(queued))
+        queue_time = self.queue_time.labels(model, version)
         for seconds in queued:
-            self.queue_time.observe(seconds)
+            queue_time.observe(seconds)
+
+    def refuse(self, status: int, protocol: str, parse: bool = False) -> None:
+        """Count a refused request under the reason its status (or ``parse``) gives."""
+        reason = {
+            401: "auth",
+            403: "auth",
+            404: "not_found",
+            408: "timeout",
+            409: "conflict",
+            413: "size",
+        }.get(status, "parse" if parse else "validation")
+        self.refused.labels(reason, protocol).inc()
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

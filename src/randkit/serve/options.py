@@ -17,7 +17,8 @@ from randkit.randomize.modules import randomness_needs
 Options = Sampling  # a request's options are deploy's Sampling: the predictor takes them as is
 MAX_SAMPLES = 10_000
 MAX_SEED = 2**63 - 1
-# Parameters that Triton's clients add on their own; a JSON-only server accepts and ignores them.
+# Parameters that Triton's clients add on their own (binary_data_output is read by the V2
+# route; the others are accepted and ignored).
 CLIENT_PARAMETERS = frozenset(
     {"binary_data_output", "priority", "timeout", "sequence_id", "sequence_start", "sequence_end"}
 )
@@ -75,8 +76,6 @@ def parse_options(
     if unknown:
         known = ", ".join(sorted(OPTION_NAMES))
         raise RequestError(400, f"parameters.{unknown[0][:80]}: unknown parameter (known: {known})")
-    if params.get("binary_data_output") not in (None, False):
-        raise _bad("binary_data_output", "binary output is not supported; use JSON", True)
     randomized = bundle.meta.get("randomized") or {}
     ensemble = len(bundle.models) > 1
     mode = params.get("mode")

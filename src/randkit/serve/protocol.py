@@ -15,6 +15,7 @@ from randkit.deploy.bundle import LoadedBundle, validate_input
 from randkit.deploy.smoothing import ABSTAIN
 from randkit.serve.engine import Outputs
 from randkit.serve.options import RequestError
+from randkit.serve.tensors import array_from_bytes, checked_shape
 
 INPUT_NAME = "input"
 FLOAT_TYPES = {"FP16": np.float16, "FP32": np.float32, "FP64": np.float64}
@@ -28,6 +29,7 @@ OUTPUT_TYPES = {
     "radius": "FP32",
 }
 MAX_DIMS = 8
+MAX_ID = 256  # characters of a client's request id
 # Numbers only, nested to any depth: pydantic checks this in Rust, and a boolean or a string
 # among the numbers is refused instead of being turned into 1.0 by numpy.
 Numbers = TypeAliasType(
@@ -45,7 +47,7 @@ class V2Tensor(_Strict):
     shape: list[StrictInt] = Field(max_length=MAX_DIMS)
     datatype: StrictStr
     parameters: dict[str, Any] | None = None
-    data: Numbers
+    data: Numbers | None = None  # None: the tensor is in the binary part of the body
 
 
 class V2RequestedOutput(_Strict):
@@ -54,7 +56,7 @@ class V2RequestedOutput(_Strict):
 
 
 class V2InferRequest(_Strict):
-    id: StrictStr | None = None
+    id: StrictStr | None = Field(default=None, max_length=MAX_ID)
     parameters: dict[str, Any] | None = None
     inputs: list[V2Tensor] = Field(min_length=1)
     outputs: list[V2RequestedOutput] | None = None
@@ -65,6 +67,13 @@ class TFPredictRequest(_Strict):
     instances: list[StrictInt | StrictFloat | Numbers | dict[str, Numbers]] | None = None
     inputs: Numbers | dict[str, Numbers] | None = None
     parameters: dict[str, Any] | None = None  # randkit's extension: the V2 parameters
+
+
+class TFClassifyRequest(_Strict):
+    signature_name: StrictStr | None = None
+    context: dict[str, Numbers | StrictInt | StrictFloat] | None = None
+    examples: list[dict[str, Numbers | StrictInt | StrictFloat]] = Field(min_length=1)
+    parameters: dict[str, Any] | None = None
 
 
 class FeedbackRequest(_Strict):
@@ -86,15 +95,18 @@ def _numeric(data: Any, where: str) -> np.ndarray:
     return array
 
 
-def v2_input(request: V2InferRequest, bundle: LoadedBundle) -> torch.Tensor:
-    """The request's one input tensor, checked against the bundle (shape, datatype, values)."""
+def v2_input(
+    request: V2InferRequest, bundle: LoadedBundle, binary: dict[int, bytes] | None = None
+) -> torch.Tensor:
+    """The request's one input tensor, checked against the bundle (shape, datatype, values).
+
+    ``binary`` holds the raw bytes of inputs sent in the body's binary part, by position.
+    """
     if len(request.inputs) != 1:
         raise RequestError(400, f"inputs: the model takes one input, got {len(request.inputs)}")
     tensor = request.inputs[0]
     if tensor.name != INPUT_NAME:
         raise RequestError(400, f"inputs.0.name: must be {INPUT_NAME!r}, got {tensor.name!r}")
-    if tensor.parameters and "binary_data_size" in tensor.parameters:
-        raise RequestError(400, "inputs.0: binary tensor data is not supported; send JSON data")
     float_model = bundle.input_dtype == torch.float32
     allowed = tuple(FLOAT_TYPES) if float_model else INT_TYPES
     if tensor.datatype not in allowed:
@@ -103,8 +115,12 @@ def v2_input(request: V2InferRequest, bundle: LoadedBundle) -> torch.Tensor:
             f"inputs.0.datatype: must be one of {', '.join(allowed)} for this model, "
             f"got {tensor.datatype!r}",
         )
-    if any(s < 0 for s in tensor.shape):
-        raise RequestError(400, f"inputs.0.shape: must not be negative, got {tensor.shape}")
+    checked_shape(tensor.shape, "inputs.0")
+    if binary is not None and 0 in binary:
+        array = array_from_bytes(tensor.datatype, tensor.shape, binary[0], "inputs.0")
+        return checked_input(bundle, array, "inputs.0")
+    if tensor.data is None:
+        raise RequestError(400, "inputs.0.data: field required (or binary_data_size)")
     array = _numeric(tensor.data, "inputs.0.data")
     if array.size != math.prod(tensor.shape):
         raise RequestError(
@@ -130,6 +146,22 @@ def tf_input(request: TFPredictRequest, bundle: LoadedBundle) -> torch.Tensor:
         return checked_input(bundle, _numeric(rows, "instances"), "instances")
     data = _unwrap(request.inputs, "inputs")
     return checked_input(bundle, _numeric(data, "inputs"), "inputs")
+
+
+def tf_examples_input(request: TFClassifyRequest, bundle: LoadedBundle) -> torch.Tensor:
+    """The inputs of a TF Serving classify request: feature ``input`` of each example, or of
+    the shared ``context``."""
+    rows = []
+    for i, example in enumerate(request.examples):
+        features = {**(request.context or {}), **example}
+        if set(features) != {INPUT_NAME}:
+            raise RequestError(
+                400,
+                f"examples.{i}: the model's one feature is {INPUT_NAME!r}, got "
+                f"{sorted(features)[:5]}",
+            )
+        rows.append(features[INPUT_NAME])
+    return checked_input(bundle, _numeric(rows, "examples"), "examples")
 
 
 def _unwrap(value: Any, where: str) -> Any:
@@ -158,26 +190,6 @@ def output_arrays(outputs: Outputs, classes: list[str]) -> dict[str, np.ndarray]
         dtype=object,
     )
     return {**outputs, "class": names}
-
-
-def v2_outputs(
-    arrays: dict[str, np.ndarray], requested: list[V2RequestedOutput] | None
-) -> list[dict[str, Any]]:
-    names = [o.name for o in requested] if requested else list(arrays)
-    for name in names:
-        if name not in arrays:
-            raise RequestError(
-                400, f"outputs: unknown output {name!r} (this request gives {', '.join(arrays)})"
-            )
-    return [
-        {
-            "name": name,
-            "datatype": OUTPUT_TYPES[name],
-            "shape": list(arrays[name].shape),
-            "data": arrays[name].reshape(-1).tolist(),
-        }
-        for name in names
-    ]
 
 
 def tf_outputs(arrays: dict[str, np.ndarray], rows: bool) -> dict[str, Any]:

@@ -8,7 +8,9 @@ touches the disk, so no request can reach outside ROOT.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +18,7 @@ from typing import Any
 
 from randkit.deploy.bundle import BUNDLE_FILE, NAME_PATTERN, LoadedBundle, load_bundle
 from randkit.errors import UserError
-from randkit.serve.batcher import Batcher, BatchHook
+from randkit.serve.batcher import Batcher
 from randkit.serve.engine import Engine
 from randkit.serve.options import RequestError, shown
 from randkit.serve.traffic import Router, TrafficPolicy, load_policy, resolve_version
@@ -40,6 +42,7 @@ class ServedModel:
     policy: TrafficPolicy
     router: Router
     failed: dict[str, str] = field(default_factory=dict)  # version -> why it did not load
+    epoch: int = 0  # the ledger's policy epoch its experiment counts in (see ledger.py)
 
     def labels_of(self, version: str) -> list[str]:
         return sorted(label for label, v in self.policy.labels.items() if v == version)
@@ -49,7 +52,8 @@ class ServedModel:
 class BatchSettings:
     max_rows: int = 64
     max_delay_s: float = 0.002
-    on_batch: BatchHook | None = None
+    on_batch: Callable[[str, str, int, list[float]], None] | None = None  # model, version, ...
+    others_coming: Callable[[], bool] | None = None  # see Batcher
 
 
 class Repository:
@@ -60,12 +64,14 @@ class Repository:
         device: str = "cpu",
         seed: int = 0,
         batching: BatchSettings | None = None,
+        open_epoch: Callable[[ServedModel], Awaitable[int]] | None = None,
     ) -> None:
         self.root = Path(root)
         if not self.root.is_dir():
             raise UserError("repository", f"{str(self.root)!r} is not a directory")
         self.executor, self.device, self.seed = executor, device, seed
         self.batching = batching or BatchSettings()
+        self.open_epoch = open_epoch
         self.models: dict[str, ServedModel] = {}
         self._lock = asyncio.Lock()
 
@@ -142,12 +148,14 @@ class Repository:
                     log.warning("model %s version %s not loaded: %s", name, version, exc)
                     continue
                 engine = Engine(bundle, max_rows=max(self.batching.max_rows, 4096))
+                hook = self.batching.on_batch
                 batcher = Batcher(
                     engine,
                     self.executor,
                     self.batching.max_rows,
                     self.batching.max_delay_s,
-                    self.batching.on_batch,
+                    functools.partial(hook, name, version) if hook else None,
+                    self.batching.others_coming,
                 )
                 batcher.start()
                 served[version] = ServedVersion(version, bundle, engine, batcher)
@@ -155,6 +163,12 @@ class Repository:
                 first = next(iter(failed.values()))
                 raise RequestError(400, f"no version of model {shown(name)} loads: {first}")
             model = ServedModel(name, served, policy, Router(policy, name, self.seed), failed)
+            if self.open_epoch is not None:  # before serving: no prediction without its epoch
+                try:
+                    model.epoch = await self.open_epoch(model)
+                except BaseException:
+                    await _stop(model)
+                    raise
             previous = self.models.get(name)
             self.models[name] = model
         if previous is not None:

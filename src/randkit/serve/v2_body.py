@@ -1,0 +1,128 @@
+"""Bodies of V2 infer requests and responses over HTTP: JSON tensors, or the binary tensor
+extension that Triton's clients use by default.
+
+A binary body is a JSON header of ``Inference-Header-Content-Length`` bytes followed by the
+raw tensors, in the order of the inputs whose ``parameters.binary_data_size`` gives their
+size. A response is binary when an output asks for it (``parameters.binary_data``) or the
+request does (``parameters.binary_data_output``); its outputs then carry
+``parameters.binary_data_size`` instead of ``data``, in the same framing.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from pydantic import ValidationError
+
+from randkit.serve.options import RequestError, shown
+from randkit.serve.protocol import OUTPUT_TYPES, V2InferRequest
+from randkit.serve.tensors import bytes_of
+
+HEADER_LENGTH = "inference-header-content-length"
+OUTPUT_PARAMETERS = frozenset({"binary_data"})
+
+
+def parse_v2_body(raw: bytes, header_length: str | None) -> tuple[V2InferRequest, dict[int, bytes]]:
+    """The request and the raw bytes of its binary inputs, by input position."""
+    json_part, blob = raw, b""
+    if header_length is not None:
+        if not header_length.isdigit() or int(header_length) > len(raw):
+            raise RequestError(
+                400,
+                f"Inference-Header-Content-Length: must be a byte count within the body's "
+                f"{len(raw)} bytes, got {shown(header_length)}",
+            )
+        json_part, blob = raw[: int(header_length)], raw[int(header_length) :]
+    try:
+        request = V2InferRequest.model_validate_json(json_part)
+    except ValidationError as exc:
+        # FastAPI's own error type, so that the one-line message and the count are the same
+        # as for a body FastAPI parsed.
+        raise RequestValidationError(exc.errors()) from None
+    return request, _binary_inputs(request, blob)
+
+
+def _binary_inputs(request: V2InferRequest, blob: bytes) -> dict[int, bytes]:
+    binary: dict[int, bytes] = {}
+    offset = 0
+    for i, tensor in enumerate(request.inputs):
+        size = (tensor.parameters or {}).get("binary_data_size")
+        if size is None:
+            continue
+        where = f"inputs.{i}.parameters.binary_data_size"
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise RequestError(400, f"{where}: must be a byte count, got {shown(size)}")
+        if tensor.data is not None:
+            raise RequestError(400, f"inputs.{i}: give either data or binary_data_size, not both")
+        if offset + size > len(blob):
+            raise RequestError(
+                400,
+                f"{where}: {size} bytes, but the body's binary part has {len(blob) - offset} "
+                "left (is Inference-Header-Content-Length set?)",
+            )
+        binary[i] = blob[offset : offset + size]
+        offset += size
+    if offset != len(blob):
+        raise RequestError(
+            400, f"body: {len(blob) - offset} bytes after the binary tensors the inputs declare"
+        )
+    return binary
+
+
+def _wanted_outputs(request: V2InferRequest, available: dict[str, Any]) -> list[tuple[str, bool]]:
+    """(name, binary) of each output to send, in the order asked (all when none are)."""
+    default = (request.parameters or {}).get("binary_data_output", False)
+    if not isinstance(default, bool):
+        raise RequestError(
+            400, f"parameters.binary_data_output: must be true or false, got {shown(default)}"
+        )
+    if not request.outputs:
+        return [(name, default) for name in available]
+    wanted = []
+    for i, output in enumerate(request.outputs):
+        if output.name not in available:
+            raise RequestError(
+                400,
+                f"outputs: unknown output {output.name!r} (this request gives "
+                f"{', '.join(available)})",
+            )
+        params = output.parameters or {}
+        unknown = sorted(set(params) - OUTPUT_PARAMETERS)
+        if unknown:
+            raise RequestError(
+                400, f"outputs.{i}.parameters.{unknown[0][:80]}: not supported (known: binary_data)"
+            )
+        binary = params.get("binary_data", default)
+        if not isinstance(binary, bool):
+            where = f"outputs.{i}.parameters.binary_data"
+            raise RequestError(400, f"{where}: must be true or false, got {shown(binary)}")
+        wanted.append((output.name, binary))
+    return wanted
+
+
+def v2_response(
+    request: V2InferRequest, arrays: dict[str, Any], header: dict[str, Any]
+) -> Response:
+    """``header`` (model_name, id, parameters, ...) plus the outputs, JSON or binary."""
+    outputs, blobs = [], []
+    for name, binary in _wanted_outputs(request, arrays):
+        array, datatype = arrays[name], OUTPUT_TYPES[name]
+        entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(array.shape)}
+        if binary:
+            raw = bytes_of(array, datatype)
+            entry["parameters"] = {"binary_data_size": len(raw)}
+            blobs.append(raw)
+        else:
+            entry["data"] = array.reshape(-1).tolist()
+        outputs.append(entry)
+    body = json.dumps({**header, "outputs": outputs}, separators=(",", ":")).encode()
+    if not blobs:
+        return Response(body, media_type="application/json")
+    return Response(
+        body + b"".join(blobs),
+        media_type="application/octet-stream",
+        headers={"Inference-Header-Content-Length": str(len(body))},
+    )
