@@ -7,7 +7,7 @@ INSTALL_INPUTS := pyproject.toml setup.py constraints.txt src/randkit/_native/ph
 
 # Extras per target (an empty set is the core install).
 EXTRAS_demo := report
-EXTRAS_test := dev,serve,report,ray,bench,lightning,metrics
+EXTRAS_test := dev,serve,report,ray,bench,lightning,metrics,onnx
 EXTRAS_bench := bench,serve
 EXTRAS_lint := dev
 

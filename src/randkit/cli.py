@@ -280,12 +280,17 @@ def certify(
     ] = None,
     out: Annotated[Path | None, typer.Option(help="TSV file [default: in RUN]")] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bar, no summary.")] = False,
+    onnx: Annotated[
+        Path | None, typer.Option(help="Certify this model.onnx (onnxruntime) on RUN's inputs.")
+    ] = None,
 ) -> None:
     """Certified L2 robustness by randomized smoothing (Cohen et al. 2019), TSV + curve."""
     from randkit.deploy.certify_run import certify_run
 
     require("report", "randkit certify")  # draws the certified-accuracy curve with matplotlib
-    result = certify_run(run, sigma, n0, n, alpha, batch, skip, max_inputs, radius, out, quiet)
+    result = certify_run(
+        run, sigma, n0, n, alpha, batch, skip, max_inputs, radius, out, quiet, onnx=onnx
+    )
     if not quiet:
         pairs = zip(result["radii"], result["certified_accuracy"], strict=True)
         _out.print("  ".join(f"r={r:g}: {a:.3f}" for r, a in pairs))
@@ -318,10 +323,20 @@ def export(
     ensemble: Annotated[
         bool, typer.Option(help="Export a cross-validation's fold models.")
     ] = False,
+    fmt: Annotated[
+        str, typer.Option("--format", help="bundle, or onnx: the bundle plus a checked model.onnx.")
+    ] = "bundle",
 ) -> None:
     """Write a model bundle REPOSITORY/NAME/VERSION/ (safetensors + bundle.json)."""
     from randkit.deploy.bundle import export_bundle
 
+    if fmt not in ("bundle", "onnx"):
+        raise UserError("--format", f"must be bundle or onnx, got {fmt!r}")
+    if fmt == "onnx":
+        from randkit.deploy.onnx_export import export_onnx
+
+        _out.print(f"-> {export_onnx(run, repository, name, version, ensemble)}")
+        return
     _out.print(f"-> {export_bundle(run, repository, name, version, ensemble)}")
 
 

@@ -22,6 +22,7 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "ray": ("ray",),
     "lightning": ("lightning",),
     "metrics": ("torchmetrics",),
+    "onnx": ("onnx", "onnxruntime", "onnxscript"),
 }
 
 

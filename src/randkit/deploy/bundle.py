@@ -29,6 +29,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -55,6 +56,7 @@ SINGLE_MEMBER = "model.safetensors"
 MEMBERS_DIR = "models"
 DEFAULT_SAMPLES = 32
 _TEMP_PREFIX = ".tmp-"
+Finish = Callable[[Path], dict[str, Any]]  # see export_bundle
 
 
 # ---------------------------------------------------------------------------------------------
@@ -91,6 +93,7 @@ def export_bundle(
     name: str,
     version: str | None = None,
     ensemble: bool = False,
+    finish: Finish | None = None,
 ) -> Path:
     """Export a finished run as ``repository/name/version/`` and return that folder.
 
@@ -104,6 +107,8 @@ def export_bundle(
 
     ``version`` defaults to one more than the highest integer version already in
     ``repository/name`` ("1" first). An existing version is refused, never overwritten.
+    ``finish(folder)`` (the ONNX export) adds files to the checked bundle before it is renamed
+    into place and returns keys for bundle.json; when it raises, no version is left.
     """
     check_name(name, "name")
     if version is not None:
@@ -129,7 +134,7 @@ def export_bundle(
     if version is None:
         version = _next_version(family)
     try:
-        return _publish(source, run, family, name, version)
+        return _publish(source, run, family, name, version, finish)
     except BaseException:
         for folder in reversed(made):  # folders this call created, if still empty
             with contextlib.suppress(OSError):
@@ -137,7 +142,9 @@ def export_bundle(
         raise
 
 
-def _publish(source: _Source, run: Path, family: Path, name: str, version: str) -> Path:
+def _publish(
+    source: _Source, run: Path, family: Path, name: str, version: str, finish: Finish | None
+) -> Path:
     """Write the bundle into a temp folder of ``family``, load it back, rename it into place."""
     taken = UserError(
         "version", f"{version!r} of bundle {name!r} already exists in {str(family.parent)!r}"
@@ -156,6 +163,8 @@ def _publish(source: _Source, run: Path, family: Path, name: str, version: str) 
         }
         atomic.write_json(temp / BUNDLE_FILE, meta)
         load_bundle(temp)  # the bundle must load (hashes, architecture, weights) before it exists
+        if finish is not None:
+            atomic.write_json(temp / BUNDLE_FILE, {**meta, **finish(temp)})
         if target.exists():
             raise taken
         try:

@@ -42,17 +42,22 @@ def certify_run(
     radius: float | None = None,
     out: Path | None = None,
     quiet: bool = False,
+    onnx: Path | None = None,
 ) -> dict[str, Any]:
     """Certify every ``skip``-th test input of a trained run (at most ``max_inputs``): a TSV
-    of Cohen et al.'s format, the certified-accuracy curve as JSON and PNG."""
+    of Cohen et al.'s format, the certified-accuracy curve as JSON and PNG.
+
+    ``onnx``: certify that ONNX model (``randkit export --format onnx`` of the run) through
+    onnxruntime on the CPU instead of the run's PyTorch model, with the same noise draws."""
     require("report", "randkit certify")  # draws its figure with matplotlib
     _check_arguments(sigma, n0, n, alpha, batch, skip, radius)
-    trained = load_trained(run)
+    trained = load_trained(run, device="cpu" if onnx is not None else None)
     if trained.prepared.kind == "text":
         raise UserError("run", "randomized smoothing needs image or vector inputs, got text")
     test = trained.prepared.test
     indices = list(range(0, len(test), skip))[: max_inputs if max_inputs else None]
-    smoothed = Smoothed(trained.model, len(trained.prepared.classes), sigma, trained.device)
+    model = trained.model if onnx is None else _onnx_model(onnx, trained.prepared)
+    smoothed = Smoothed(model, len(trained.prepared.classes), sigma, trained.device)
     header = ["idx", "label", "predict", "radius", "correct", "time"]
     if radius is not None:
         header.append("samples")
@@ -73,9 +78,8 @@ def certify_run(
             radii.append(rad)
             correct.append(bool(hit))
             advance()
-    tsv = out or run / (
-        f"certify-sigma{sigma:g}" + (f"-radius{radius:g}" if radius is not None else "") + ".tsv"
-    )
+    at = f"-radius{radius:g}" if radius is not None else ""
+    tsv = out or run / (f"certify-sigma{sigma:g}{at}" + ("-onnx" if onnx else "") + ".tsv")
     atomic.write_text(tsv, "\n".join(rows) + "\n")
     curve = {
         "sigma": sigma,
@@ -90,6 +94,20 @@ def certify_run(
     atomic.write_json(curve_json, curve)
     atomic.write_bytes(tsv.with_suffix(".curve.png"), _plot(curve))
     return {"tsv": tsv, "curve": curve_json, **curve}
+
+
+def _onnx_model(path: Path, prepared: Any) -> torch.nn.Module:
+    """The ONNX classifier, refused in one line unless it takes the run's inputs and classes."""
+    from randkit.deploy.onnx_model import OnnxClassifier
+
+    model = OnnxClassifier(path)
+    model.check_input(list(prepared.input_shape), torch.float32)
+    if model.num_classes not in (None, len(prepared.classes)):
+        raise UserError(
+            "onnx",
+            f"{str(path)!r} gives {model.num_classes} classes, the run has {len(prepared.classes)}",
+        )
+    return model
 
 
 def _check_arguments(

@@ -80,9 +80,9 @@ class Smoothed:
         self.model = model
         self.num_classes = num_classes
         self.sigma = float(sigma)
-        self.device = (
-            torch.device(device) if device is not None else next(model.parameters()).device
-        )
+        # A model without parameters (e.g. an OnnxClassifier) runs on the CPU.
+        first = next(model.parameters(), torch.empty(0))
+        self.device = torch.device(device) if device is not None else first.device
 
     @torch.no_grad()
     def sample_counts(
