@@ -233,6 +233,8 @@ def test_certification_through_onnx_agrees_with_pytorch(
     assert np.abs(torch_counts - onnx_counts).sum(1).max() <= 2 * 2  # a flip moves 2 cells
     assert onnx_classes == torch_classes
     np.testing.assert_allclose(onnx_radii, torch_radii, rtol=1e-2, atol=1e-6)
+    same = (torch_counts == onnx_counts).all(1)  # the same votes give the same radius, bitwise
+    assert (onnx_radii[same] == torch_radii[same]).all()
     assert len(set(torch_classes)) > 1  # not a degenerate case (all one class)
 
 
