@@ -138,6 +138,25 @@ def test_export_in_train_mode_is_still_deterministic(runs: dict[str, Path]) -> N
         np.testing.assert_allclose(logits, model(x).numpy(), rtol=0, atol=1e-5)
 
 
+class _Branchy(torch.nn.Module):
+    """Control flow on a value: torch.export cannot capture it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x) if x.sum() > 0 else -self.linear(x)
+
+
+def test_a_model_that_does_not_export_is_refused_in_one_line() -> None:
+    with pytest.raises(UserError) as error:
+        to_onnx(_Branchy(), torch.ones(2, 4), {})
+    message = str(error.value)
+    assert message.startswith("format: the model does not export to ONNX: ")
+    assert "\n" not in message and "\x1b" not in message
+
+
 class _Perturbed:
     """An onnxruntime session whose outputs are off by 1e-4: the check must refuse it."""
 

@@ -23,6 +23,7 @@ import contextlib
 import hashlib
 import io
 import json
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -152,8 +153,9 @@ def to_onnx(model: nn.Module, example: torch.Tensor, metadata: dict[str, str]) -
                 verbose=False,
             )
         except Exception as exc:  # the exporter raises many types; the user needs one line
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise UserError("format", f"the model does not export to ONNX: {first}") from None
+            raise UserError(
+                "format", f"the model does not export to ONNX: {_reason(exc)}"
+            ) from None
     assert program is not None
     proto = program.model_proto
     onnx.helper.set_model_props(proto, metadata)
@@ -163,6 +165,15 @@ def to_onnx(model: nn.Module, example: torch.Tensor, metadata: dict[str, str]) -
     if opset < 17:
         raise UserError("format", f"the exporter wrote opset {opset}, randkit needs 17 or later")
     return bytes(proto.SerializeToString())
+
+
+def _reason(exc: BaseException) -> str:
+    """The first line of the innermost cause (the exporter wraps torch.export's error in a
+    colored "step 1/3" banner that says less)."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else '(no message)'}"
 
 
 @torch.no_grad()
