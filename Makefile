@@ -11,7 +11,7 @@ EXTRAS_test := dev,serve,report,ray,bench,lightning,metrics,onnx
 EXTRAS_bench := bench,serve
 EXTRAS_lint := dev
 
-.PHONY: demo test bench lint clean
+.PHONY: demo test bench lint clean tools
 .PRECIOUS: $(VENV)/.installed-%
 
 # One stamp per set of extras; a change to the package metadata or the kernel reinstalls.
@@ -27,8 +27,27 @@ $(BIN)/randkit: $(VENV)/.installed-test
 demo: $(VENV)/.installed-demo
 	$(BIN)/randkit cv examples/digits.yaml --out runs/digits-cv
 
-test: $(VENV)/.installed-test
+test: $(VENV)/.installed-test tools
 	$(BIN)/python -m pytest -q
+
+# Triton's perf_analyzer, which the server's load tests run: the binary that tritonclient
+# 2.34.0's manylinux wheel ships, in a venv of its own so that .venv keeps its newer
+# tritonclient. It needs libcudart (pip's nvidia-cuda-runtime-cu12, found through the
+# wrapper .tools/perf_analyzer) and libb64 (Debian's libb64-0d: installed here when missing
+# and running as root; otherwise install it yourself).
+PERF_VENV := .tools/perf
+tools: .tools/perf_analyzer
+	@ldconfig -p | grep -q libb64.so.0d || [ "$$(id -u)" != 0 ] || \
+		(apt-get update -qq && apt-get install -y -qq libb64-0d)
+
+.tools/perf_analyzer:
+	test -d $(PERF_VENV) || $(PYTHON) -m venv $(PERF_VENV)
+	$(PERF_VENV)/bin/pip install --quiet --no-deps 'tritonclient==2.34.0' \
+		'nvidia-cuda-runtime-cu12>=12,<13'
+	lib=$$(echo $(CURDIR)/$(PERF_VENV)/lib/python3*/site-packages/nvidia/cuda_runtime/lib); \
+	printf '#!/bin/sh\nLD_LIBRARY_PATH="%s$${LD_LIBRARY_PATH:+:$$LD_LIBRARY_PATH}" exec "%s" "$$@"\n' \
+		"$$lib" "$(CURDIR)/$(PERF_VENV)/bin/perf_analyzer" > $@.tmp
+	chmod +x $@.tmp && mv $@.tmp $@
 
 bench: $(VENV)/.installed-bench
 	@for script in benchmarks/*.py; do echo "== $$script"; $(BIN)/python $$script || exit 1; done
@@ -38,4 +57,4 @@ lint: $(VENV)/.installed-lint
 	$(BIN)/ruff format --check src tests benchmarks
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .ruff_cache
+	rm -rf $(VENV) .tools runs .pytest_cache .ruff_cache

@@ -65,16 +65,21 @@ def free_port() -> int:
 class RunningServer:
     def __init__(self, url: str, server: uvicorn.Server, thread: threading.Thread) -> None:
         self.url, self.server, self.thread = url, server, thread
+        self.grpc_url: str | None = None  # "127.0.0.1:PORT" when started with grpc=True
 
     def client(self, **kwargs: Any) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=60, **kwargs)
 
 
 @contextmanager
-def running_server(repository: Path, **settings: Any) -> Iterator[RunningServer]:
+def running_server(
+    repository: Path, grpc: bool = False, **settings: Any
+) -> Iterator[RunningServer]:
     """uvicorn serving ``repository`` on 127.0.0.1:free port in a thread, until the block
-    ends (then a graceful shutdown)."""
+    ends (then a graceful shutdown); with ``grpc``, the gRPC service on another free port."""
     port = free_port()
+    if grpc:
+        settings["grpc_port"] = free_port()
     app = create_app(ServerSettings(repository=repository, port=port, **settings))
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
     server = uvicorn.Server(config)
@@ -92,7 +97,10 @@ def running_server(repository: Path, **settings: Any) -> Iterator[RunningServer]
             raise RuntimeError("the server did not become ready")
         time.sleep(0.05)
     try:
-        yield RunningServer(url, server, thread)
+        running = RunningServer(url, server, thread)
+        if grpc:
+            running.grpc_url = f"127.0.0.1:{settings['grpc_port']}"
+        yield running
     finally:
         server.should_exit = True
         thread.join(timeout=60)

@@ -347,6 +347,9 @@ def serve(
         "127.0.0.1"
     ),
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    grpc_port: Annotated[
+        int | None, typer.Option(help="Also serve KServe V2 gRPC on this port (none: off).")
+    ] = None,
     token: Annotated[
         str | None, typer.Option(help="Require 'Authorization: Bearer TOKEN' (or RANDKIT_TOKEN).")
     ] = None,
@@ -367,6 +370,7 @@ def serve(
         repository,
         host=host,
         port=port,
+        grpc_port=grpc_port,
         token=token or os.environ.get("RANDKIT_TOKEN") or None,
         max_batch=max_batch,
         max_delay_ms=max_delay_ms,

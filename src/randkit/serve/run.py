@@ -20,6 +20,10 @@ def check_settings(settings: ServerSettings) -> ServerSettings:
         raise UserError("repository", f"{str(settings.repository)!r} is not a directory")
     if not 0 <= settings.port <= 65535:
         raise UserError("--port", f"must be in [0, 65535], got {settings.port}")
+    if settings.grpc_port is not None and not 0 <= settings.grpc_port <= 65535:
+        raise UserError("--grpc-port", f"must be in [0, 65535], got {settings.grpc_port}")
+    if settings.grpc_port is not None and settings.grpc_port == settings.port != 0:
+        raise UserError("--grpc-port", f"must differ from --port, got {settings.grpc_port}")
     if settings.max_batch < 1:
         raise UserError("--max-batch", f"must be >= 1, got {settings.max_batch}")
     if not (math.isfinite(settings.max_delay_ms) and settings.max_delay_ms >= 0):

@@ -20,8 +20,10 @@ from randkit.serve.metrics import ServerMetrics
 from randkit.serve.options import MAX_ROWS, Options, RequestError, parse_options, shown
 from randkit.serve.protocol import output_arrays
 from randkit.serve.repository import BatchSettings, Repository, ServedModel, ServedVersion
+from randkit.serve.stats import RequestTimes, StatsCollector
 from randkit.streams import Streams
 
+GRPC_GRACE_S = 30  # as uvicorn's graceful shutdown
 MAX_ELEMENTS = 1 << 26  # input values times samples per request (256 MB of float32)
 
 
@@ -34,6 +36,7 @@ class ServerSettings:
     max_batch: int = 64
     max_delay_ms: float = 2.0
     max_body_mb: float = 16.0
+    grpc_port: int | None = None  # None: no gRPC server
     seed: int = 0
     device: str = "cpu"
 
@@ -69,20 +72,31 @@ class Server:
             device=settings.device,
             seed=settings.seed,
             batching=BatchSettings(
-                settings.max_batch, settings.max_delay_ms / 1000, self.metrics.on_batch
+                settings.max_batch, settings.max_delay_ms / 1000, self._on_batch
             ),
         )
         self.streams = Streams(settings.seed)
         self.ledger = FeedbackLedger()
+        self.stats = StatsCollector()
+        self.grpc: Any = None  # the grpc.aio server, when settings.grpc_port is set
+        self.grpc_port: int | None = None  # the port it bound
         self.ready = False
         self._requests = itertools.count()
 
     async def start(self) -> None:
         await self.repository.load_all()
+        if self.settings.grpc_port is not None:  # on this event loop: one set of batchers
+            from randkit.serve.grpc_service import start_grpc
+
+            self.grpc, self.grpc_port = await start_grpc(
+                self, self.settings.host, self.settings.grpc_port
+            )
         self.ready = True
 
     async def stop(self) -> None:
         self.ready = False
+        if self.grpc is not None:
+            await self.grpc.stop(GRPC_GRACE_S)  # lets the calls in flight finish
         await self.repository.close()
         self.executor.shutdown(wait=True)
 
@@ -97,6 +111,27 @@ class Server:
     ) -> Answer:
         """Route (or take the named version), validate, batch, run, and remember the answer
         for feedback. ``read_input(bundle)`` turns the request body into a tensor."""
+        times = RequestTimes()
+        try:
+            answer = await self._infer(
+                name, version, key, parameters, read_input, request_id, times
+            )
+        except Exception:
+            self.stats.failure(name, times)
+            raise
+        self.stats.success(name, answer.served.version, len(answer.arrays["predicted"]), times)
+        return answer
+
+    async def _infer(
+        self,
+        name: str,
+        version: str | None,
+        key: str | None,
+        parameters: dict[str, Any] | None,
+        read_input: Any,
+        request_id: str | None,
+        times: RequestTimes,
+    ) -> Answer:
         model = self.repository.model(name)
         number = next(self._requests)
         if version is not None:
@@ -106,6 +141,7 @@ class Server:
             if chosen is None:
                 raise RequestError(404, f"model {shown(name)} has no version to route to")
             served, routed = model.versions[chosen], True
+        times.version = served.version
         bundle: LoadedBundle = served.bundle
         x: torch.Tensor = read_input(bundle)
         options = parse_options(
@@ -118,7 +154,9 @@ class Server:
                 f"parameters.samples: {len(x)} inputs x {options.forward_rows(1, 1)} samples "
                 f"is {rows} rows, more than this server takes in one request",
             )
+        times.submitted_ns = time.perf_counter_ns()
         outputs = await served.batcher.submit(Job(x, options))
+        times.answered_ns = time.perf_counter_ns()
         request_id = request_id or f"req-{number}"
         predicted = outputs["predicted"].tolist()
         for i, label in enumerate(predicted):
@@ -126,6 +164,10 @@ class Server:
             self.ledger.record_prediction(name, ledger_id, served.version, int(label), routed)
         arrays = output_arrays(outputs, bundle.classes)
         return Answer(model, served, routed, options, request_id, arrays)
+
+    def _on_batch(self, model: str, version: str, rows: int, queued: list[float]) -> None:
+        self.metrics.on_batch(model, version, rows, queued)
+        self.stats.batch(model, version, queued)
 
     def observe(self, model: str, version: str, protocol: str, status: int, start: float) -> None:
         self.metrics.requests.labels(model, version, protocol, str(status)).inc()

@@ -11,10 +11,10 @@ from fastapi.responses import JSONResponse
 
 import randkit
 from randkit.serve.experiment import FeedbackError, experiment_report
+from randkit.serve.model_config import default_outputs, model_config
 from randkit.serve.options import MODES, RequestError
 from randkit.serve.protocol import (
     INPUT_NAME,
-    OUTPUT_TYPES,
     FeedbackRequest,
     V2InferRequest,
     datatype_of,
@@ -23,6 +23,7 @@ from randkit.serve.protocol import (
 )
 from randkit.serve.repository import ServedModel, ServedVersion
 from randkit.serve.server import Server
+from randkit.serve.stats import stats_of
 
 router = APIRouter(prefix="/v2")
 KeyHeader = Annotated[str | None, Header(alias="X-Request-Key", max_length=256)]
@@ -48,7 +49,14 @@ async def server_metadata() -> dict[str, Any]:
     return {
         "name": "randkit",
         "version": randkit.__version__,
-        "extensions": ["model_repository", "randomized_inference", "traffic_split"],
+        # perf_analyzer reads the model statistics only when "statistics" is listed.
+        "extensions": [
+            "model_repository",
+            "model_configuration",
+            "statistics",
+            "randomized_inference",
+            "traffic_split",
+        ],
     }
 
 
@@ -70,7 +78,7 @@ def _metadata(model: ServedModel, served: ServedVersion | None) -> dict[str, Any
             {"name": name, "datatype": datatype, "shape": [-1, len(bundle.classes)]}
             if name == "probabilities"
             else {"name": name, "datatype": datatype, "shape": [-1]}
-            for name, datatype in OUTPUT_TYPES.items()
+            for name, datatype in default_outputs(bundle).items()  # radius: mode smooth only
         ],
         "parameters": {
             "classes": ",".join(bundle.classes),
@@ -103,6 +111,38 @@ async def version_ready(name: str, version: str, request: Request) -> dict[str, 
     repository = _server(request).repository
     served = repository.version(repository.model(name), version)
     return {"name": name, "version": served.version, "ready": True}
+
+
+# Triton's model configuration and statistics (what perf_analyzer reads; randkit.serve.stats).
+
+
+def _config(server: Server, name: str, version: str | None) -> dict[str, Any]:
+    model = server.repository.model(name)
+    served = server.repository.version(model, version) if version else None
+    settings = server.settings
+    return model_config(model, served, settings.max_batch, settings.max_delay_ms)
+
+
+@router.get("/models/{name}/config")
+async def config(name: str, request: Request) -> dict[str, Any]:
+    return _config(_server(request), name, None)
+
+
+@router.get("/models/{name}/versions/{version}/config")
+async def version_config(name: str, version: str, request: Request) -> dict[str, Any]:
+    return _config(_server(request), name, version)
+
+
+@router.get("/models/{name}/stats")
+async def stats(name: str, request: Request) -> dict[str, Any]:
+    server = _server(request)
+    return stats_of(server.stats, server.repository, name, None)
+
+
+@router.get("/models/{name}/versions/{version}/stats")
+async def version_stats(name: str, version: str, request: Request) -> dict[str, Any]:
+    server = _server(request)
+    return stats_of(server.stats, server.repository, name, version)
 
 
 async def _infer(
