@@ -79,7 +79,8 @@ def test_export_matches_the_bundles_predictor_on_the_test_split(
     folder = export_onnx(runs[kind], tmp_path / "repo", kind)
     assert torch.equal(before, torch.random.get_rng_state())  # no global RNG touched
     assert folder == tmp_path / "repo" / kind / "1"
-    assert {"bundle.json", "model.onnx", "model.safetensors"} <= {p.name for p in folder.iterdir()}
+    files = {p.name for p in folder.iterdir()}
+    assert {"bundle.json", "model.onnx", "model.safetensors", "config.pbtxt"} <= files
     assert _leftovers(tmp_path / "repo") == []
     section = json.loads((folder / "bundle.json").read_text())["onnx"]
     assert section["checked_on"] == "test" and section["max_abs_diff_probabilities"] <= 1e-5
@@ -93,6 +94,15 @@ def test_export_matches_the_bundles_predictor_on_the_test_split(
     assert np.abs(probabilities - expected).max() <= 1e-5
     assert np.abs(probabilities - torch.softmax(torch.from_numpy(logits), -1).numpy()).max() < 1e-6
     assert model.input_dtype == bundle.input_dtype and model.num_classes == len(bundle.classes)
+
+    # Triton's configuration for the file: the bundle's name, input and classes.
+    config = (folder / "config.pbtxt").read_text()
+    dims = ", ".join(map(str, bundle.input_shape))
+    dtype = "TYPE_INT64" if kind == "text" else "TYPE_FP32"
+    assert f'name: "{kind}"' in config and 'backend: "onnxruntime"' in config
+    assert f'{{ name: "input", data_type: {dtype}, dims: [ {dims} ] }}' in config
+    classes = len(bundle.classes)
+    assert f'{{ name: "probabilities", data_type: TYPE_FP32, dims: [ {classes} ] }}' in config
 
 
 def test_the_file_has_opset_17_or_later_a_dynamic_batch_and_no_random_op(

@@ -13,8 +13,10 @@ The file is accepted only when onnxruntime's probabilities on the run's test spl
 one row alone, a batch of 1) are within ``TOLERANCE`` of PyTorch's; otherwise the export
 fails in one line and no version is left (the bundle and the file are published together).
 bundle.json records the file's SHA-256, the opset and the measured differences under
-``onnx``. An ensemble (cross-validation) bundle is refused: one graph per fold would need a
-combining model a Triton user would assemble anyway; export a training run.
+``onnx``. ``config.pbtxt`` beside it is the configuration Triton's onnxruntime backend needs
+(to be moved to ``NAME/`` in a Triton model repository). An ensemble (cross-validation)
+bundle is refused: one graph per fold would need a combining model a Triton user would
+assemble anyway; export a training run.
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ OPSET = 18  # the dynamo exporter's own opset; the task asks >= 17 (Triton 23.x 
 TOLERANCE = 1e-5  # largest accepted |p_onnx - p_torch| of a class probability
 ONNX_FILE = "model.onnx"
 CHECK_ROWS = 1024  # rows per forward pass while checking
+TRITON_FILE = "config.pbtxt"
+TRITON_MAX_BATCH = 64
 
 
 def export_onnx(
@@ -86,6 +90,7 @@ def write_onnx(folder: Path, run: Path) -> dict[str, Any]:
     data = to_onnx(model, x[:1].repeat(2, *([1] * (x.dim() - 1))), metadata)
     differences = check_onnx(data, model, x)
     atomic.write_bytes(folder / ONNX_FILE, data)
+    atomic.write_text(folder / TRITON_FILE, triton_config(bundle.meta))
     return {
         "onnx": {
             "file": ONNX_FILE,
@@ -93,11 +98,31 @@ def write_onnx(folder: Path, run: Path) -> dict[str, Any]:
             "opset": OPSET,
             "input": INPUT,
             "outputs": list(OUTPUTS),
+            "triton_config": TRITON_FILE,
             "checked_on": split,
             "tolerance": TOLERANCE,
             **differences,
         }
     }
+
+
+def triton_config(meta: dict[str, Any]) -> str:
+    """Triton's ``config.pbtxt`` for the bundle's ``model.onnx`` (onnxruntime backend). Triton
+    wants it in the model's folder, beside the version folders: ``NAME/config.pbtxt``."""
+    dtype = "TYPE_INT64" if meta["input"]["dtype"] == "int64" else "TYPE_FP32"
+    dims = ", ".join(str(d) for d in meta["input"]["shape"])
+    classes = int(meta["num_classes"])
+    outputs = ",\n".join(
+        f'  {{ name: "{output}", data_type: TYPE_FP32, dims: [ {classes} ] }}' for output in OUTPUTS
+    )
+    return (
+        f'name: "{meta["name"]}"\n'
+        'backend: "onnxruntime"\n'
+        f"max_batch_size: {TRITON_MAX_BATCH}\n"
+        f'input [\n  {{ name: "{INPUT}", data_type: {dtype}, dims: [ {dims} ] }}\n]\n'
+        f"output [\n{outputs}\n]\n"
+        "dynamic_batching { max_queue_delay_microseconds: 2000 }\n"
+    )
 
 
 def _check_rows(prepared: Any) -> tuple[str, torch.Tensor]:
