@@ -250,6 +250,28 @@ def test_token_is_required_except_for_health(serve_repository: Path):
             assert triton.infer("digits", x, headers=good).as_numpy("predicted").shape == (1,)
 
 
+def test_repository_index_unload_and_load(client: tgrpc.InferenceServerClient):
+    index = client.get_model_repository_index(as_json=True)["models"]
+    assert {"name": "digits", "version": "1", "state": "READY"} in [
+        {k: e.get(k) for k in ("name", "version", "state")} for e in index
+    ]
+    client.unload_model("digits-ensemble")
+    assert not client.is_model_ready("digits-ensemble")
+    client.load_model("digits-ensemble")
+    assert client.is_model_ready("digits-ensemble")
+    error = _refusal(lambda: client.load_model("no-such-model"))
+    assert error.status() == "StatusCode.NOT_FOUND"
+
+
+def test_a_message_over_the_body_limit_is_resource_exhausted(serve_repository: Path):
+    with running_server(serve_repository, grpc=True, max_body_mb=0.001) as srv:
+        assert srv.grpc_url is not None
+        with tgrpc.InferenceServerClient(srv.grpc_url) as triton:
+            error = _refusal(lambda: triton.infer("digits", [_infer_input(_inputs(8))]))
+            assert error.status() == "StatusCode.RESOURCE_EXHAUSTED"
+            assert triton.infer("digits", [_infer_input(_inputs(1))]).as_numpy("predicted").size
+
+
 # -- statistics and metrics ------------------------------------------------------------------------
 
 

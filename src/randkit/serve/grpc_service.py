@@ -161,6 +161,27 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         return json_format.ParseDict({"model_stats": stats}, pb.ModelStatisticsResponse())
 
     @_answers
+    async def RepositoryIndex(self, request: Any, context: Any) -> pb.RepositoryIndexResponse:
+        entries = self.server.repository.index()
+        if request.ready:
+            entries = [e for e in entries if e["state"] == "READY"]
+        return json_format.ParseDict({"models": entries}, pb.RepositoryIndexResponse())
+
+    @_answers
+    async def RepositoryModelLoad(
+        self, request: Any, context: Any
+    ) -> pb.RepositoryModelLoadResponse:
+        await self.server.repository.load(request.model_name)
+        return pb.RepositoryModelLoadResponse()
+
+    @_answers
+    async def RepositoryModelUnload(
+        self, request: Any, context: Any
+    ) -> pb.RepositoryModelUnloadResponse:
+        await self.server.repository.unload(request.model_name)
+        return pb.RepositoryModelUnloadResponse()
+
+    @_answers
     async def ModelInfer(self, request: Any, context: Any) -> pb.ModelInferResponse:
         server, start = self.server, time.perf_counter()
         metadata = dict(context.invocation_metadata() or ())
