@@ -11,7 +11,7 @@ EXTRAS_test := dev,serve,report,ray,bench,lightning,metrics,onnx
 EXTRAS_bench := bench,serve
 EXTRAS_lint := dev
 
-.PHONY: demo test bench lint clean tools
+.PHONY: demo test bench lint clean tools mlserver-env
 .PRECIOUS: $(VENV)/.installed-%
 
 # One stamp per set of extras; a change to the package metadata or the kernel reinstalls.
@@ -50,7 +50,14 @@ tools: .tools/perf_analyzer
 	chmod +x $@.tmp && mv $@.tmp $@
 
 bench: $(VENV)/.installed-bench
-	@for script in benchmarks/*.py; do echo "== $$script"; $(BIN)/python $$script || exit 1; done
+	@for script in benchmarks/[!_]*.py; do echo "== $$script"; $(BIN)/python $$script || exit 1; done
+
+# MLServer 1.7.1, serve_load.py's peer, in a venv of its own (uvloop 0.21: with 0.23 its worker
+# restarts in a loop); torch and randkit come from .venv through a .pth file read after its
+# own site-packages. serve_load.py makes it on first use too.
+mlserver-env: $(VENV)/.installed-bench
+	$(BIN)/python -c "import sys; sys.path.insert(0, 'benchmarks'); \
+		from _serve_mlserver import ensure_env; sys.exit(ensure_env())"
 
 lint: $(VENV)/.installed-lint
 	$(BIN)/ruff check src tests benchmarks

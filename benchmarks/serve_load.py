@@ -59,416 +59,34 @@ printed is a JSON record.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
 import json
 import math
 import os
 import platform
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
+from _serve_bundle import (
+    MODEL_LABELS,
+    MODELS,
+    NAME,
+    build_bundle,
+    calibrate,
+    inprocess_engine,
+    inprocess_montecarlo,
+)
+from _serve_common import Load, Server, generate, request_bodies, serving
 
-from randkit.config import validate_config
-from randkit.deploy.bundle import export_bundle, load_bundle
+from randkit.deploy.bundle import load_bundle
 from randkit.deploy.mc import MonteCarlo
-from randkit.serve.engine import Engine, Job
-from randkit.serve.options import Options
-from randkit.train import train_run
+from randkit.serve.engine import Engine
 
 TARGET_RATIO = 0.7
-NAME = "bench"
-SEED = 0
-RESNET_IMAGES = 640
-REQUEST_INPUTS = 64  # distinct request bodies, cycled through
-MAX_CALIBRATION_CALL_S = 0.25
-
-MODELS: dict[str, dict[str, Any]] = {
-    "resnet": {
-        "name": "resnet",
-        "args": {"depth": 20, "width": 16, "norm": "batch", "drop_path": 0.1},
-    },
-    "cnn": {"name": "cnn", "args": {"widths": [32, 64], "hidden": 128, "dropout": 0.3}},
-}
-MODEL_LABELS = {
-    "resnet": "ResNet-20 (w16, stochastic depth 0.1), 3x32x32",
-    "cnn": "digits CNN (32, 64, 128, dropout 0.3), 1x8x8",
-}
-
-
-# ------------------------------------------------------------------------------- the bundle
-
-
-def write_images(path: Path, count: int) -> np.ndarray:
-    """``count`` 3x32x32 images in [0, 1] of 10 classes (a tint per class plus noise)."""
-    rng = np.random.default_rng(SEED)
-    labels = np.arange(count) % 10
-    tints = rng.uniform(0.2, 0.8, size=(10, 3, 1, 1))
-    noise = rng.uniform(-0.2, 0.2, size=(count, 3, 32, 32))
-    x = np.clip(tints[labels] + noise, 0.0, 1.0)
-    x = (np.round(x * 255) / 255).astype(np.float32)  # 8-bit pixels, as images come
-    np.savez(path, x=x, y=labels)
-    return x
-
-
-def build_bundle(folder: Path, model: str, epochs: int) -> tuple[Path, np.ndarray]:
-    """(repository, request inputs): a trained run of ``model`` exported as NAME/1."""
-    if model == "resnet":
-        x = write_images(folder / "images.npz", RESNET_IMAGES)
-        data: dict[str, Any] = {"kind": "npz", "path": str(folder / "images.npz")}
-    else:
-        from sklearn.datasets import load_digits
-
-        x = (load_digits().images[:, None] / 16.0).astype(np.float32)
-        data = {"kind": "digits"}
-    raw = {
-        "seed": SEED,
-        "data": {**data, "test_fraction": 0.2},
-        "model": MODELS[model],
-        "train": {"epochs": epochs, "batch_size": 64, "lr": 1e-3, "device": "cpu"},
-    }
-    started = time.perf_counter()
-    result = train_run(validate_config(raw), folder / "run", quiet=True)
-    repo = folder / "repo"
-    bundle = export_bundle(folder / "run", repo, NAME)
-    print(
-        f"trained {MODEL_LABELS[model]} for {epochs} epoch(s) in "
-        f"{time.perf_counter() - started:.1f} s (test accuracy "
-        f"{result.metrics['test']['accuracy']:.3f}), exported {bundle.relative_to(folder)}"
-    )
-    return repo, x[:REQUEST_INPUTS]
-
-
-# ------------------------------------------------------------------------------ in-process
-
-
-def _jobs(inputs: torch.Tensor, samples: int, first: int, count: int) -> list[Job]:
-    return [
-        Job(inputs[i % len(inputs)][None], Options("mc_dropout", samples, i))
-        for i in range(first, first + count)
-    ]
-
-
-def inprocess_engine(
-    engine: Engine, inputs: torch.Tensor, samples: int, count: int, per_call: int, seconds: float
-) -> float:
-    """Inputs per second of ``Engine.run`` on ``per_call`` one-input jobs per call."""
-    done, started = 0, time.perf_counter()
-    while done < count and time.perf_counter() - started < seconds:
-        size = min(per_call, count - done)
-        outputs = engine.run(_jobs(inputs, samples, done, size))
-        assert len(outputs) == size and outputs[0]["probabilities"].shape[0] == 1
-        done += size
-    return done / (time.perf_counter() - started)
-
-
-def inprocess_montecarlo(
-    mc: MonteCarlo, inputs: torch.Tensor, count: int, per_call: int, seconds: float
-) -> float:
-    """Inputs per second of ``MonteCarlo.predict`` on ``per_call`` inputs per call."""
-    repeat = math.ceil(per_call / len(inputs))
-    pool = inputs.repeat(repeat, *([1] * (inputs.dim() - 1)))
-    done, calls, started = 0, 0, time.perf_counter()
-    while done < count and time.perf_counter() - started < seconds:
-        size = min(per_call, count - done)
-        result = mc.predict(pool[:size], seed=calls)
-        assert result.probs.shape[0] == size
-        done, calls = done + size, calls + 1
-    return done / (time.perf_counter() - started)
-
-
-def calibrate(bundle: Any, inputs: torch.Tensor, samples: int, limit: int) -> dict[int, float]:
-    """Inputs per second of ``Engine.run`` by rows per forward pass (whole requests, doubling
-    from one request's samples up to ``limit``, the fastest of at least 3 calls each; stops
-    after a size whose forward pass takes more than ``MAX_CALIBRATION_CALL_S``): the forward
-    size at which this model runs fastest on this machine."""
-    rates: dict[int, float] = {}
-    rows = samples
-    while rows <= limit:
-        engine = Engine(bundle, max_rows=rows)
-        per_call = rows // samples
-        jobs = _jobs(inputs, samples, 0, per_call)
-        engine.run(jobs)  # warm-up: allocator, kernels
-        fastest, calls, started = math.inf, 0, time.perf_counter()
-        while calls < 3 or time.perf_counter() - started < 0.5:
-            begun = time.perf_counter()
-            engine.run(jobs)
-            fastest, calls = min(fastest, time.perf_counter() - begun), calls + 1
-        rates[rows] = per_call / fastest
-        if fastest > MAX_CALIBRATION_CALL_S:
-            break  # forward passes this long gain nothing more from size
-        rows *= 2
-    return rates
-
-
-# ---------------------------------------------------------------------------------- server
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@dataclass
-class Server:
-    label: str
-    port: int
-    process: subprocess.Popen[bytes]
-    log: Path
-
-
-def _ready(port: int) -> bool:
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback only
-    try:
-        with opener.open(f"http://127.0.0.1:{port}/v2/health/ready", timeout=2) as response:
-            return bool(response.status == 200)
-    except (OSError, urllib.error.URLError):
-        return False
-
-
-@contextlib.contextmanager
-def serving(
-    repo: Path, label: str, max_batch: int, max_delay_ms: float, log: Path
-) -> Iterator[Server]:
-    """``python -m randkit serve`` on 127.0.0.1:free port until the block ends."""
-    port = free_port()
-    command = [
-        sys.executable,
-        "-m",
-        "randkit",
-        "serve",
-        str(repo),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--quiet",
-        "--max-batch",
-        str(max_batch),
-        "--max-delay-ms",
-        str(max_delay_ms),
-    ]
-    with open(log, "wb") as sink:
-        process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 120
-        while not _ready(port):
-            if process.poll() is not None or time.monotonic() > deadline:
-                tail = log.read_text(errors="replace")[-2000:]
-                raise RuntimeError(f"server {label!r} did not become ready:\n{tail}")
-            time.sleep(0.1)
-        yield Server(label, port, process, log)
-    finally:
-        process.terminate()  # uvicorn's graceful shutdown
-        try:
-            process.wait(timeout=40)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
-def request_bodies(inputs: np.ndarray, samples: int) -> list[bytes]:
-    """One V2 infer request body per input, serialized once, as a client's json.dumps does."""
-    bodies = []
-    for x in inputs:
-        body = {
-            "inputs": [
-                {
-                    "name": "input",
-                    "shape": [1, *x.shape],
-                    "datatype": "FP32",
-                    "data": x.reshape(-1).tolist(),
-                }
-            ],
-            "parameters": {"mode": "mc_dropout", "samples": samples},
-        }
-        bodies.append(json.dumps(body).encode())
-    return bodies
-
-
-@dataclass
-class Load:
-    """What one load phase measured."""
-
-    sent: int = 0
-    ok: int = 0
-    errors: list[str] = field(default_factory=list)
-    latencies: list[float] = field(default_factory=list)
-    seconds: float = 0.0
-
-    @property
-    def rps(self) -> float:
-        return self.ok / self.seconds if self.seconds > 0 else 0.0
-
-    def percentile(self, q: float) -> float:
-        return float(np.percentile(self.latencies, q) * 1000) if self.latencies else math.nan
-
-
-def _check(status: int, payload: bytes) -> str | None:
-    """None for a good answer, else why not."""
-    if status != 200:
-        return f"HTTP {status}: {payload[:200]!r}"
-    try:
-        answer = json.loads(payload)
-        outputs = {o["name"]: o for o in answer["outputs"]}
-        if len(outputs["probabilities"]["data"]) < 2:
-            return "too few probabilities"
-        if answer["parameters"]["mode"] != "mc_dropout":
-            return f"answered in mode {answer['parameters']['mode']!r}"
-    except (ValueError, KeyError, TypeError) as exc:
-        return f"bad response body ({exc!r}): {payload[:200]!r}"
-    return None
-
-
-class RawConnection:
-    """HTTP/1.1 keep-alive over asyncio streams: pre-built request bytes in, (status, body)
-    out. Enough for uvicorn's answers (Content-Length bodies)."""
-
-    def __init__(self, port: int) -> None:
-        self.port = port
-        self.reader: asyncio.StreamReader | None = None
-        self.writer: asyncio.StreamWriter | None = None
-
-    async def request(self, data: bytes) -> tuple[int, bytes]:
-        if self.writer is None:
-            self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
-        assert self.reader is not None
-        self.writer.write(data)
-        head = await self.reader.readuntil(b"\r\n\r\n")
-        lines = head.decode("latin-1").split("\r\n")
-        status = int(lines[0].split(" ", 2)[1])
-        length, close = None, False
-        for line in lines[1:]:
-            key, _, value = line.partition(":")
-            key = key.strip().lower()
-            if key == "content-length":
-                length = int(value)
-            elif key == "connection" and value.strip().lower() == "close":
-                close = True
-        if length is None:
-            raise RuntimeError(f"response without Content-Length: {head[:200]!r}")
-        payload = await self.reader.readexactly(length)
-        if close:
-            await self.close()
-        return status, payload
-
-    async def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-            with contextlib.suppress(OSError):
-                await self.writer.wait_closed()
-        self.reader = self.writer = None
-
-
-async def _generate(
-    port: int,
-    bodies: list[bytes],
-    requests: int,
-    concurrency: int,
-    max_seconds: float,
-    client: str,
-) -> Load:
-    path = f"/v2/models/{NAME}/infer"
-    load = Load()
-    counter = iter(range(requests))
-    started = time.perf_counter()
-    deadline = started + max_seconds
-    finished = started
-
-    if client == "raw":
-        prebuilt = [
-            (
-                f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
-                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
-            ).encode()
-            + body
-            for body in bodies
-        ]
-
-        async def worker() -> None:
-            nonlocal finished
-            connection = RawConnection(port)
-            try:
-                for index in counter:
-                    if time.perf_counter() > deadline:
-                        break
-                    load.sent += 1
-                    sent = time.perf_counter()
-                    try:
-                        status, payload = await connection.request(prebuilt[index % len(prebuilt)])
-                        problem = _check(status, payload)
-                    except (OSError, RuntimeError, asyncio.IncompleteReadError) as exc:
-                        problem = f"{type(exc).__name__}: {exc}"
-                        await connection.close()
-                    _record(load, problem, time.perf_counter() - sent)
-                    finished = time.perf_counter()
-            finally:
-                await connection.close()
-
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-    else:
-        import httpx
-
-        limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-        headers = {"content-type": "application/json"}
-        async with httpx.AsyncClient(
-            base_url=f"http://127.0.0.1:{port}", limits=limits, timeout=120, trust_env=False
-        ) as http:
-
-            async def worker() -> None:
-                nonlocal finished
-                for index in counter:
-                    if time.perf_counter() > deadline:
-                        break
-                    load.sent += 1
-                    sent = time.perf_counter()
-                    try:
-                        response = await http.post(
-                            path, content=bodies[index % len(bodies)], headers=headers
-                        )
-                        problem = _check(response.status_code, response.content)
-                    except httpx.HTTPError as exc:
-                        problem = f"{type(exc).__name__}: {exc}"
-                    _record(load, problem, time.perf_counter() - sent)
-                    finished = time.perf_counter()
-
-            await asyncio.gather(*(worker() for _ in range(concurrency)))
-    load.seconds = finished - started
-    return load
-
-
-def _record(load: Load, problem: str | None, latency: float) -> None:
-    if problem is None:
-        load.ok += 1
-        load.latencies.append(latency)
-    else:
-        load.errors.append(problem)
-
-
-def generate(
-    port: int,
-    bodies: list[bytes],
-    requests: int,
-    concurrency: int,
-    max_seconds: float,
-    client: str,
-) -> Load:
-    return asyncio.run(_generate(port, bodies, requests, concurrency, max_seconds, client))
-
-
-# ------------------------------------------------------------------------------------ main
 
 
 def progress(repeat: int, label: str, started: float) -> float:
@@ -481,185 +99,263 @@ def best_of(results: list[float]) -> float:
     return max(results) if results else math.nan
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", choices=sorted(MODELS), default="resnet")
-    parser.add_argument("--requests", type=int, default=2000, help="per phase, at most")
-    parser.add_argument("--max-seconds", type=float, default=10.0, help="per phase, at most")
-    parser.add_argument("--concurrency", type=int, default=32, help="requests in flight")
-    parser.add_argument("--samples", type=int, default=32, help="Monte-Carlo samples")
-    parser.add_argument(
-        "--max-batch",
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    add = parser.add_argument
+    add("--model", choices=sorted(MODELS), default="resnet", help="of the ratio part")
+    add("--parts", default="ratio,peers", help="ratio (server/in-process), peers (CNN)")
+    add("--requests", type=int, default=2000, help="ratio part: per phase, at most")
+    add("--max-seconds", type=float, default=10.0, help="ratio part: per phase, at most")
+    add("--peer-requests", type=int, default=20000, help="peers: per phase, at most")
+    add("--peer-seconds", type=float, default=3.0, help="peers: per phase, at most")
+    add(
+        "--peer-max-batch",
         type=int,
         default=None,
-        help="batching on: rows per forward [default: the fastest size, calibrated]",
+        help="peers: randkit's rows per forward [concurrency x samples]",
     )
-    parser.add_argument(
-        "--calibrate-limit", type=int, default=4096, help="largest forward size calibrated"
-    )
-    parser.add_argument("--max-delay-ms", type=float, default=2.0, help="batching on: wait")
-    parser.add_argument("--repeats", type=int, default=3, help="timings: best of this many")
-    parser.add_argument("--epochs", type=int, default=1, help="training epochs of the bundle")
-    parser.add_argument("--client", choices=("raw", "httpx"), default="raw")
-    parser.add_argument("--quick", action="store_true", help="a smoke run: few requests")
+    add("--concurrency", type=int, default=32, help="requests in flight")
+    add("--samples", type=int, default=32, help="Monte-Carlo samples")
+    add("--max-batch", type=int, default=None, help="ratio part: rows per forward [calibrated]")
+    add("--calibrate-limit", type=int, default=4096, help="largest forward size calibrated")
+    add("--max-delay-ms", type=float, default=2.0, help="batching on: wait")
+    add("--repeats", type=int, default=3, help="timings: best of this many rounds")
+    add("--epochs", type=int, default=1, help="training epochs of the bundles")
+    add("--client", choices=("raw", "httpx"), default="raw", help="ratio part's HTTP client")
+    add("--quick", action="store_true", help="a smoke run: few requests")
     args = parser.parse_args()
     if args.quick:
         args.requests, args.max_seconds, args.repeats = 300, 6.0, 1
+        args.peer_requests, args.peer_seconds = 300, 1.5
+        args.calibrate_limit = min(args.calibrate_limit, 128)
     if args.max_batch is not None and args.max_batch < args.samples:
         parser.error(f"--max-batch must hold one request's {args.samples} samples")
+    args.parts = {part.strip() for part in args.parts.split(",") if part.strip()}
+    if not args.parts or args.parts - {"ratio", "peers"}:
+        parser.error(f"--parts takes ratio and/or peers, got {sorted(args.parts)}")
+    return args
 
-    load_before = os.getloadavg()[0]
-    with tempfile.TemporaryDirectory(prefix="randkit-bench-serve-") as tmp:
-        folder = Path(tmp)
-        repo, raw_inputs = build_bundle(folder, args.model, args.epochs)
-        bundle = load_bundle(repo / NAME / "1", "cpu")
-        inputs = torch.from_numpy(raw_inputs)
+
+# ------------------------------------------------------------------------ the ratio part
+
+
+@dataclass
+class RatioPart:
+    """The server (HTTP batching on and off, gRPC) against in-process ``Engine.run`` and
+    ``MonteCarlo.predict``, on ``--model``."""
+
+    args: argparse.Namespace
+    folder: Path
+    calibration: dict[int, float] = field(default_factory=dict)
+    rates: dict[str, list[float]] = field(default_factory=lambda: {"engine": [], "mc": []})
+    loads: dict[str, list[Load]] = field(default_factory=lambda: {"on": [], "off": []})
+
+    def setup(self) -> None:
+        args = self.args
+        self.repo, raw = build_bundle(self.folder, args.model, args.epochs)
+        bundle = load_bundle(self.repo / NAME / "1", "cpu")
+        self.inputs = torch.from_numpy(raw)
         started = time.perf_counter()
-        calibration = calibrate(bundle, inputs, args.samples, args.calibrate_limit)
-        fastest = max(calibration, key=lambda rows: calibration[rows])
+        self.calibration = calibrate(bundle, self.inputs, args.samples, args.calibrate_limit)
         print(
             "in-process Engine.run inputs/s by rows per forward: "
-            + ", ".join(f"{rows}: {rate:.1f}" for rows, rate in calibration.items())
+            + ", ".join(f"{rows}: {rate:.1f}" for rows, rate in self.calibration.items())
             + f" ({time.perf_counter() - started:.1f} s)"
         )
         if args.max_batch is None:
-            args.max_batch = fastest
-        per_call = max(1, args.max_batch // args.samples)
-        engine = Engine(bundle, max_rows=args.max_batch)
-        mc = MonteCarlo(
+            args.max_batch = max(self.calibration, key=lambda rows: self.calibration[rows])
+        self.per_call = max(1, args.max_batch // args.samples)
+        self.engine = Engine(bundle, max_rows=args.max_batch)
+        self.mc = MonteCarlo(
             bundle.models[0], "dropout", samples=args.samples, batch_size=args.max_batch
         )
-        bodies = request_bodies(raw_inputs, args.samples)
+        self.bodies = request_bodies(raw, args.samples)
         print(
             f"{MODEL_LABELS[args.model]}: {args.samples} MC-dropout samples per input, "
-            f"{len(bodies[0]) / 1024:.0f} KiB per request; concurrency {args.concurrency}, "
+            f"{len(self.bodies[0]) / 1024:.0f} KiB per request; concurrency {args.concurrency}, "
             f"at most {args.requests} requests or {args.max_seconds:g} s per phase, best of "
             f"{args.repeats}; client {args.client}; torch {torch.__version__}, "
             f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
             f"{os.cpu_count()} CPUs"
         )
 
-        inprocess_rates: dict[str, list[float]] = {"engine": [], "montecarlo": []}
-        loads: dict[str, list[Load]] = {"on": [], "off": []}
+    def inprocess(self, count: int, seconds: float) -> tuple[float, float]:
+        args = self.args
+        engine = inprocess_engine(
+            self.engine, self.inputs, args.samples, count, self.per_call, seconds
+        )
+        mc = inprocess_montecarlo(self.mc, self.inputs, count, args.max_batch, seconds)
+        return engine, mc
+
+    def server_phase(self, server: Server, count: int, seconds: float) -> Load:
+        args = self.args
+        return generate(server.port, self.bodies, count, args.concurrency, seconds, args.client)
+
+    def grpc_phase(self, server: Server, count: int, seconds: float) -> Load:
+        from _serve_grpc import grpc_checker, grpc_generate, infer_request
+
+        params = {"mode": "mc_dropout", "samples": self.args.samples}
+        requests = [infer_request(x[None].numpy(), params) for x in self.inputs]
+        assert server.grpc_port is not None
+        check = grpc_checker("mc_dropout", 1)
+        return grpc_generate(
+            server.grpc_port, requests, count, self.args.concurrency, seconds, check
+        )
+
+    def run(self, grpc: bool) -> None:
+        args, folder = self.args, self.folder
+        if grpc:
+            self.loads["grpc"] = []
         with (
             serving(
-                repo, "on", args.max_batch, args.max_delay_ms, folder / "server-on.log"
+                self.repo, "on", args.max_batch, args.max_delay_ms, folder / "on.log", grpc
             ) as batched,
-            serving(repo, "off", 1, 0.0, folder / "server-off.log") as unbatched,
+            serving(self.repo, "off", 1, 0.0, folder / "off.log") as unbatched,
         ):
             servers = {"on": batched, "off": unbatched}
-            # Warm-up: first forward passes, allocator, connections.
-            inprocess_engine(engine, inputs, args.samples, 2 * per_call, per_call, math.inf)
-            inprocess_montecarlo(mc, inputs, args.max_batch, args.max_batch, math.inf)
-            for server in servers.values():
-                warm = generate(
-                    server.port, bodies, 2 * args.concurrency, args.concurrency, 120, args.client
-                )
-                if warm.errors:
-                    raise SystemExit(f"warm-up of server {server.label!r}: {warm.errors[0]}")
-
+            self.inprocess(2 * self.per_call, math.inf)  # warm-up: first passes, allocator
+            for key in self.loads:
+                self.phase(servers, key, 2 * args.concurrency, 120, warm=True)
             # The phases take turns, so that load from other processes hits all of them.
             for repeat in range(1, args.repeats + 1):
                 started = time.perf_counter()
-                inprocess_rates["engine"].append(
-                    inprocess_engine(
-                        engine, inputs, args.samples, args.requests, per_call, args.max_seconds
-                    )
-                )
-                started = progress(repeat, "in-process Engine.run", started)
-                inprocess_rates["montecarlo"].append(
-                    inprocess_montecarlo(
-                        mc, inputs, args.requests, args.max_batch, args.max_seconds
-                    )
-                )
-                started = progress(repeat, "in-process MonteCarlo.predict", started)
-                for key, server in servers.items():
-                    loads[key].append(
-                        generate(
-                            server.port,
-                            bodies,
-                            args.requests,
-                            args.concurrency,
-                            args.max_seconds,
-                            args.client,
-                        )
-                    )
-                    started = progress(repeat, f"server, batching {key}", started)
+                engine, mc = self.inprocess(args.requests, args.max_seconds)
+                self.rates["engine"].append(engine)
+                self.rates["mc"].append(mc)
+                started = progress(repeat, "in-process", started)
+                for key in self.loads:
+                    self.phase(servers, key, args.requests, args.max_seconds)
+                    started = progress(repeat, f"server, {key}", started)
 
-    load_after = os.getloadavg()[0]
-    best = {key: max(runs, key=lambda load: load.rps) for key, runs in loads.items()}
-    errors = sum(len(load.errors) for runs in loads.values() for load in runs)
-    engine_rps, mc_rps = best_of(inprocess_rates["engine"]), best_of(inprocess_rates["montecarlo"])
-    inprocess_rps = max(engine_rps, mc_rps)
-    server_rps, unbatched_rps = best["on"].rps, best["off"].rps
-    ratio = server_rps / inprocess_rps
-    gain = server_rps / unbatched_rps if unbatched_rps > 0 else math.nan
+    def phase(
+        self, servers: dict[str, Server], key: str, count: int, seconds: float, warm: bool = False
+    ) -> None:
+        if key == "grpc":
+            load = self.grpc_phase(servers["on"], count, seconds)
+        else:
+            load = self.server_phase(servers[key], count, seconds)
+        if warm and load.errors:
+            raise SystemExit(f"warm-up of server {key!r}: {load.errors[0]}")
+        if not warm:
+            self.loads[key].append(load)
 
+    def summary(self) -> dict[str, Any]:
+        """Prints the table and the ratio line; the JSON fields."""
+        args = self.args
+        best = {key: max(runs, key=lambda load: load.rps) for key, runs in self.loads.items()}
+        engine_rps, mc_rps = best_of(self.rates["engine"]), best_of(self.rates["mc"])
+        inprocess_rps = max(engine_rps, mc_rps)
+        server_rps, unbatched_rps = best["on"].rps, best["off"].rps
+        grpc_rps = best["grpc"].rps if "grpc" in best else math.nan
+        ratio, ratio_grpc = server_rps / inprocess_rps, grpc_rps / inprocess_rps
+        gain = server_rps / unbatched_rps if unbatched_rps > 0 else math.nan
+        rows = [
+            (f"in-process Engine.run ({args.max_batch} rows/forward)", engine_rps, None),
+            (f"in-process MonteCarlo.predict ({args.max_batch} inputs/call)", mc_rps, None),
+            (
+                f"server, batching on ({args.max_batch} rows, {args.max_delay_ms:g} ms)",
+                server_rps,
+                best["on"],
+            ),
+            (
+                f"server, batching off (max-batch 1, {args.samples} rows)",
+                unbatched_rps,
+                best["off"],
+            ),
+        ]
+        if "grpc" in best:
+            rows.append(("server, batching on, gRPC binary", grpc_rps, best["grpc"]))
+        print_rows(rows)
+        for key, runs in self.loads.items():
+            for problem in [e for load in runs for e in load.errors][:3]:
+                print(f"  error ({key}): {problem}")
+        errors = sum(len(load.errors) for runs in self.loads.values() for load in runs)
+        verdict = "met" if ratio >= TARGET_RATIO else "NOT met"
+        grpc_verdict = "met" if ratio_grpc >= TARGET_RATIO else "NOT met"
+        print(
+            f"ratio server (HTTP, batching on) / in-process: {ratio:.2f} (target >= "
+            f"{TARGET_RATIO} {verdict}); gRPC / in-process: "
+            + (f"{ratio_grpc:.2f} ({grpc_verdict})" if "grpc" in best else "not measured")
+            + f"; batching gain on / off: {gain:.2f}x; errors {errors}"
+        )
+        return {
+            "ratio": round(ratio, 3),
+            "ratio_grpc": None if math.isnan(ratio_grpc) else round(ratio_grpc, 3),
+            "batching_gain": round(gain, 3),
+            "server_rps": round(server_rps, 1),
+            "grpc_rps": None if math.isnan(grpc_rps) else round(grpc_rps, 1),
+            "inprocess_rps": round(inprocess_rps, 1),
+            "unbatched_rps": round(unbatched_rps, 1),
+            "p50_ms": round(best["on"].percentile(50), 1),
+            "p99_ms": round(best["on"].percentile(99), 1),
+            "unbatched_p50_ms": round(best["off"].percentile(50), 1),
+            "unbatched_p99_ms": round(best["off"].percentile(99), 1),
+            "inprocess_engine_rps": round(engine_rps, 1),
+            "inprocess_montecarlo_rps": round(mc_rps, 1),
+            "errors": errors,
+            "target_ratio": TARGET_RATIO,
+            "target_met": ratio >= TARGET_RATIO,
+            "model": args.model,
+            "requests": [load.ok for load in self.loads["on"]],
+            "requests_unbatched": [load.ok for load in self.loads["off"]],
+            "max_batch": args.max_batch,
+            "calibration": {str(rows): round(rate, 1) for rows, rate in self.calibration.items()},
+        }
+
+
+def print_rows(rows: list[tuple[str, float, Load | None]]) -> None:
     print(f"\n{'method':<50} {'inputs/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}")
-    rows = [
-        (f"in-process Engine.run ({args.max_batch} rows/forward)", engine_rps, None),
-        (f"in-process MonteCarlo.predict ({args.max_batch} inputs/call)", mc_rps, None),
-        (
-            f"server, batching on ({args.max_batch} rows, {args.max_delay_ms:g} ms)",
-            server_rps,
-            best["on"],
-        ),
-        (f"server, batching off (max-batch 1, {args.samples} rows)", unbatched_rps, best["off"]),
-    ]
     for label, rate, load in rows:
         if load is None:
-            print(f"{label:<50} {rate:9.1f} {'':>8} {'':>8} {'':>7}")
+            print(f"{label:<50} {rate:9.1f}")
         else:
             print(
                 f"{label:<50} {rate:9.1f} {load.percentile(50):8.1f} {load.percentile(99):8.1f} "
                 f"{len(load.errors):7d}"
             )
-    for key, runs in loads.items():
-        for load in runs:
-            for problem in load.errors[:3]:
-                print(f"  error (batching {key}): {problem}")
-    verdict = "met" if ratio >= TARGET_RATIO else "NOT met"
+
+
+# ------------------------------------------------------------------------------------ main
+
+
+def main() -> None:
+    args = parse_args()
+    load_before = os.getloadavg()[0]
+    record: dict[str, Any] = {"benchmark": "serve"}
+    with tempfile.TemporaryDirectory(prefix="randkit-bench-serve-") as tmp:
+        folder = Path(tmp)
+        grpc = False
+        if "peers" in args.parts or "ratio" in args.parts:
+            from _serve_peers import grpc_available, run
+
+            grpc = grpc_available()
+        if "ratio" in args.parts:
+            part = RatioPart(args, folder / "ratio")
+            part.folder.mkdir()
+            part.setup()
+            part.run(grpc)
+            record.update(part.summary())
+        if "peers" in args.parts:
+            (folder / "peers").mkdir()
+            record.update(run(args, folder / "peers"))
+    load_after = os.getloadavg()[0]
     print(
-        f"ratio server (batching on) / in-process: {ratio:.2f} (target >= {TARGET_RATIO} "
-        f"{verdict}); batching gain on / off: {gain:.2f}x; errors {errors}; load average "
-        f"{load_before:.2f} before, {load_after:.2f} after (other processes skew the figures)"
+        f"load average {load_before:.2f} before, {load_after:.2f} after (other processes "
+        "skew the figures)"
     )
-    print(
-        json.dumps(
-            {
-                "benchmark": "serve",
-                "ratio": round(ratio, 3),
-                "batching_gain": round(gain, 3),
-                "server_rps": round(server_rps, 1),
-                "inprocess_rps": round(inprocess_rps, 1),
-                "unbatched_rps": round(unbatched_rps, 1),
-                "p50_ms": round(best["on"].percentile(50), 1),
-                "p99_ms": round(best["on"].percentile(99), 1),
-                "unbatched_p50_ms": round(best["off"].percentile(50), 1),
-                "unbatched_p99_ms": round(best["off"].percentile(99), 1),
-                "inprocess_engine_rps": round(engine_rps, 1),
-                "inprocess_montecarlo_rps": round(mc_rps, 1),
-                "errors": errors,
-                "target_ratio": TARGET_RATIO,
-                "target_met": ratio >= TARGET_RATIO,
-                "model": args.model,
-                "samples": args.samples,
-                "concurrency": args.concurrency,
-                "requests": [load.ok for load in loads["on"]],
-                "requests_unbatched": [load.ok for load in loads["off"]],
-                "max_batch": args.max_batch,
-                "calibration": {str(rows): round(rate, 1) for rows, rate in calibration.items()},
-                "max_delay_ms": args.max_delay_ms,
-                "client": args.client,
-                "repeats": args.repeats,
-                "loadavg": [round(load_before, 2), round(load_after, 2)],
-                "cpus": os.cpu_count(),
-                "threads": torch.get_num_threads(),
-                "torch": torch.__version__,
-            }
-        )
+    record.update(
+        samples=args.samples,
+        concurrency=args.concurrency,
+        max_delay_ms=args.max_delay_ms,
+        client=args.client,
+        repeats=args.repeats,
+        loadavg=[round(load_before, 2), round(load_after, 2)],
+        cpus=os.cpu_count(),
+        threads=torch.get_num_threads(),
+        torch=torch.__version__,
     )
-    if errors:
+    print(json.dumps(record))
+    if record.get("errors") or record.get("peer_errors"):
         sys.exit(1)
 
 
