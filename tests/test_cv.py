@@ -258,9 +258,12 @@ def test_other_config_is_refused_and_whole_cv_leaves_global_rngs_alone(tmp_path:
         run_cv(config(folds=5), tmp_path / "run", quiet=True)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["metric"] == "accuracy" and summary["n_trials"] == 4
-    lo, hi = summary["ci95"]
-    assert lo <= summary["mean"] <= hi
-    assert summary["ci95_corrected"][0] <= lo  # the corrected interval is wider
+    lo, hi = summary["ci95"]  # the headline: corrected, on the logit scale for accuracy
+    assert 0.0 <= lo <= summary["mean"] <= hi <= 1.0
+    assert summary["ci95_method"] == "nadeau_bengio_logit"
+    assert lo <= summary["ci95_naive"][0] <= summary["ci95_naive"][1] <= hi  # naive: narrower
+    assert summary["ci95_corrected"] == summary["ci95"]  # the old name, an alias for a release
+    assert summary["per_metric"]["loss"]["ci95_method"] == "nadeau_bengio"
 
 
 def test_variance_components_in_summary(tmp_path: Path) -> None:
@@ -289,8 +292,11 @@ def test_cli_cv_compare_and_errors(tmp_path: Path) -> None:
     compared = run_cli("compare", str(run_a), str(run_b), "--json", str(tmp_path / "c.json"))
     assert compared.returncode == 0, compared.stderr
     assert "Nadeau-Bengio corrected t-test" in compared.stdout
+    assert "Bayesian correlated t-test (ROPE +-0.01" in compared.stdout
     result = json.loads((tmp_path / "c.json").read_text())
     assert result["n_trials"] == 6 and len(result["differences"]) == 6
+    bayes = result["bayesian_correlated_t_test"]
+    assert sum(bayes[k] for k in ("p_a_better", "p_equivalent", "p_b_better")) == pytest.approx(1)
     bad = run_cli("cv", str(a), "--out", str(tmp_path / "x"), "--runner", "gpu")
     assert bad.returncode == 2 and bad.stderr.startswith("error: cv.runner")
     assert not (tmp_path / "x").exists()

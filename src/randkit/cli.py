@@ -198,27 +198,48 @@ def cv(
 def _print_summary(summary: dict, report: Path | None) -> None:
     from rich.table import Table
 
+    from randkit.cv.intervals import read_headline
+
     table = Table(
         title=f"cross-validation: {summary['n_trials']} trials "
         f"({summary['folds']} folds x {summary['repeats']} repeats)"
     )
-    for column in ("metric", "mean", "std", "95% CI", "95% CI (corrected)"):
+    for column in ("metric", "mean", "std", "95% CI", "interval"):
         table.add_column(column)
+    notes = []
     for name, values in summary["per_metric"].items():
-        corrected = summary["ci95_corrected"] if name == summary["metric"] else None
+        head = read_headline(summary if name == summary["metric"] else values)
+        ci, method = head["ci"], head["method"]
+        if ci is None and head["note"]:
+            notes.append(f"{name}: {head['note']}")
         table.add_row(
             name,
             f"{values['mean']:.4f}",
             f"{values['std']:.4f}",
-            f"[{values['ci95'][0]:.4f}, {values['ci95'][1]:.4f}]",
-            f"[{corrected[0]:.4f}, {corrected[1]:.4f}]" if corrected else "",
+            f"[{ci[0]:.4f}, {ci[1]:.4f}]" if ci else "none",
+            _METHOD_NAMES.get(method, "see below" if ci is None else str(method)),
         )
     _out.print(table)
+    for note in notes:
+        _out.print(note)
+    naive = read_headline(summary)["naive"]
+    if naive:
+        _out.print(
+            f"naive t interval of {summary['metric']} (ci95_naive): [{naive[0]:.4f}, "
+            f"{naive[1]:.4f}]; too narrow when trials share training data (repeated k-fold)"
+        )
     components = summary.get("variance_components", {}).get("components", {})
     for name, part in components.items():
         _out.print(f"variance from {name}: {part['variance']:.3g} ({100 * part['share']:.0f}%)")
     if report is not None:
         _out.print(f"report: {report}")
+
+
+_METHOD_NAMES = {
+    "nadeau_bengio_logit": "corrected, logit scale",
+    "nadeau_bengio": "corrected",
+    "clopper_pearson": "exact, one split",
+}
 
 
 @app.command()
@@ -227,6 +248,13 @@ def compare(
     run_b: Annotated[Path, typer.Argument(help="Second run, same cv plan.")],
     metric: Annotated[str | None, typer.Option(help="Metric [default: the runs' metric]")] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the result.")] = None,
+    rope: Annotated[
+        float | None,
+        typer.Option(
+            help="Half-width of the region of practical equivalence of the Bayesian test "
+            "[default: 0.01 on a [0, 1] metric, else 1% of the mean score]"
+        ),
+    ] = None,
 ) -> None:
     """Paired comparison of two runs with tests valid for cross-validation."""
     from randkit import atomic
@@ -234,7 +262,7 @@ def compare(
 
     if json_out is not None and json_out.is_dir():
         raise UserError("--json", f"{str(json_out)!r} is a directory; give a file name")
-    result = compare_runs(run_a, run_b, metric)
+    result = compare_runs(run_a, run_b, metric, rope=rope)
     test = result["corrected_t_test"]
     _out.print(
         f"{result['metric']}: {run_a.name} {result['mean_a']:.4f}  vs  "
@@ -249,6 +277,13 @@ def compare(
         five = result["five_by_two_t_test"]
         _out.print(f"Dietterich 5x2cv t-test: t = {five['t']:.3f}, p = {five['p_value']:.4g}")
     _out.print(result["verdict"])
+    bayes = result["bayesian_correlated_t_test"]
+    _out.print(
+        f"Bayesian correlated t-test (ROPE +-{bayes['rope']:.4g}, {bayes['rope_chosen']}): "
+        f"P({run_a.name} better) = {bayes['p_a_better']:.3f}, P(equivalent) = "
+        f"{bayes['p_equivalent']:.3f}, P({run_b.name} better) = {bayes['p_b_better']:.3f}"
+    )
+    _out.print(result["bayesian_verdict"])
     if json_out is not None:
         atomic.write_json(json_out, result)
 

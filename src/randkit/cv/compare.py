@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from randkit.cv import stats
+from randkit.cv import bayes, stats
+from randkit.cv.intervals import metric_range
 from randkit.errors import UserError
 from randkit.train.tasks import metric_direction
 
@@ -45,12 +47,19 @@ def _column(rows: list[dict[str, str]], name: str) -> np.ndarray:
 
 
 def compare_runs(
-    run_a: Path, run_b: Path, metric: str | None = None, alpha: float = 0.05
+    run_a: Path,
+    run_b: Path,
+    metric: str | None = None,
+    alpha: float = 0.05,
+    rope: float | None = None,
 ) -> dict[str, Any]:
     """Paired per-trial differences A - B (B - A for losses and errors, so positive always
     favours A), on any metric both runs report,
-    the Nadeau-Bengio corrected resampled t-test, and Dietterich's 5x2cv t-test when both
-    runs are 5x2 plans."""
+    the Nadeau-Bengio corrected resampled t-test, Dietterich's 5x2cv t-test when both
+    runs are 5x2 plans, and the Bayesian correlated t-test with a region of practical
+    equivalence ``[-rope, rope]`` (default: ``bayes.default_rope``)."""
+    if rope is not None and (not math.isfinite(rope) or rope < 0):
+        raise UserError("--rope", f"must be a non-negative number, got {rope!r}")
     table_a, summary_a = _read(run_a)
     table_b, summary_b = _read(run_b)
     metric = metric or summary_a["metric"]
@@ -88,6 +97,12 @@ def compare_runs(
         "corrected_t_test": corrected,
         "verdict": stats.verdict(corrected, alpha=alpha, names=names),
     }
+    result["bayesian_correlated_t_test"] = _bayesian(
+        metric, differences, (scores_a, scores_b), (n_train, n_test), rope
+    )
+    result["bayesian_verdict"] = bayes.bayesian_verdict(
+        result["bayesian_correlated_t_test"], names=names
+    )
     # Dietterich's test assumes 5 replications of 2-fold CV, each with a fresh split.
     five_by_two = all(
         s.get("splitter") == "5x2" and "split" in s.get("vary", []) and len(shared) == 10
@@ -97,6 +112,24 @@ def compare_runs(
         order = sorted(range(len(shared)), key=lambda i: _repeat_fold(paired_a[i]))
         matrix = differences[order]
         result["five_by_two_t_test"] = stats.five_by_two_ttest(np.reshape(matrix, (5, 2)))
+    return result
+
+
+def _bayesian(
+    metric: str,
+    differences: np.ndarray,
+    scores: tuple[np.ndarray, np.ndarray],
+    sizes: tuple[float, float],
+    rope: float | None,
+) -> dict[str, Any]:
+    """The Bayesian correlated t-test, with the default ROPE of the metric when none given."""
+    mean_a, mean_b = float(scores[0].mean()), float(scores[1].mean())
+    bounded = metric_range(metric, np.concatenate(scores)) is not None
+    chosen = "given (--rope)"
+    if rope is None:
+        rope, chosen = bayes.default_rope(bounded, mean_a, mean_b)
+    result = bayes.bayesian_correlated_ttest(differences, sizes[0], sizes[1], rope)
+    result["rope_chosen"] = chosen
     return result
 
 

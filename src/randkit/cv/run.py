@@ -14,7 +14,7 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from randkit.config import ExperimentConfig
-from randkit.cv import stats
+from randkit.cv import intervals, stats
 from randkit.cv.objects import UserObjects
 from randkit.cv.plan import Plan, make_plan
 from randkit.cv.runners import RunContext, make_runner
@@ -158,7 +158,13 @@ def _preflight(
             f"{cfg.cv.metric!r} is not reported by this run's trials; choose one of "
             f"{', '.join(names)}",
         )
-    preflight(model, randomization, sample_batch(prepared)[0][:2])
+    outputs = preflight(model, randomization, sample_batch(prepared)[0][:2])
+    if objects is None:  # the objects' checks above did this for the object API
+        from randkit.train.tasks import check_output_width, num_outputs, output_width
+
+        expected = num_outputs(cfg.task, targets_array(data))
+        field = f"model.name {cfg.model.name!r}"
+        check_output_width(cfg.task, output_width(outputs), expected, field)
     if cfg.cv.runner == "vectorized":
         from randkit.stacked import check_stackable
 
@@ -177,23 +183,29 @@ def _preflight(
 def summarize_run(
     cfg: ExperimentConfig, plan: Plan, records: dict[str, dict[str, Any]], classes: list[str]
 ) -> dict[str, Any]:
+    """The content of ``summary.json``: the headline metric's mean and its one honest
+    interval (``ci95``, how in ``ci95_method``/``ci95_note``; ``randkit.cv.intervals``), the
+    naive t interval by name (``ci95_naive``), every metric alike, variance components."""
     ordered = [records[t.id] for t in plan.trials]
     metric = headline_metric(cfg, ordered)
-    scores = [r["test"][metric] for r in ordered]
-    headline = stats.summarize(scores)
     n_train = float(np.mean([r["train_size"] for r in ordered]))
     n_test = float(np.mean([r["test_size"] for r in ordered]))
-    corrected = (
-        stats.nadeau_bengio_ci(scores, n_train=round(n_train), n_test=round(n_test))
-        if len(scores) > 1
-        else None
-    )
+    per_metric = {
+        name: _metric_summary(name, [r["test"][name] for r in ordered], n_train, n_test)
+        for name in sorted(metric_names(ordered), key=lambda n: n != metric)  # headline first
+    }
+    head = per_metric[metric]
+    corrected = (head["ci95_method"] or "").startswith("nadeau_bengio")
     return {
         "metric": metric,
-        "mean": headline["mean"],
-        "std": headline["std"],
-        "ci95": headline["ci"],
-        "ci95_corrected": corrected["ci"] if corrected else None,
+        "mean": head["mean"],
+        "std": head["std"],
+        "ci95": head["ci95"],
+        "ci95_method": head["ci95_method"],
+        "ci95_note": head["ci95_note"],
+        "ci95_naive": head["ci95_naive"],
+        "ci95_naive_note": intervals.NAIVE_NOTE,
+        "ci95_corrected": head["ci95"] if corrected else None,  # alias of ci95, for a release
         "n_trials": len(ordered),
         "folds": 2 if cfg.cv.splitter == "5x2" else cfg.cv.folds,
         "repeats": 5 if cfg.cv.splitter == "5x2" else cfg.cv.repeats,
@@ -202,11 +214,30 @@ def summarize_run(
         "runner": cfg.cv.runner,
         "classes": classes,
         "task": cfg.task,
-        "per_metric": {
-            name: _short(stats.summarize([r["test"][name] for r in ordered]))
-            for name in sorted(metric_names(ordered), key=lambda n: n != metric)  # headline first
-        },
+        "per_metric": per_metric,
         "variance_components": variance_by_source(cfg, plan, records, metric),
+    }
+
+
+def _metric_summary(
+    name: str, scores: list[float], n_train: float, n_test: float
+) -> dict[str, Any]:
+    """Mean, std and the headline and naive intervals of one metric's trial scores."""
+    x = np.asarray(scores, dtype=float)
+    if not np.isfinite(x).all():  # e.g. a multilabel auroc of a fold with a one-class label
+        bad = int((~np.isfinite(x)).sum())
+        return {"mean": float(np.mean(x)), "std": float(np.std(x, ddof=1)) if x.size > 1 else 0.0,
+                "ci95": None, "ci95_method": None, "ci95_naive": None,
+                "ci95_note": f"{bad} trial(s) scored NaN or inf: no interval"}  # fmt: skip
+    plain = stats.summarize(x)
+    head = intervals.headline_interval(x, name, n_train, n_test)
+    return {
+        "mean": plain["mean"],
+        "std": plain["std"],
+        "ci95": head["ci"],
+        "ci95_method": head["method"],
+        "ci95_note": head["note"],
+        "ci95_naive": head["naive"],
     }
 
 
@@ -230,10 +261,6 @@ def headline_metric(cfg: ExperimentConfig, records: list[dict[str, Any]]) -> str
             "metric", f"{cfg.cv.metric!r} is not reported by every trial; they report {names}"
         )
     return names[0]
-
-
-def _short(summary: dict[str, Any]) -> dict[str, Any]:
-    return {"mean": summary["mean"], "std": summary["std"], "ci95": summary["ci"]}
 
 
 def _matrix(plan: Plan, records: dict[str, dict[str, Any]], group: str, metric: str) -> np.ndarray:

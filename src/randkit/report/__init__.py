@@ -31,6 +31,7 @@ require("report", "randkit.report")  # one line naming the extra instead of a tr
 
 import jinja2  # noqa: E402
 
+from randkit.cv.intervals import NAIVE_NOTE, read_headline  # noqa: E402
 from randkit.report import figures  # noqa: E402
 from randkit.report.template import TEMPLATE  # noqa: E402
 
@@ -85,8 +86,7 @@ def _render(run_dir: Path, date: datetime.date) -> str:
             groups,
             metric,
             mean=_float(summary.get("mean")),
-            ci=_pair(summary.get("ci95")),
-            ci_corrected=_pair(summary.get("ci95_corrected")),
+            ci=_pair(read_headline(summary)["ci"]),  # the headline interval only
             group_label=strip_by,
         )
     histories = {tid: t["history"] for tid, t in trials.items() if t.get("history")}
@@ -239,12 +239,15 @@ def _headline(summary: dict[str, Any], metric: str, rows: int) -> dict[str, str]
     if folds is not None and repeats is not None:
         design = f"{folds} folds \u00d7 {repeats} repeats"
     std = summary.get("std")
+    head = read_headline(summary)
     return {
         "metric": metric,
         "mean": _num(summary.get("mean")),
         "std": _num(std) if std is not None else "",
-        "ci95": _interval(summary.get("ci95")),
-        "ci95_corrected": _interval(summary.get("ci95_corrected")),
+        "ci95": _interval(head["ci"]),
+        "ci95_note": str(head["note"]),
+        "ci95_naive": _interval(head["naive"]),
+        "naive_note": NAIVE_NOTE,
         "n_trials": str(summary.get("n_trials", rows)),
         "design": design,
         "runner": str(summary.get("runner") or ""),
@@ -260,11 +263,19 @@ def _per_metric(summary: dict[str, Any]) -> list[dict[str, str]]:
             "metric": str(name),
             "mean": _num(stats.get("mean")),
             "std": _num(stats.get("std")),
-            "ci95": _interval(stats.get("ci95")),
+            "ci95": _metric_interval(stats),
         }
         for name, stats in per_metric.items()
         if isinstance(stats, dict)
     ]
+
+
+def _metric_interval(stats: dict[str, Any]) -> str:
+    """A metric's headline interval; an old run's entry holds only the naive one, so named."""
+    head = read_headline(stats)
+    if head["ci"] is not None:
+        return _interval(head["ci"])
+    return f"{_interval(head['naive'])} naive" if _pair(head["naive"]) else "none"
 
 
 def _components(summary: dict[str, Any]) -> dict[str, Any]:

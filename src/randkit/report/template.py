@@ -41,9 +41,11 @@ TEMPLATE = """\
 <div class="headline">
 <p><span class="value">{{ headline.metric }} {{ headline.mean }}</span>
 {% if headline.std %} &plusmn; {{ headline.std }} (std){% endif %}</p>
-{% if headline.ci95 %}<p>95% CI {{ headline.ci95 }}</p>{% endif %}
-{% if headline.ci95_corrected %}<p>95% CI, corrected for overlapping training sets
-{{ headline.ci95_corrected }}</p>{% endif %}
+{% if headline.ci95 %}<p>95% CI {{ headline.ci95 }}
+<span class="note">{{ headline.ci95_note }}</span></p>
+{% elif headline.ci95_note %}<p>95% CI: none. {{ headline.ci95_note }}</p>{% endif %}
+{% if headline.ci95_naive %}<p class="note">naive t interval {{ headline.ci95_naive }}:
+{{ headline.naive_note }}</p>{% endif %}
 <p>{{ headline.n_trials }} trials{% if headline.design %}, {{ headline.design }}{% endif %}
 {% if headline.runner %}, runner {{ headline.runner }}{% endif %}</p>
 </div>
