@@ -175,6 +175,38 @@ def test_canary_split_routes_requests_without_a_version(client: tgrpc.InferenceS
     assert 5 <= canary <= 40  # 90/10: 20 expected, sd 4.2
 
 
+def test_sticky_key_metadata_routes_like_the_http_header(serve_repository: Path, tmp_path: Path):
+    repo = tmp_path / "repo"
+    shutil.copytree(serve_repository, repo)
+    policy = repo / "digits" / "policy.yaml"
+    policy.write_text(
+        policy.read_text().replace("90, canary: 10}", "50, canary: 50}") + "sticky: true\n"
+    )
+    x = _inputs(1)
+    versions: dict[str, set[str]] = {}
+    with running_server(repo, grpc=True) as srv, srv.client() as http:
+        assert srv.grpc_url is not None
+        with tgrpc.InferenceServerClient(srv.grpc_url) as triton:
+            for i in range(60):
+                key = f"user-{i % 20}"
+                result = triton.infer(
+                    "digits",
+                    [_infer_input(x)],
+                    headers={"x-request-key": key},
+                    parameters={"mode": "none"},
+                )
+                versions.setdefault(key, set()).add(result.get_response().model_version)
+                if i < 20:
+                    body = http.post(
+                        "/v2/models/digits/infer",
+                        json=v2_body(x, mode="none"),
+                        headers={"X-Request-Key": key},
+                    ).json()
+                    versions[key].add(body["model_version"])
+    assert all(len(v) == 1 for v in versions.values())  # per key: one version, both protocols
+    assert set().union(*versions.values()) == {"1", "2"}
+
+
 # -- errors ----------------------------------------------------------------------------------------
 
 
