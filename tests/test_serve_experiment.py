@@ -10,13 +10,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from randkit.serve.experiment import (
-    FeedbackError,
-    FeedbackLedger,
-    experiment_report,
-    two_proportion_test,
-    wilson_interval,
-)
+from randkit.serve.experiment import experiment_report, two_proportion_test, wilson_interval
+from randkit.serve.ledger import FeedbackLedger, LedgerError
 from randkit.serve.traffic import Router, TrafficPolicy
 
 # --- intervals and tests -------------------------------------------------------------------
@@ -79,16 +74,16 @@ def test_power_against_a_planted_difference() -> None:
     assert covered >= 0.92
 
 
-# --- ledger --------------------------------------------------------------------------------
+# --- ledger (in memory; its storage is tested in test_serve_ledger.py) ----------------------
 
 
 def test_feedback_unknown_and_twice() -> None:
     ledger = FeedbackLedger()
     ledger.record_prediction("digits", "a", "1", predicted=4, routed=True)
-    with pytest.raises(FeedbackError) as info:
+    with pytest.raises(LedgerError) as info:
         ledger.record_feedback("digits", "nope", 4)
     assert info.value.status == 404
-    with pytest.raises(FeedbackError) as info:
+    with pytest.raises(LedgerError) as info:
         ledger.record_feedback("text", "a", 4)  # ids belong to one model
     assert info.value.status == 404
     assert ledger.record_feedback("digits", "a", 4) == {
@@ -98,25 +93,10 @@ def test_feedback_unknown_and_twice() -> None:
         "label": 4,
         "correct": True,
     }
-    with pytest.raises(FeedbackError) as info:
+    with pytest.raises(LedgerError) as info:
         ledger.record_feedback("digits", "a", 5)
     assert info.value.status == 409
     assert ledger.counts("digits") == {"1": (1, 1)}  # the first label won
-
-
-def test_capacity_forgets_oldest() -> None:
-    ledger = FeedbackLedger(capacity=3)
-    for i in range(4):
-        ledger.record_prediction("digits", f"r{i}", "1", predicted=0, routed=True)
-    assert len(ledger) == 3
-    with pytest.raises(FeedbackError) as info:
-        ledger.record_feedback("digits", "r0", 0)
-    assert info.value.status == 404
-    assert ledger.record_feedback("digits", "r1", 1)["correct"] is False
-    assert ledger.requests("digits") == {"1": 4}  # running totals outlive the memory bound
-    assert ledger.counts("digits") == {"1": (1, 0)}
-    with pytest.raises(ValueError, match="capacity"):
-        FeedbackLedger(capacity=0)
 
 
 def test_clients_naming_a_version_are_not_counted() -> None:
@@ -130,7 +110,7 @@ def test_clients_naming_a_version_are_not_counted() -> None:
 
 
 def test_ledger_threads() -> None:
-    ledger = FeedbackLedger(capacity=100_000)
+    ledger = FeedbackLedger()
 
     def work(thread: int) -> None:
         for i in range(1000):

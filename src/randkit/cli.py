@@ -393,6 +393,16 @@ def serve(
     max_body_mb: Annotated[float, typer.Option(help="Largest request body.")] = 16.0,
     seed: Annotated[int, typer.Option(help="Root seed of streams deploy and traffic.")] = 0,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "cpu",
+    ledger: Annotated[
+        str | None,
+        typer.Option(
+            help="Experiment ledger: a SQLite file or postgresql://USER@HOST/DB (or "
+            "RANDKIT_LEDGER; default REPO/.randkit/ledger.sqlite)."
+        ),
+    ] = None,
+    ledger_retention_days: Annotated[
+        float, typer.Option(help="Forget predictions (not counts) older than this.")
+    ] = 30.0,
     quiet: Annotated[bool, typer.Option(help="Log warnings only.")] = False,
 ) -> None:
     """Serve a model repository over KServe V2 and TensorFlow Serving REST."""
@@ -412,6 +422,8 @@ def serve(
         max_body_mb=max_body_mb,
         seed=seed,
         device=device,
+        ledger=ledger or os.environ.get("RANDKIT_LEDGER") or None,
+        ledger_retention_days=ledger_retention_days,
         quiet=quiet,
     )
 

@@ -1,9 +1,9 @@
 """Per-version accuracy and an A/B verdict from user feedback.
 
-The server records each prediction in a ``FeedbackLedger``; a client later sends the true
-label for a request id. Only requests whose version the policy chose (``routed``) count:
-a client that names a version is not randomized, so its requests could differ from the
-rest in ways that bias the comparison.
+The server records each prediction in a ``FeedbackLedger`` (``randkit.serve.ledger``); a
+client later sends the true label for a request id. Only requests whose version the policy
+chose (``routed``) count: a client that names a version is not randomized, so its requests
+could differ from the rest in ways that bias the comparison.
 
 ``experiment_report`` compares each version with the baseline by a pooled two-proportion
 z-test at level ``alpha`` and a Newcombe interval for the difference. Assumptions, plainly:
@@ -17,20 +17,14 @@ z-test at level ``alpha`` and a Newcombe interval for the difference. Assumption
   inflates the false-positive rate well above ``alpha`` (with enough looks, toward
   certainty). Decide the sample size first, or use a sequential test.
 
->>> ledger = FeedbackLedger()
->>> ledger.record_prediction("digits", "r1", "2", predicted=3, routed=True)
->>> ledger.record_feedback("digits", "r1", 3)["correct"]
-True
->>> ledger.counts("digits")
-{'2': (1, 1)}
+>>> [round(x, 3) for x in wilson_interval(45, 50)]
+[0.786, 0.957]
 """
 
 from __future__ import annotations
 
 import math
-import threading
-from collections import OrderedDict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from scipy.stats import norm
 
@@ -41,95 +35,8 @@ from randkit.serve.traffic import (
     sorted_versions,
 )
 
-
-class FeedbackError(Exception):
-    """Feedback that cannot be accepted; ``status`` is the HTTP status to answer with."""
-
-    def __init__(self, status: int, message: str) -> None:
-        self.status = status
-        self.message = message
-        super().__init__(message)
-
-
-class FeedbackLedger:
-    """Predictions awaiting feedback, and per-version tallies; thread-safe, bounded.
-
-    At most ``capacity`` predictions are kept (oldest forgotten first); feedback for a
-    forgotten one is a 404. The tallies (requests, labelled, correct) are running totals and
-    do not shrink when a prediction is forgotten. A request id recorded again replaces the
-    earlier prediction (ids should be unique per model).
-    """
-
-    def __init__(self, capacity: int = 1_000_000) -> None:
-        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
-            raise ValueError(f"capacity must be an integer >= 1, got {capacity!r}")
-        self.capacity = capacity
-        self._lock = threading.Lock()
-        # (model, id) -> [version, predicted, routed, label or None]; lists keep it small.
-        self._predictions: OrderedDict[tuple[str, str], list[Any]] = OrderedDict()
-        self._requests: dict[str, dict[str, int]] = {}
-        self._tallies: dict[str, dict[str, list[int]]] = {}  # model -> version -> [n, correct]
-
-    def record_prediction(
-        self, model: str, request_id: str, version: str, predicted: int, routed: bool
-    ) -> None:
-        """Remember a prediction so that feedback can be matched to it later."""
-        key = (model, request_id)
-        with self._lock:
-            self._predictions.pop(key, None)
-            self._predictions[key] = [version, predicted, routed, None]
-            while len(self._predictions) > self.capacity:
-                self._predictions.popitem(last=False)
-            if routed:
-                per_version = self._requests.setdefault(model, {})
-                per_version[version] = per_version.get(version, 0) + 1
-                self._tallies.setdefault(model, {}).setdefault(version, [0, 0])
-
-    def record_feedback(self, model: str, request_id: str, label: int) -> dict[str, Any]:
-        """Attach the true ``label`` to a prediction; the first label for an id wins.
-
-        Raises ``FeedbackError`` 404 for an unknown or forgotten id, 409 for a second label.
-        """
-        with self._lock:
-            record = self._predictions.get((model, request_id))
-            if record is None:
-                raise FeedbackError(
-                    404,
-                    f"no prediction with id {request_id!r} for model {model!r} "
-                    "(unknown, or forgotten to bound memory)",
-                )
-            version, predicted, routed, previous = record
-            if previous is not None:
-                raise FeedbackError(
-                    409, f"feedback for id {request_id!r} was already given (label {previous})"
-                )
-            record[3] = label
-            correct = predicted == label
-            if routed:
-                tally = self._tallies.setdefault(model, {}).setdefault(version, [0, 0])
-                tally[0] += 1
-                tally[1] += int(correct)
-        return {
-            "id": request_id,
-            "version": version,
-            "predicted": predicted,
-            "label": label,
-            "correct": correct,
-        }
-
-    def counts(self, model: str) -> dict[str, tuple[int, int]]:
-        """Version -> (labelled, correct), routed requests only."""
-        with self._lock:
-            return {v: (n, c) for v, (n, c) in self._tallies.get(model, {}).items()}
-
-    def requests(self, model: str) -> dict[str, int]:
-        """Version -> routed predictions, labelled or not."""
-        with self._lock:
-            return dict(self._requests.get(model, {}))
-
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._predictions)
+if TYPE_CHECKING:
+    from randkit.serve.ledger import FeedbackLedger
 
 
 def _check_counts(correct: int, n: int) -> None:
@@ -234,16 +141,21 @@ def _verdict(
 
 
 def experiment_report(
-    model: str, ledger: FeedbackLedger, policy: TrafficPolicy, versions: list[str]
+    model: str,
+    ledger: FeedbackLedger,
+    policy: TrafficPolicy,
+    versions: list[str],
+    epoch: int | None = None,
 ) -> dict[str, Any]:
     """Accuracy per version and a verdict for each version compared with the baseline.
 
-    ``weight`` is the share of routed traffic the policy gives a version when all versions
-    are available. Versions with traffic (routed requests, or a weight > 0) other than the
-    baseline are compared with it.
+    Counts are those of the policy ``epoch`` (default: the model's latest in the ledger):
+    routed predictions made since the current policy was loaded. ``weight`` is the share of
+    routed traffic the policy gives a version when all versions are available. Versions with
+    traffic (routed requests, or a weight > 0) other than the baseline are compared with it.
     """
     versions = sorted_versions(versions)
-    counts, requests = ledger.counts(model), ledger.requests(model)
+    counts, requests = ledger.counts(model, epoch), ledger.requests(model, epoch)
     weights = effective_weights(policy, versions)
     total_weight = sum(weights.values()) or 1.0
     rows = []
@@ -284,6 +196,7 @@ def experiment_report(
         )
     return {
         "model": model,
+        "epoch": epoch,
         "baseline": baseline,
         "alpha": policy.alpha,
         "min_samples": policy.min_samples,

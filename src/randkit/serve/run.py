@@ -8,6 +8,7 @@ from pathlib import Path
 
 from randkit.errors import UserError
 from randkit.memory import keep_freed_memory
+from randkit.serve.ledger_db import check_location
 from randkit.serve.server import ServerSettings
 from randkit.streams import check_seed
 
@@ -32,11 +33,29 @@ def check_settings(settings: ServerSettings) -> ServerSettings:
         raise UserError("--max-body-mb", f"must be > 0, got {settings.max_body_mb}")
     if settings.token is not None and len(settings.token) < 8:
         raise UserError("--token", "must be at least 8 characters")
+    check_location(settings.ledger, settings.repository)
+    days = settings.ledger_retention_days
+    if not (math.isfinite(days) and days > 0):
+        raise UserError("--ledger-retention-days", f"must be > 0, got {days}")
     try:
         check_seed(settings.seed, "--seed")
     except ValueError as exc:
         raise UserError("--seed", str(exc)) from None
     return settings
+
+
+def check_ledger_opens(settings: ServerSettings) -> None:
+    """Open the ledger once before binding: an unreachable database or a read-only
+    repository is one line and exit code 2, not a traceback from the app's startup."""
+    from randkit.serve.ledger import FeedbackLedger, LedgerError
+    from randkit.serve.ledger_db import ledger_location
+
+    location = ledger_location(settings.ledger, settings.repository)
+    try:
+        FeedbackLedger(location, retention_days=None).close()
+    except LedgerError as exc:
+        hint = "" if settings.ledger else "; give --ledger a writable file or a postgresql:// URL"
+        raise UserError("--ledger", f"cannot open {exc.message}{hint}") from None
 
 
 def serve_forever(repository: Path, quiet: bool = False, **options: object) -> None:
@@ -48,6 +67,7 @@ def serve_forever(repository: Path, quiet: bool = False, **options: object) -> N
     from randkit.deploy.bundle import _device
 
     _device(settings.device)  # refuses an unknown device or CUDA without a GPU, before binding
+    check_ledger_opens(settings)
     keep_freed_memory()
     uvicorn.run(
         create_app(settings),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import math
 import time
@@ -15,7 +16,9 @@ import torch
 
 from randkit.deploy.bundle import LoadedBundle
 from randkit.serve.engine import Job
-from randkit.serve.experiment import FeedbackLedger
+from randkit.serve.ids import uuid7
+from randkit.serve.ledger import FeedbackLedger, LedgerError, Prediction, policy_fingerprint
+from randkit.serve.ledger_db import ledger_location
 from randkit.serve.metrics import ServerMetrics
 from randkit.serve.options import MAX_ROWS, Options, RequestError, parse_options, shown
 from randkit.serve.protocol import output_arrays
@@ -39,6 +42,8 @@ class ServerSettings:
     grpc_port: int | None = None  # None: no gRPC server
     seed: int = 0
     device: str = "cpu"
+    ledger: str | None = None  # a SQLite file or postgresql:// URL; None: REPO/.randkit/...
+    ledger_retention_days: float = 30.0  # predictions older than this are deleted
 
 
 @dataclass
@@ -74,9 +79,12 @@ class Server:
             batching=BatchSettings(
                 settings.max_batch, settings.max_delay_ms / 1000, self._on_batch
             ),
+            open_epoch=self._open_epoch,
         )
         self.streams = Streams(settings.seed)
-        self.ledger = FeedbackLedger()
+        self.ledger = FeedbackLedger(
+            ledger_location(settings.ledger, settings.repository), settings.ledger_retention_days
+        )
         self.stats = StatsCollector()
         self.grpc: Any = None  # the grpc.aio server, when settings.grpc_port is set
         self.grpc_port: int | None = None  # the port it bound
@@ -99,6 +107,14 @@ class Server:
             await self.grpc.stop(GRPC_GRACE_S)  # lets the calls in flight finish
         await self.repository.close()
         self.executor.shutdown(wait=True)
+        await asyncio.to_thread(self.ledger.close)
+
+    async def _open_epoch(self, model: ServedModel) -> int:
+        """The policy epoch a (re)loaded model counts its experiment in."""
+        try:
+            return await self.ledger.open_epoch_async(model.name, policy_fingerprint(model))
+        except LedgerError as exc:
+            raise RequestError(exc.status, str(exc)) from None
 
     async def infer(
         self,
@@ -157,11 +173,24 @@ class Server:
         times.submitted_ns = time.perf_counter_ns()
         outputs = await served.batcher.submit(Job(x, options))
         times.answered_ns = time.perf_counter_ns()
-        request_id = request_id or f"req-{number}"
+        # A UUIDv7, not the request number: numbers restart with the server and repeat
+        # across replicas, and feedback for an old id would attach to a new prediction.
+        request_id = request_id or uuid7()
         predicted = outputs["predicted"].tolist()
-        for i, label in enumerate(predicted):
-            ledger_id = request_id if len(predicted) == 1 else f"{request_id}/{i}"
-            self.ledger.record_prediction(name, ledger_id, served.version, int(label), routed)
+        ids = (
+            [request_id]
+            if len(predicted) == 1
+            else [f"{request_id}/{i}" for i in range(len(predicted))]
+        )
+        try:  # committed (by the ledger's thread) before the client sees the id
+            await self.ledger.record_predictions_async(
+                [
+                    Prediction(name, i, served.version, int(p), routed, model.epoch)
+                    for i, p in zip(ids, predicted, strict=True)
+                ]
+            )
+        except LedgerError as exc:
+            raise RequestError(exc.status, str(exc)) from None
         arrays = output_arrays(outputs, bundle.classes)
         return Answer(model, served, routed, options, request_id, arrays)
 

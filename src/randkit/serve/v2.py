@@ -3,6 +3,7 @@ experiment extensions."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Annotated, Any
 
@@ -10,7 +11,8 @@ from fastapi import APIRouter, Header, Request
 from fastapi.responses import JSONResponse
 
 import randkit
-from randkit.serve.experiment import FeedbackError, experiment_report
+from randkit.serve.experiment import experiment_report
+from randkit.serve.ledger import LedgerError
 from randkit.serve.model_config import default_outputs, model_config
 from randkit.serve.options import MODES, RequestError
 from randkit.serve.protocol import (
@@ -210,15 +212,26 @@ async def feedback(name: str, body: FeedbackRequest, request: Request) -> dict[s
         label = classes.index(label)
     elif not 0 <= label < len(classes):
         raise RequestError(400, f"label: must be in [0, {len(classes)}), got {label}")
-    try:
-        return server.ledger.record_feedback(name, body.id, label)
-    except FeedbackError as exc:
-        raise RequestError(exc.status, f"id: {exc.message}") from None
+    try:  # answered once committed durably, by the ledger's thread
+        return await server.ledger.record_feedback_async(name, body.id, label)
+    except LedgerError as exc:
+        raise RequestError(exc.status, str(exc)) from None
 
 
 @router.get("/models/{name}/experiment")
 async def experiment(name: str, request: Request) -> dict[str, Any]:
-    """Per-version accuracy with 95% CIs, and each version against the baseline."""
+    """Per-version accuracy with 95% CIs, and each version against the baseline, counting
+    the routed requests since the model's current policy was loaded."""
     server = _server(request)
     model = server.repository.model(name)
-    return experiment_report(name, server.ledger, model.policy, sorted(model.versions))
+    try:  # it reads the ledger: in a thread, off the event loop
+        return await asyncio.to_thread(
+            experiment_report,
+            name,
+            server.ledger,
+            model.policy,
+            sorted(model.versions),
+            model.epoch,
+        )
+    except LedgerError as exc:
+        raise RequestError(exc.status, str(exc)) from None
