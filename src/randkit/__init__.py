@@ -6,7 +6,14 @@ and deployment; the server, HTML reports and Ray come with the extras ``serve``,
 """
 
 from randkit.errors import UserError
-from randkit.streams import SOURCES, Streams, deterministic, global_rng_guard
+from randkit.streams import SOURCES, Streams, deterministic, global_rng_guard, isolated_global_rngs
+
+# rich draws from Python's `random` when first imported (rich/style.py: getrandbits); every
+# randkit entry point (the CLI, cross_validate, train, scikit-learn's progress bars) imports it
+# lazily, so the first call would shift a user's `random` sequence. Importing it here, once,
+# with the global RNGs restored, keeps them as they were.
+with isolated_global_rngs():
+    import rich.style  # noqa: F401
 
 __version__ = "0.1.0"
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -30,7 +32,8 @@ LOCATION_FIELDS = ("model.code_dir",)
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # No inf or nan in any number field: `lr: .inf` would train to NaN and exit 0.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class DataConfig(_Strict):
@@ -81,6 +84,27 @@ class ModelConfig(_Strict):
     name: str = "cnn"
     args: dict[str, Any] = Field(default_factory=dict)
     code_dir: Path | None = None
+
+    @field_validator("args")
+    @classmethod
+    def _finite_args(cls, args: dict[str, Any]) -> dict[str, Any]:
+        """The factory's arguments are free-form, so ``allow_inf_nan`` cannot see them."""
+        for path, value in _numbers(args, "model.args"):
+            if not math.isfinite(value):
+                raise ValueError(f"{path}: must be a finite number, got {value!r}")
+        return args
+
+
+def _numbers(value: Any, path: str) -> Iterator[tuple[str, float]]:
+    """Every float inside nested mappings and lists, with its dotted path."""
+    if isinstance(value, float):
+        yield path, value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _numbers(item, f"{path}.{key}")
+    elif isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            yield from _numbers(item, f"{path}.{index}")
 
 
 MetricName = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
@@ -390,7 +414,8 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Ex
         line = f" at line {where.line + 1}" if where is not None else ""
         raise UserError("config", f"{str(path)!r} is not valid YAML{line}") from None
     if raw is None:
-        raw = {}
+        # An empty file would run every default (a 20-epoch cnn on digits): surely a mistake.
+        raise UserError("config", f"{str(path)!r} is empty (no settings, only comments or null)")
     if not isinstance(raw, dict):
         raise UserError("config", f"{str(path)!r} must hold a YAML mapping")
     for dotted, value in (overrides or {}).items():

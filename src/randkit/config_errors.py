@@ -18,6 +18,7 @@ _TEMPLATES = {
     "int_from_float": "must be an integer",
     "float_parsing": "must be a number",
     "float_type": "must be a number",
+    "finite_number": "must be a finite number",
     "bool_parsing": "must be true or false",
     "bool_type": "must be true or false",
     "string_type": "must be a string",
@@ -34,7 +35,7 @@ _TEMPLATES = {
 
 def format_error(error: dict[str, Any]) -> str:
     """One line naming the field, what it must be and the value given."""
-    path = ".".join(str(part) for part in error["loc"])
+    path = ".".join(str(part) for part in error["loc"] if not _union_tag(part))
     value = error.get("input")
     if error["type"] in ("value_error", "assertion_error"):
         message = str(error["ctx"]["error"])
@@ -53,3 +54,10 @@ def format_error(error: dict[str, Any]) -> str:
     if error["type"] in ("extra_forbidden", "missing"):
         return f"{path}: {message}" + ("" if error["type"] == "missing" else f" (value {value!r})")
     return f"{path}: {message}, got {value!r}"
+
+
+def _union_tag(part: object) -> bool:
+    """Pydantic names the member of a union that failed (``value.float``); not a field."""
+    if not isinstance(part, str):
+        return False
+    return part in ("float", "int", "str") or part.startswith("literal[")

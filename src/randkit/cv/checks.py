@@ -24,6 +24,7 @@ from randkit.train.tasks import (
     check_output_width,
     metric_targets,
     num_outputs,
+    output_width,
     task_metrics,
     user_metrics,
 )
@@ -52,8 +53,7 @@ def check_objects_on_sample(
     outputs = _forward(model, x)
     targets = targets_array(data)
     expected = num_outputs(cfg.task, targets)
-    width = outputs.shape[1] if outputs.dim() > 1 else None
-    check_output_width(cfg.task, width, expected, "model")
+    check_output_width(cfg.task, output_width(outputs), expected, "model")
     _check_loss(
         objects.parts.loss or training_loss(cfg.task, cfg.train.label_smoothing), outputs, y
     )

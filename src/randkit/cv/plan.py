@@ -180,10 +180,16 @@ def _make_plan(
                     for a, b in chosen.split(x_placeholder, targets, groups)
                 ]
             except ValueError as exc:
+                # Name the splitter that failed: the user's object when one was given.
+                field, name = ("splitter", repr(splitter)) if splitter else ("cv.folds", "")
+                name = name or f"{cfg.splitter}, {cfg.folds} folds"
+                hint = (
+                    "; give group labels (groups=)"
+                    if groups is None and "group" in str(exc)
+                    else ""
+                )
                 raise UserError(
-                    "cv.folds",
-                    f"cannot split {len(targets)} examples ({cfg.splitter}, {cfg.folds} folds): "
-                    f"{exc}",
+                    field, f"cannot split {len(targets)} examples ({name}): {exc}{hint}"
                 ) from None
         for fold, (train_idx, test_idx) in enumerate(partitions[level]):
             trial = Trial(fold, repeat, group, dict(levels), train_idx, test_idx)

@@ -88,10 +88,12 @@ def load_image_folder(
             pass  # a damaged cache is rebuilt below
     images = torch.from_numpy(np.stack([_decode(p, size, grayscale) for p, _ in files]))
     targets = torch.tensor([label for _, label in files], dtype=torch.long)
+    # Validated (classes, sizes) before the cache is written: data refused leaves no file.
+    data = LabeledData(images.float() / 255.0, targets, classes, "image", unit_range=True)
     try:
         atomic.write_safetensors(
             cache, {"images": images, "targets": targets}, {"classes": json.dumps(classes)}
         )
     except OSError:
         pass  # caching is an optimization; a read-only home must not stop training
-    return LabeledData(images.float() / 255.0, targets, classes, "image", unit_range=True)
+    return data

@@ -88,8 +88,36 @@ def load_csv_text(
         labels.append(label)
     if not rows:
         raise UserError("data.path", f"no rows in {str(path)!r}")
+    _check_texts(texts, path, text_column)
+    _check_labels(labels, path, label_column)
     classes = sorted(set(labels))
     lookup = {c: i for i, c in enumerate(classes)}
     targets = torch.tensor([lookup[label] for label in labels], dtype=torch.long)
     groups = np.array([row[group_column] for row in rows]) if group_column else None
     return LabeledData(texts, targets, classes, "text", groups=groups)
+
+
+def _check_texts(texts: list[str], path: Path, column: str) -> None:
+    """Texts without a single word make every input the same: a constant model, silently."""
+    if not any(tokenize(text) for text in texts):
+        raise UserError(
+            "data.text_column",
+            f"column {column!r} of {str(path)!r} holds no words in any of its {len(texts)} rows",
+        )
+
+
+def _check_labels(labels: list[str], path: Path, column: str) -> None:
+    """Continuous numbers are not classes: each would be a class of one example."""
+    try:
+        numbers = np.array([float(label) for label in labels])
+    except ValueError:
+        return  # names, or a mix: class labels
+    fractional = np.isfinite(numbers) & (numbers != np.round(numbers))
+    if fractional.any():
+        example = labels[int(np.argmax(fractional))]
+        raise UserError(
+            "data.label_column",
+            f"column {column!r} of {str(path)!r} holds continuous numbers "
+            f"({len(np.unique(numbers))} distinct, e.g. {example!r}), not class labels; "
+            "CSV text data is for classification",
+        )

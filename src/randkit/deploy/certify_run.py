@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import io
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,7 @@ def certify_run(
     onnxruntime on the CPU instead of the run's PyTorch model, with the same noise draws."""
     require("report", "randkit certify")  # draws its figure with matplotlib
     _check_arguments(sigma, n0, n, alpha, batch, skip, radius)
+    _check_limits(max_inputs, out)
     trained = load_trained(run, device="cpu" if onnx is not None else None)
     if trained.prepared.kind == "text":
         raise UserError("run", "randomized smoothing needs image or vector inputs, got text")
@@ -121,8 +123,23 @@ def _check_arguments(
     for name, value in (("--n0", n0), ("--n", n), ("--batch", batch), ("--skip", skip)):
         if value < 1:
             raise UserError(name, f"must be >= 1, got {value}")
-    if radius is not None and radius < 0:
-        raise UserError("--radius", f"must be >= 0, got {radius}")
+    if radius is not None and not 0 <= radius < math.inf:
+        raise UserError("--radius", f"must be a finite number >= 0, got {radius}")
+    if not math.isfinite(sigma):
+        raise UserError("--sigma", f"must be a finite number, got {sigma}")
+
+
+def _check_limits(max_inputs: int | None, out: Path | None) -> None:
+    """``--max`` 0 or below would certify all or silently drop inputs; ``--out`` must name a
+    file in a folder that exists (a typo in it would otherwise create folders unseen)."""
+    if max_inputs is not None and max_inputs < 1:
+        raise UserError("--max", f"must be >= 1, got {max_inputs}")
+    if out is None:
+        return
+    if out.is_dir():
+        raise UserError("--out", f"{str(out)!r} is a folder; give a file name")
+    if not out.parent.is_dir():
+        raise UserError("--out", f"folder {str(out.parent)!r} does not exist; create it first")
 
 
 def _certify_one(

@@ -8,7 +8,20 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from randkit.errors import UserError
 from randkit.randomize.modules import Dropout, StochasticDepth
+
+
+def _image_shape(model: str, in_shape: Sequence[int]) -> tuple[int, int, int]:
+    """(channels, height, width) of image inputs; other data is refused by model name."""
+    if len(in_shape) != 3:
+        raise UserError(
+            "model.name",
+            f"{model!r} needs image inputs (channels, height, width), but the data's inputs "
+            f"have shape {list(in_shape)}; use 'mlp' for vectors or 'text' for CSV text",
+        )
+    channels, height, width = in_shape
+    return channels, height, width
 
 
 def mlp(
@@ -41,7 +54,7 @@ def cnn(
 
     No BatchNorm by default, so that many copies can be trained at once with ``vmap``.
     """
-    channels, height, width = in_shape
+    channels, height, width = _image_shape("cnn", in_shape)
     layers: list[nn.Module] = []
     for out in widths:
         layers.append(nn.Conv2d(channels, out, 3, padding=1))
@@ -104,8 +117,9 @@ def resnet(
     if norm not in ("batch", "group", "none"):
         raise ValueError(f"norm must be batch, group or none, got {norm!r}")
     blocks_per_stage = (depth - 2) // 6
+    channels = _image_shape("resnet", in_shape)[0]
     layers: list[nn.Module] = [
-        nn.Conv2d(in_shape[0], width, 3, 1, 1, bias=norm == "none"),
+        nn.Conv2d(channels, width, 3, 1, 1, bias=norm == "none"),
         _norm(norm, width),
         nn.ReLU(),
     ]
@@ -120,9 +134,20 @@ def resnet(
 
 
 def text(
-    vocab_size: int, num_classes: int, embed_dim: int = 64, hidden: int = 64, dropout: float = 0.0
+    vocab_size: int | None = None,
+    num_classes: int = 2,
+    embed_dim: int = 64,
+    hidden: int = 64,
+    dropout: float = 0.0,
+    in_shape: Sequence[int] = (),
 ) -> nn.Module:
     """Mean of word embeddings (padding id 0 ignored), then a one-hidden-layer MLP."""
+    if vocab_size is None:  # only text data has a vocabulary
+        raise UserError(
+            "model.name",
+            f"'text' needs CSV text data (data.kind csv_text), but the data's inputs have "
+            f"shape {list(in_shape)}",
+        )
     layers: list[nn.Module] = [
         _MeanEmbedding(vocab_size, embed_dim),
         nn.Linear(embed_dim, hidden),

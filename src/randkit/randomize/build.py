@@ -95,9 +95,10 @@ def build_randomization(
     )
 
 
-def preflight(model: torch.nn.Module, plan: Randomization, sample: torch.Tensor) -> None:
+def preflight(model: torch.nn.Module, plan: Randomization, sample: torch.Tensor) -> torch.Tensor:
     """Run the augmentation and one forward pass on a couple of training examples, so that a
-    setting that only fails at run time fails before anything is written."""
+    setting that only fails at run time fails before anything is written; returns the
+    outputs (their width is checked against the task by ``train.tasks.check_output_width``)."""
     generator = torch.Generator().manual_seed(0)  # a throwaway generator: nothing is kept
     x = sample
     if plan.augment is not None:
@@ -109,9 +110,14 @@ def preflight(model: torch.nn.Module, plan: Randomization, sample: torch.Tensor)
     model.eval()
     try:
         with torch.no_grad():
-            model(x)
+            outputs = model(x)
     except (ValueError, RuntimeError, TypeError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise UserError("model", f"forward pass fails on input {list(x.shape)}: {first}") from None
     finally:
         model.train(was_training)
+    if not isinstance(outputs, torch.Tensor):
+        raise UserError(
+            "model", f"forward must return a tensor of outputs, got {type(outputs).__name__}"
+        )
+    return outputs

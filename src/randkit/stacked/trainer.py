@@ -13,6 +13,7 @@ batches simply does not move on the extra steps. Nothing here knows of cross-val
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -29,6 +30,8 @@ from randkit.stacked.optim import StackedOptimizer
 from randkit.streams import ScopedStreams, Streams
 from randkit.train import rules
 from randkit.train.metrics import classification_metrics
+
+_NO_BATCHING_RULE = "There is a performance drop because we have not yet implemented the batching"
 
 
 @dataclass
@@ -255,7 +258,12 @@ class StackedTrainer:
                 with use_generator(batches.PreDrawn(db)):
                     return functional_call(self.base, (p, b), (xb,))
 
-            logits = vmap(per_model, randomness="error")(params, self.buffers, x, draws)
+            with warnings.catch_warnings():
+                # An op without a vmap batching rule (EmbeddingBag with padding_idx, the text
+                # model) runs once per model: correct, only slower; torch's warning would
+                # reach the user's terminal as a raw C++ line on every run.
+                warnings.filterwarnings("ignore", message=_NO_BATCHING_RULE)
+                logits = vmap(per_model, randomness="error")(params, self.buffers, x, draws)
         losses = stacked_cross_entropy(logits, target, weight, self.cfg.label_smoothing)
         return losses, logits
 

@@ -21,6 +21,7 @@ from randkit.streams import SOURCES, Streams
 from randkit.train.checkpoint import read_checkpoint, save_checkpoint
 from randkit.train.loop import LoopState, Trainer, model_and_randomization, resolve_device
 from randkit.train.metrics import evaluate
+from randkit.train.tasks import check_output_width, output_width
 
 CHECKPOINT = "checkpoint.safetensors"
 RUN_FILES = (
@@ -89,7 +90,14 @@ def train_run(
     streams = Streams(cfg.seed, cfg.seeds)
     prepared = load_and_prepare(cfg.data, streams)
     model, randomization = model_and_randomization(cfg, prepared, streams)
-    preflight(model, randomization, prepared.train.x[:2])
+    outputs = preflight(model, randomization, prepared.train.x[:2])
+    # A factory that ignores num_classes would train (and save) a head of the wrong size.
+    check_output_width(
+        "classification",
+        output_width(outputs),
+        len(prepared.classes),
+        f"model.name {cfg.model.name!r}",
+    )
     device = resolve_device(cfg.train.device)
     fingerprint = cfg.fingerprint()
     resume_from = _prepare_out(out, fingerprint, restart)

@@ -384,6 +384,11 @@ def user_metrics(
     return results
 
 
+def output_width(outputs: torch.Tensor) -> int | None:
+    """Values per example of a batch of model outputs; None for a 1-D output."""
+    return int(outputs.shape[1]) if outputs.dim() > 1 else None
+
+
 def check_output_width(task: str, width: int | None, expected: int, field: str = "model") -> None:
     """Refuse, before any training, a model whose last layer has the wrong number of outputs.
 
