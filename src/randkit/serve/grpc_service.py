@@ -40,6 +40,7 @@ from randkit.serve.protocol import (
 from randkit.serve.server import Answer, Server
 from randkit.serve.stats import stats_of
 from randkit.serve.tensors import NUMPY_TYPES, array_from_bytes, bytes_of, checked_shape
+from randkit.serve.v2 import _metadata, server_metadata  # the HTTP routes' own answers
 
 log = logging.getLogger("randkit.serve")
 SERVICE = "/inference.GRPCInferenceService/"
@@ -120,14 +121,10 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     @_answers
     async def ServerMetadata(self, request: Any, context: Any) -> pb.ServerMetadataResponse:
-        from randkit.serve.v2 import server_metadata
-
         return json_format.ParseDict(await server_metadata(), pb.ServerMetadataResponse())
 
     @_answers
     async def ModelMetadata(self, request: Any, context: Any) -> pb.ModelMetadataResponse:
-        from randkit.serve.v2 import _metadata
-
         repository = self.server.repository
         model = repository.model(request.name)
         served = repository.version(model, request.version) if request.version else None
@@ -151,14 +148,11 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         """One model (all its versions unless one is named), or every model for no name."""
         server = self.server
         names = [request.name] if request.name else sorted(server.repository.models)
-        stats = [
-            entry
-            for name in names
-            for entry in stats_of(server.stats, server.repository, name, request.version or None)[
-                "model_stats"
-            ]
-        ]
-        return json_format.ParseDict({"model_stats": stats}, pb.ModelStatisticsResponse())
+        entries = []
+        for name in names:
+            report = stats_of(server.stats, server.repository, name, request.version or None)
+            entries += report["model_stats"]
+        return json_format.ParseDict({"model_stats": entries}, pb.ModelStatisticsResponse())
 
     @_answers
     async def RepositoryIndex(self, request: Any, context: Any) -> pb.RepositoryIndexResponse:
