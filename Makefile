@@ -11,7 +11,7 @@ EXTRAS_test := dev,serve,report,ray,bench,lightning,metrics,onnx
 EXTRAS_bench := bench,serve
 EXTRAS_lint := dev
 
-.PHONY: demo test bench lint clean tools mlserver-env
+.PHONY: demo test bench lint clean tools mlserver-env postgres
 .PRECIOUS: $(VENV)/.installed-%
 
 # One stamp per set of extras; a change to the package metadata or the kernel reinstalls.
@@ -27,8 +27,14 @@ $(BIN)/randkit: $(VENV)/.installed-test
 demo: $(VENV)/.installed-demo
 	$(BIN)/randkit cv examples/digits.yaml --out runs/digits-cv
 
-test: $(VENV)/.installed-test tools
+test: $(VENV)/.installed-test tools postgres
 	$(BIN)/python -m pytest -q
+
+# PostgreSQL's server binaries, with which tests/test_serve_ledger.py starts a throwaway server
+# of its own: Debian's postgresql, installed here when no initdb is found and running as root.
+postgres:
+	@command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || \
+		[ "$$(id -u)" != 0 ] || (apt-get update -qq && apt-get install -y -qq postgresql)
 
 # Triton's perf_analyzer, which the server's load tests run: the binary that tritonclient
 # 2.34.0's manylinux wheel ships, in a venv of its own so that .venv keeps its newer
