@@ -58,6 +58,18 @@ def check_ledger_opens(settings: ServerSettings) -> None:
         raise UserError("--ledger", f"cannot open {exc.message}{hint}") from None
 
 
+def check_grpc_installed(settings: ServerSettings) -> None:
+    """``--grpc-port`` needs grpcio and tritonclient's message classes (the serve extra):
+    one line before binding rather than a traceback from the app's startup."""
+    if settings.grpc_port is None:
+        return
+    try:
+        import randkit.serve.grpc_service  # noqa: F401
+    except (ImportError, RuntimeError) as exc:  # RuntimeError: a grpcio older than the stubs
+        why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError("--grpc-port", f"{why}: pip install 'randkit[serve]'") from None
+
+
 def serve_forever(repository: Path, quiet: bool = False, **options: object) -> None:
     import uvicorn
 
@@ -68,6 +80,7 @@ def serve_forever(repository: Path, quiet: bool = False, **options: object) -> N
 
     _device(settings.device)  # refuses an unknown device or CUDA without a GPU, before binding
     check_ledger_opens(settings)
+    check_grpc_installed(settings)
     keep_freed_memory()
     uvicorn.run(
         create_app(settings),
