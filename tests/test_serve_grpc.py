@@ -8,6 +8,7 @@ import math
 import re
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from tritonclient.grpc import service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from randkit.errors import UserError
-from randkit.serve.run import check_settings
+from randkit.serve.run import check_grpc_installed, check_settings
 from randkit.serve.server import ServerSettings
 from randkit.serve.tensors import array_from_bytes
 from randkit.streams import Streams
@@ -343,11 +344,16 @@ def test_statistics_count_requests_batches_and_failures(
     assert re.search(r'randkit_requests_total\{[^}]*protocol="grpc"[^}]*status="400"', metrics)
 
 
-def test_grpc_port_setting_is_checked(tmp_path: Path):
+def test_grpc_port_setting_is_checked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     with pytest.raises(UserError, match="--grpc-port"):
         check_settings(ServerSettings(repository=tmp_path, grpc_port=70000))
     with pytest.raises(UserError, match="--grpc-port"):
         check_settings(ServerSettings(repository=tmp_path, port=9000, grpc_port=9000))
+    check_grpc_installed(ServerSettings(repository=tmp_path, grpc_port=0))
+    monkeypatch.delitem(sys.modules, "randkit.serve.grpc_service")
+    monkeypatch.setitem(sys.modules, "grpc", None)  # as if grpcio were not installed
+    with pytest.raises(UserError, match=r"^--grpc-port: .*grpc.*pip install 'randkit\[serve\]'"):
+        check_grpc_installed(ServerSettings(repository=tmp_path, grpc_port=0))
 
 
 # -- Triton's perf_analyzer ------------------------------------------------------------------------
