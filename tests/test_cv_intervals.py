@@ -259,3 +259,30 @@ def test_old_summaries_are_read_with_their_old_meaning() -> None:
     assert "older randkit" in r["note"]
     new = {"ci95": [0.8, 0.9], "ci95_method": "nadeau_bengio_logit", "ci95_naive": [0.84, 0.86]}
     assert read_headline(new)["naive"] == [0.84, 0.86]
+
+
+def test_a_single_split_run_reports_the_exact_interval_everywhere(tmp_path) -> None:
+    """End to end: one stratified 75/25 split of digits; summary.json, the Python result and
+    the report all carry the Clopper-Pearson interval, and the other metrics say why they
+    have none."""
+    import json
+
+    from sklearn.model_selection import StratifiedShuffleSplit
+
+    import randkit
+
+    one = StratifiedShuffleSplit(n_splits=1, test_size=0.25, random_state=0)
+    result = randkit.cross_validate(
+        "mlp", splitter=one, train={"epochs": 1, "batch_size": 256}, out=tmp_path / "run"
+    )
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary == json.loads(json.dumps(result.summary))
+    assert summary["n_trials"] == 1 and summary["ci95_method"] == "clopper_pearson"
+    k = round(summary["mean"] * 450)
+    assert summary["ci95"] == pytest.approx(clopper_pearson(k, 450))
+    assert summary["ci95_naive"] is None and summary["ci95_corrected"] is None
+    assert "no exact interval for macro_f1" in summary["per_metric"]["macro_f1"]["ci95_note"]
+    if result.report is not None:
+        html = result.report.read_text()
+        low, high = summary["ci95"]
+        assert f"95% CI [{low:.4f}, {high:.4f}]" in html and "Clopper-Pearson" in html
