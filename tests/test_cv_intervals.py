@@ -286,3 +286,13 @@ def test_a_single_split_run_reports_the_exact_interval_everywhere(tmp_path) -> N
         html = result.report.read_text()
         low, high = summary["ci95"]
         assert f"95% CI [{low:.4f}, {high:.4f}]" in html and "Clopper-Pearson" in html
+
+
+def test_docstring_examples() -> None:
+    import doctest
+
+    import randkit.cv.bayes
+    import randkit.cv.intervals
+
+    for module in (randkit.cv.intervals, randkit.cv.bayes):
+        assert doctest.testmod(module, verbose=False).failed == 0
