@@ -5,6 +5,7 @@ PostgreSQL server started by the test."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import shutil
@@ -139,6 +140,27 @@ def test_ids_name_one_prediction_all_or_none() -> None:
         assert info.value.status == 404
         assert ledger.record_feedback("digits", "a", 2)["version"] == "1"  # the first one
         assert ledger.requests("digits") == {"1": 1} and ledger.counts("digits") == {"1": (1, 1)}
+
+
+def test_a_cancelled_request_neither_records_nor_stops_the_ledger() -> None:
+    with FeedbackLedger() as ledger:
+        started, release = threading.Event(), threading.Event()
+        busy = ledger._submit(lambda db: started.set() or release.wait(30), True, False)
+        started.wait(30)  # the ledger's thread is inside an operation
+
+        async def cancelled() -> None:
+            gone = [Prediction("digits", "gone", "1", 0, True)]
+            task = asyncio.create_task(ledger.record_predictions_async(gone))
+            await asyncio.sleep(0.01)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+
+        asyncio.run(cancelled())
+        release.set()
+        busy.result(timeout=30)
+        ledger.record_prediction("digits", "next", "1", 0, routed=True)
+        assert len(ledger) == 1 and ledger.requests("digits") == {"1": 1}
 
 
 def test_retention_forgets_predictions_but_not_counts(tmp_path: Path) -> None:

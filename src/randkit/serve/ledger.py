@@ -164,10 +164,22 @@ class FeedbackLedger:
             self._commit(group)
             self._expire_when_due()
         self._database.close()
+        while True:  # an operation that raced close() is failed, never left hanging
+            try:
+                late = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if late is not None:
+                late.future.set_exception(LedgerError(503, "ledger", "closed"))
 
     def _commit(self, group: list[_Operation]) -> None:
         """Run ``group`` in one transaction, each operation in a savepoint: a refused one
         (``LedgerError``) is undone alone; a database failure fails them all."""
+        # A caller that went away (a cancelled request) cancelled its future: skip it, and
+        # no later set_result can raise on it and stop this thread.
+        group = [op for op in group if op.future.set_running_or_notify_cancel()]
+        if not group:
+            return
         outcomes: list[tuple[bool, Any]] = []
         try:
             write = any(op.write for op in group)
