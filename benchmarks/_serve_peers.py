@@ -11,10 +11,12 @@ servers, from the same raw asyncio client; ``samples`` and ``concurrency`` from 
   batch through randkit's ``Predictor``), one image, ``concurrency`` in flight;
 - ``c1``: mode ``none``, one image, one request in flight: p50 latency.
 
-randkit runs one server (batching on, the calibrated forward size, ``--max-delay-ms``, and
+randkit runs one server (batching on, ``--peer-max-batch`` rows, by default concurrency x
+samples so that every request in flight fits one pass, ``--max-delay-ms``, and
 ``--grpc-port`` when the CLI has it); MLServer one server with two models of the same bundle,
 ``bench`` (adaptive batching, ``concurrency`` requests or ``--max-delay-ms``) and
-``bench-single`` (no batching); MLServer's figure is the better of the two for each figure.
+``bench-single`` (no batching); MLServer's figure is the better of the two for each figure
+(throughput: the higher; latency: the lower), and each side's is its best round.
 The servers take turns within each round, in an order that rotates from round to round.
 Then the gRPC part: the ``mc`` workload as binary ``ModelInfer`` requests against the
 in-process ``Engine.run``/``MonteCarlo.predict`` (the better) at the calibrated forward size.

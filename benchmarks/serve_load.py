@@ -1,8 +1,11 @@
-"""Monte-Carlo inference over HTTP: ``randkit serve`` under load against in-process batches.
+"""``randkit serve`` under load: against randkit in-process, and against MLServer.
 
-A model bundle is built in a temporary folder without downloading anything: a real
-``randkit train`` run (``train_run``, 1 epoch: the weights do not matter for throughput)
-exported with ``export_bundle``, as ``randkit export`` does. ``--model``:
+Two parts (``--parts ratio,peers``, both by default), each on a bundle built in a temporary
+folder without downloading anything: a real ``randkit train`` run (``train_run``, 1 epoch:
+the weights do not matter for throughput) exported with ``export_bundle``, as ``randkit
+export`` does (``_serve_bundle.py``).
+
+**ratio** (the server against in-process batches, on ``--model``):
 
 - ``resnet`` (the default): randkit's ResNet-20 (width 16, BatchNorm, stochastic depth 0.1 on
   every residual branch, which is what mode ``mc_dropout`` samples) on 3x32x32 images, a
@@ -14,7 +17,7 @@ exported with ``export_bundle``, as ``randkit export`` does. ``--model``:
 - ``cnn``: the digits CNN of ``examples/digits.yaml`` (conv 32, conv 64, Linear 128, dropout
   0.3) on scikit-learn's 1x8x8 digits. A request of 32 samples is about 0.1 ms of compute,
   far less than any HTTP stack's per-request cost, so this one measures the server's overhead
-  rather than its inference; the ratio it gives is not the target's.
+  rather than its inference.
 
 Both sides do the same work, Monte-Carlo inference with ``--samples`` (32) samples per input,
 one input per request, in this one process run. The forward size, ``--max-batch`` rows, is by
@@ -41,19 +44,39 @@ are allocated and paged in afresh on every pass), so a fixed "large" batch would
   status line, the headers and the JSON body, so that the load generator, which shares the
   machine's cores with the server, takes as little CPU as possible; ``--client httpx`` uses
   ``httpx.AsyncClient`` (what a Python user would write; it costs the client more CPU, which
-  on a 2-core machine is taken from the server).
+  on a 2-core machine is taken from the server). The batched server also listens for gRPC
+  (``--grpc-port``, when this randkit's CLI has it) and a third phase sends the same
+  requests as KServe V2 ``ModelInfer`` calls with binary tensors (``_serve_grpc.py``).
 
 Throughput is inputs (= requests) per second of wall time, best of ``--repeats`` (the phases
 take turns, so that load from other processes hits all of them); latencies p50 and p99 are
-those of the best batched phase. ``ratio`` = server with batching on / in-process (target at
-least 0.7); ``batching_gain`` = batching on / batching off. Every response must be a 200 with
-the outputs; ``errors`` counts the others (the run exits 1 if there are any). The last line
-printed is a JSON record.
+those of the best batched phase. ``ratio`` = server over HTTP with batching on / in-process
+(target at least 0.7); ``ratio_grpc`` = the same over gRPC; ``batching_gain`` = batching on /
+batching off.
 
-    python benchmarks/serve_load.py [--model resnet|cnn] [--requests 2000] [--max-seconds 10]
-                                    [--concurrency 32] [--samples 32] [--max-batch ROWS]
-                                    [--max-delay-ms 2] [--repeats 3] [--client raw|httpx]
-                                    [--epochs 1] [--calibrate-limit 4096] [--quick]
+**peers** (``_serve_peers.py``, always the digits CNN): ``randkit serve`` against MLServer
+1.7.1 serving the same bundle through a runtime of randkit's own loader and ``Predictor``
+(``_mlserver_runtime.py``), both driven by the raw client above with the same V2 JSON
+requests, the servers taking turns in every round: deterministic requests of 1 and 8 images
+and MC-dropout requests of ``--samples`` at ``--concurrency``, deterministic single images at
+concurrency 1; and randkit over gRPC with binary tensors against randkit in-process on the
+MC-dropout requests. Each phase lasts ``--peer-seconds`` (or ``--peer-requests``). MLServer
+runs in its own venv, ``.tools/mlserver`` (``pip install mlserver==1.7.1 uvloop==0.21.0``;
+torch and randkit come from this venv through a ``.pth`` file read after its own packages),
+made on first use or by ``make mlserver-env`` (``_serve_mlserver.py``); when it cannot be
+made, the MLServer phases are skipped with the reason. Ratios: randkit / MLServer throughput
+(``ratio_vs_mlserver``, ``_8``, ``_mc``), MLServer / randkit latency
+(``latency_ratio_vs_mlserver_c1``: p50 at concurrency 1; ``p99_ratio_vs_mlserver_c32``), gRPC
+/ in-process (``ratio_grpc_tiny``).
+
+Every response must be a 200 with the outputs; ``errors`` and ``peer_errors`` count the others
+(the run exits 1 if there are any). The last line printed is a JSON record.
+
+    python benchmarks/serve_load.py [--parts ratio,peers] [--model resnet|cnn] [--quick]
+        [--requests 2000] [--max-seconds 10] [--peer-requests 20000] [--peer-seconds 3]
+        [--concurrency 32] [--samples 32] [--max-batch ROWS] [--peer-max-batch ROWS]
+        [--max-delay-ms 2] [--repeats 3] [--client raw|httpx] [--epochs 1]
+        [--calibrate-limit 4096]
 """
 
 from __future__ import annotations
@@ -278,29 +301,40 @@ class RatioPart:
             + (f"{ratio_grpc:.2f} ({grpc_verdict})" if "grpc" in best else "not measured")
             + f"; batching gain on / off: {gain:.2f}x; errors {errors}"
         )
+        figures = dict(ratio=ratio, ratio_grpc=ratio_grpc, gain=gain, grpc_rps=grpc_rps)
+        figures.update(engine_rps=engine_rps, mc_rps=mc_rps, inprocess_rps=inprocess_rps)
+        return self.record(best, figures, errors)
+
+    def record(self, best: dict[str, Load], f: dict[str, float], errors: int) -> dict[str, Any]:
+        """The JSON fields of the ratio part."""
+        args = self.args
         return {
-            "ratio": round(ratio, 3),
-            "ratio_grpc": None if math.isnan(ratio_grpc) else round(ratio_grpc, 3),
-            "batching_gain": round(gain, 3),
-            "server_rps": round(server_rps, 1),
-            "grpc_rps": None if math.isnan(grpc_rps) else round(grpc_rps, 1),
-            "inprocess_rps": round(inprocess_rps, 1),
-            "unbatched_rps": round(unbatched_rps, 1),
+            "ratio": round(f["ratio"], 3),
+            "ratio_grpc": _maybe(f["ratio_grpc"], 3),
+            "batching_gain": round(f["gain"], 3),
+            "server_rps": round(best["on"].rps, 1),
+            "grpc_rps": _maybe(f["grpc_rps"], 1),
+            "inprocess_rps": round(f["inprocess_rps"], 1),
+            "unbatched_rps": round(best["off"].rps, 1),
             "p50_ms": round(best["on"].percentile(50), 1),
             "p99_ms": round(best["on"].percentile(99), 1),
             "unbatched_p50_ms": round(best["off"].percentile(50), 1),
             "unbatched_p99_ms": round(best["off"].percentile(99), 1),
-            "inprocess_engine_rps": round(engine_rps, 1),
-            "inprocess_montecarlo_rps": round(mc_rps, 1),
+            "inprocess_engine_rps": round(f["engine_rps"], 1),
+            "inprocess_montecarlo_rps": round(f["mc_rps"], 1),
             "errors": errors,
             "target_ratio": TARGET_RATIO,
-            "target_met": ratio >= TARGET_RATIO,
+            "target_met": f["ratio"] >= TARGET_RATIO,
             "model": args.model,
             "requests": [load.ok for load in self.loads["on"]],
             "requests_unbatched": [load.ok for load in self.loads["off"]],
             "max_batch": args.max_batch,
             "calibration": {str(rows): round(rate, 1) for rows, rate in self.calibration.items()},
         }
+
+
+def _maybe(value: float, digits: int) -> float | None:
+    return None if math.isnan(value) else round(value, digits)
 
 
 def print_rows(rows: list[tuple[str, float, Load | None]]) -> None:
