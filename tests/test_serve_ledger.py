@@ -28,9 +28,12 @@ import pytest
 
 from conftest import run_cli
 from pg_support import postgres_url
+from randkit.errors import UserError
 from randkit.serve import ids
 from randkit.serve.ids import uuid7, uuid7_millis
 from randkit.serve.ledger import FeedbackLedger, LedgerError, Prediction
+from randkit.serve.run import check_settings
+from randkit.serve.server import ServerSettings
 from randkit.streams import Streams
 from serve_support import free_port, running_server, v2_body
 
@@ -218,14 +221,20 @@ def test_acknowledged_feedback_survives_reopening(tmp_path: Path) -> None:
 
 def test_serve_refuses_a_bad_ledger_in_one_line(tmp_path: Path) -> None:
     cases = [
-        (["--ledger", "mysql://u@h/db"], "unknown scheme 'mysql'"),
-        (["--ledger", "postgresql://u:secret@127.0.0.1:1/"], "name the database"),
-        (["--ledger", str(tmp_path / "missing" / "l.sqlite")], "does not exist"),
-        (["--ledger", str(tmp_path)], "is a directory"),
-        (["--ledger-retention-days", "0"], "--ledger-retention-days"),
-        (["--ledger", "postgresql://u:secret@127.0.0.1:1/db"], "cannot open"),
+        ({"ledger": "mysql://u@h/db"}, "unknown scheme 'mysql'"),
+        ({"ledger": "postgresql://u:secret@127.0.0.1:1/"}, "name the database"),
+        ({"ledger": str(tmp_path / "missing" / "l.sqlite")}, "does not exist"),
+        ({"ledger": str(tmp_path)}, "is a directory"),
+        ({"ledger_retention_days": 0.0}, "--ledger-retention-days"),
     ]
-    for args, message in cases:
+    for given, message in cases:
+        with pytest.raises(UserError) as info:
+            check_settings(ServerSettings(repository=tmp_path, **given))
+        assert message in str(info.value) and "secret" not in str(info.value)
+    for args, message in [
+        (["--ledger", "mysql://u@h/db"], "unknown scheme"),
+        (["--ledger", "postgresql://u:secret@127.0.0.1:1/db"], "cannot open"),  # nobody there
+    ]:
         result = run_cli("serve", str(tmp_path), "--port", "0", *args, timeout=120)
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2 and len(lines) == 1, result.stderr

@@ -173,9 +173,7 @@ class Database:
             self.rollback()
             raise
         if found[0] != str(SCHEMA_VERSION):
-            raise UserError(
-                "--ledger", f"ledger schema {found[0]}, this randkit reads {SCHEMA_VERSION}"
-            )
+            raise RuntimeError(f"ledger schema {found[0]}, this randkit reads {SCHEMA_VERSION}")
 
     def begin(self, write: bool, durable: bool) -> None:
         """Start a transaction. ``durable``: its commit reaches the disk before it returns
