@@ -66,9 +66,8 @@ def bayesian_correlated_ttest(
     J = int(d.size)
     mean, s2 = _mean_var(d)
     rho = n2 / (n1 + n2)  # Corani & Benavoli (2015): correlation of two trials' differences
-    scale = math.sqrt(
-        (1.0 / J + rho / (1.0 - rho)) * s2
-    )  # posterior scale of mu (Corani & Benavoli 2015)
+    # Posterior scale of mu (Corani & Benavoli 2015); rho / (1 - rho) = n_test / n_train.
+    scale = math.sqrt((1.0 / J + rho / (1.0 - rho)) * s2)
     if scale == 0.0:  # point mass at the mean: no division by zero
         a, b = float(mean > rope), float(mean < -rope)
         if rope == 0.0 and mean == 0.0:

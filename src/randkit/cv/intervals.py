@@ -157,7 +157,7 @@ def headline_interval(
         note = f"every trial scored {_number(mean)}: no spread to estimate an interval from"
         return {**out, "ci": None, "method": None, "note": note}
     J = int(x.size)
-    corrected = math.sqrt((1.0 / J + n2 / n1) * s2)  # Nadeau & Bengio (2003) corrected resampled variance
+    corrected = math.sqrt((1.0 / J + n2 / n1) * s2)  # Nadeau & Bengio (2003)
     method = "nadeau_bengio_logit" if bounds else "nadeau_bengio"
     note = "corrected resampled t interval (Nadeau & Bengio 2003)" + (
         ", on the logit scale (stays inside [0, 1])" if bounds else ""
