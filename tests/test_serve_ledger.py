@@ -6,44 +6,41 @@ PostgreSQL server started by the test."""
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import shutil
 import signal
 import sqlite3
-import subprocess
-import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
-import numpy as np
 import pytest
 
 from conftest import run_cli
-from pg_support import postgres_url
+from ledger_support import (
+    FEEDBACK,
+    INFER,
+    infer_many,
+    label_of,
+    postgres_url,
+    send_feedback,
+    serve_process,
+    stored_rows,
+    x_of,
+)
 from randkit.errors import UserError
 from randkit.serve import ids
 from randkit.serve.ids import uuid7, uuid7_millis
 from randkit.serve.ledger import FeedbackLedger, LedgerError, Prediction
 from randkit.serve.run import check_settings
 from randkit.serve.server import ServerSettings
-from randkit.streams import Streams
-from serve_support import free_port, running_server, v2_body
+from serve_support import running_server, v2_body
 
 UUID7 = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
-INFER = "/v2/models/digits/infer"
-FEEDBACK = "/v2/models/digits/feedback"
-
-
-def _x(seed: int = 0) -> list[Any]:
-    return Streams(seed).numpy("noise", test=1).random((1, 1, 8, 8)).astype(np.float32).tolist()
 
 
 # -- request ids ------------------------------------------------------------------------------
@@ -252,100 +249,15 @@ def repo(serve_repository: Path, tmp_path: Path) -> Path:
     return copy
 
 
-class Process:
-    def __init__(self, popen: subprocess.Popen[bytes], url: str, log: Path) -> None:
-        self.popen, self.url, self.log = popen, url, log
-
-
-@contextmanager
-def serve_process(repo: Path, *args: str) -> Iterator[Process]:
-    """``python -m randkit serve REPO --port P --quiet`` until the block ends (then SIGTERM,
-    a graceful shutdown, unless the test killed it)."""
-    port = free_port()
-    log = repo.parent / f"serve-{port}.log"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    with open(log, "wb") as out:
-        popen = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "randkit",
-                "serve",
-                str(repo),
-                "--port",
-                str(port),
-                "--quiet",
-                *args,
-            ],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
-    process = Process(popen, f"http://127.0.0.1:{port}", log)
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                if httpx.get(f"{process.url}/v2/health/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if popen.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the server did not start: {log.read_text()[-2000:]}")
-            time.sleep(0.1)
-        yield process
-    finally:
-        if popen.poll() is None:
-            popen.send_signal(signal.SIGTERM)
-            popen.wait(timeout=120)
-
-
-_CLIENTS = threading.local()
-
-
-def _post(url: str, body: dict[str, Any]) -> httpx.Response:
-    """POST on this thread's keep-alive client (a new connection per request costs more
-    than the request on two cores)."""
-    if not hasattr(_CLIENTS, "client"):
-        _CLIENTS.client = httpx.Client(timeout=60)
-    return _CLIENTS.client.post(url, json=body)  # type: ignore[no-any-return]
-
-
-def _infer_many(url: str, count: int, start: int = 0) -> list[dict[str, Any]]:
-    def one(i: int) -> dict[str, Any]:
-        response = _post(url + INFER, v2_body(_x(i)))
-        assert response.status_code == 200, response.text
-        body = response.json()
-        predicted = next(o for o in body["outputs"] if o["name"] == "predicted")["data"][0]
-        return {"id": body["id"], "version": body["model_version"], "predicted": predicted}
-
-    with ThreadPoolExecutor(8) as pool:
-        return list(pool.map(one, range(start, start + count)))
-
-
-def _feedback(url: str, answer: dict[str, Any], label: int) -> httpx.Response:
-    return _post(url + FEEDBACK, {"id": answer["id"], "label": label})
-
-
-def _label(answer: dict[str, Any]) -> int:
-    return int(uuid.UUID(answer["id"]).int % 10)  # any label; fixed by the id
-
-
-def _stored(repo: Path) -> dict[str, tuple[str, int, int | None]]:
-    with sqlite3.connect(repo / ".randkit" / "ledger.sqlite") as db:
-        rows = db.execute("SELECT id, version, predicted, label FROM randkit_predictions")
-        return {i: (v, p, label) for i, v, p, label in rows}
-
-
 def test_restart_and_sigkill_keep_ids_unique_and_feedback(repo: Path) -> None:
     with serve_process(repo) as server:
-        before = _infer_many(server.url, 500)
+        before = infer_many(server.url, 500)
         for answer in before[:250]:
-            assert _feedback(server.url, answer, _label(answer)).status_code == 200
+            assert send_feedback(server.url, answer, label_of(answer)).status_code == 200
     with serve_process(repo) as server:  # after a graceful restart
-        after = _infer_many(server.url, 500, start=500)
+        after = infer_many(server.url, 500, start=500)
         for answer in before[250:]:  # old ids attach to their own predictions
-            body = _feedback(server.url, answer, _label(answer)).json()
+            body = send_feedback(server.url, answer, label_of(answer)).json()
             assert (body["version"], body["predicted"]) == (answer["version"], answer["predicted"])
         acknowledged = []
         stop = threading.Event()
@@ -355,7 +267,7 @@ def test_restart_and_sigkill_keep_ids_unique_and_feedback(repo: Path) -> None:
                 if stop.is_set():
                     return
                 try:
-                    if _feedback(server.url, answer, _label(answer)).status_code == 200:
+                    if send_feedback(server.url, answer, label_of(answer)).status_code == 200:
                         acknowledged.append(answer)
                 except httpx.TransportError:
                     return
@@ -372,14 +284,14 @@ def test_restart_and_sigkill_keep_ids_unique_and_feedback(repo: Path) -> None:
     answers = before + after
     assert all(UUID7.match(a["id"]) for a in answers)
     assert len({a["id"] for a in answers}) == 1000  # no id reused across restarts
-    stored = _stored(repo)
+    stored = stored_rows(repo)
     for answer in answers:  # every id a client was given was committed first
         assert stored[answer["id"]][:2] == (answer["version"], answer["predicted"])
     for answer in before + acknowledged:
-        assert stored[answer["id"]][2] == _label(answer)
+        assert stored[answer["id"]][2] == label_of(answer)
     with serve_process(repo) as server:  # and the server comes back on the killed ledger
-        again = _feedback(server.url, acknowledged[-1], 0)
-        assert again.status_code == 409 and f"label {_label(acknowledged[-1])}" in again.text
+        again = send_feedback(server.url, acknowledged[-1], 0)
+        assert again.status_code == 409 and f"label {label_of(acknowledged[-1])}" in again.text
         report = httpx.get(server.url + "/v2/models/digits/experiment").json()
     rows = report["versions"]
     assert sum(row["requests"] for row in rows) == 1000
@@ -393,9 +305,9 @@ def test_two_server_processes_share_one_sqlite_ledger(repo: Path) -> None:
         urls = [one.url, two.url]
 
         def client(k: int) -> list[dict[str, Any]]:
-            made = _infer_many(urls[k % 2], 100, start=1000 * k)
+            made = infer_many(urls[k % 2], 100, start=1000 * k)
             for answer in made:  # feedback to the other server
-                assert _feedback(urls[(k + 1) % 2], answer, _label(answer)).status_code == 200
+                assert send_feedback(urls[(k + 1) % 2], answer, label_of(answer)).status_code == 200
             return made
 
         with ThreadPoolExecutor(4) as pool:
@@ -405,17 +317,17 @@ def test_two_server_processes_share_one_sqlite_ledger(repo: Path) -> None:
     assert reports[0]["versions"] == reports[1]["versions"]
     rows = reports[0]["versions"]
     assert sum(r["requests"] for r in rows) == sum(r["labelled"] for r in rows) == 400
-    correct = sum(a["predicted"] == _label(a) for a in answers)
+    correct = sum(a["predicted"] == label_of(a) for a in answers)
     assert sum(r["correct"] for r in rows) == correct
-    stored = _stored(repo)
-    assert len(stored) == 400 and all(stored[a["id"]][2] == _label(a) for a in answers)
+    stored = stored_rows(repo)
+    assert len(stored) == 400 and all(stored[a["id"]][2] == label_of(a) for a in answers)
 
 
 def test_huge_and_reused_ids_are_refused(repo: Path) -> None:
     huge = "x" * (8 << 20)
     with running_server(repo) as srv, srv.client() as client:  # 16 MB body limit
         for path, body in [
-            (INFER, {**v2_body(_x()), "id": huge}),
+            (INFER, {**v2_body(x_of()), "id": huge}),
             (FEEDBACK, {"id": huge, "label": 1}),
         ]:
             response = client.post(path, json=body)
@@ -423,19 +335,19 @@ def test_huge_and_reused_ids_are_refused(repo: Path) -> None:
             error = response.json()["error"]
             assert error.startswith("id:") and len(error) < 300
         longest = "y" * 256
-        first = client.post(INFER, json={**v2_body(_x()), "id": longest})
+        first = client.post(INFER, json={**v2_body(x_of()), "id": longest})
         assert first.status_code == 200 and first.json()["id"] == longest
-        reused = client.post(INFER, json={**v2_body(_x(1)), "id": longest})
+        reused = client.post(INFER, json={**v2_body(x_of(1)), "id": longest})
         assert reused.status_code == 409 and reused.json()["error"].startswith("id:")
         assert client.post(FEEDBACK, json={"id": longest, "label": 1}).status_code == 200
         assert client.get("/v2/health/ready").status_code == 200
-        assert client.post(INFER, json=v2_body(_x())).status_code == 200
+        assert client.post(INFER, json=v2_body(x_of())).status_code == 200
 
 
 def _routed(client: httpx.Client, n: int) -> list[dict[str, Any]]:
     out = []
     for i in range(n):
-        body = client.post(INFER, json=v2_body(_x(i))).json()
+        body = client.post(INFER, json=v2_body(x_of(i))).json()
         assert body["parameters"]["routed"]
         out.append(body)
     return out
@@ -450,7 +362,7 @@ def _totals(client: httpx.Client) -> tuple[int, int, int | None]:
 def test_counts_restart_when_another_policy_is_loaded(repo: Path) -> None:
     with running_server(repo) as srv, srv.client() as client:
         old = _routed(client, 30)
-        client.post("/v2/models/digits/versions/1/infer", json=v2_body(_x()))  # not routed
+        client.post("/v2/models/digits/versions/1/infer", json=v2_body(x_of()))  # not routed
         client.post(FEEDBACK, json={"id": old[0]["id"], "label": 1})
         assert _totals(client) == (30, 1, 1)
         assert client.post("/v2/repository/models/digits/load").status_code == 200
