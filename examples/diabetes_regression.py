@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -100,7 +101,7 @@ def main() -> None:
 
     s = result.summary
     baseline = mean_baseline_rmse(result.out, y)
-    low, high = s["ci95_corrected"] or s["ci95"]
+    low, high = s["ci95"] or (math.nan, math.nan)  # None: no spread (s["ci95_note"])
     r2, mae = s["per_metric"]["r2"]["mean"], s["per_metric"]["mae"]["mean"]
     table = result.table
     print("fold repeat  MLP rmse  mean-predictor rmse")

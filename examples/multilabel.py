@@ -20,6 +20,7 @@ the labels flipped as noise. Then:
 from __future__ import annotations
 
 import argparse
+import math
 
 import numpy as np
 import torch
@@ -108,7 +109,7 @@ def main() -> None:
     )
 
     s = result.summary
-    low, high = s["ci95_corrected"] or s["ci95"]
+    low, high = s["ci95"] or (math.nan, math.nan)  # None: no spread (s["ci95_note"])
     print(f"{'metric':>18} {'mean':>7} {'std':>7}")
     for name, part in s["per_metric"].items():
         print(f"{name:>18} {part['mean']:7.3f} {part['std']:7.3f}")

@@ -19,6 +19,7 @@ class. Then:
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 import numpy as np
@@ -172,7 +173,7 @@ def main() -> None:
     )
 
     s = result.summary
-    low, high = s["ci95_corrected"] or s["ci95"]
+    low, high = s["ci95"] or (math.nan, math.nan)  # None: no spread (s["ci95_note"])
     table = result.table  # one row per trial, as in results.csv
     print("fold repeat  accuracy  macro_f1")
     for fold, repeat, accuracy, macro_f1 in zip(

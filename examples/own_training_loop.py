@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import math
 
 import numpy as np
 import torch
@@ -114,7 +115,7 @@ def main() -> None:
     )
 
     s = result.summary
-    low, high = s["ci95_corrected"] or s["ci95"]
+    low, high = s["ci95"] or (math.nan, math.nan)  # None: no spread (s["ci95_note"])
     table = result.table  # one row per trial, as in results.csv
     print("fold repeat  accuracy      loss")
     for fold, repeat, accuracy, loss in zip(

@@ -391,6 +391,9 @@ def serve(
     max_batch: Annotated[int, typer.Option(help="Rows per forward batch.")] = 64,
     max_delay_ms: Annotated[float, typer.Option(help="Longest wait to fill a batch.")] = 2.0,
     max_body_mb: Annotated[float, typer.Option(help="Largest request body.")] = 16.0,
+    body_timeout_s: Annotated[
+        float, typer.Option(help="Drop a request whose body stops short for this long.")
+    ] = 30.0,
     seed: Annotated[int, typer.Option(help="Root seed of streams deploy and traffic.")] = 0,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "cpu",
     ledger: Annotated[
@@ -420,6 +423,7 @@ def serve(
         max_batch=max_batch,
         max_delay_ms=max_delay_ms,
         max_body_mb=max_body_mb,
+        body_timeout_s=body_timeout_s,
         seed=seed,
         device=device,
         ledger=ledger or os.environ.get("RANDKIT_LEDGER") or None,

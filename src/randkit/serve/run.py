@@ -31,6 +31,8 @@ def check_settings(settings: ServerSettings) -> ServerSettings:
         raise UserError("--max-delay-ms", f"must be >= 0, got {settings.max_delay_ms}")
     if not (math.isfinite(settings.max_body_mb) and settings.max_body_mb > 0):
         raise UserError("--max-body-mb", f"must be > 0, got {settings.max_body_mb}")
+    if not (math.isfinite(settings.body_timeout_s) and settings.body_timeout_s > 0):
+        raise UserError("--body-timeout-s", f"must be > 0, got {settings.body_timeout_s}")
     if settings.token is not None and len(settings.token) < 8:
         raise UserError("--token", "must be at least 8 characters")
     check_location(settings.ledger, settings.repository)

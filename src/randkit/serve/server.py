@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import itertools
 import math
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +32,8 @@ from randkit.streams import Streams
 
 GRPC_GRACE_S = 30  # as uvicorn's graceful shutdown
 MAX_ELEMENTS = 1 << 26  # input values times samples per request (256 MB of float32)
+# The arrival token of the request being handled: [True] until it reaches a batcher.
+_ARRIVAL: ContextVar[list[bool] | None] = ContextVar("randkit_arrival", default=None)
 
 
 @dataclass(frozen=True)
@@ -39,6 +45,7 @@ class ServerSettings:
     max_batch: int = 64
     max_delay_ms: float = 2.0
     max_body_mb: float = 16.0
+    body_timeout_s: float = 30.0
     grpc_port: int | None = None  # None: no gRPC server
     seed: int = 0
     device: str = "cpu"
@@ -77,10 +84,14 @@ class Server:
             device=settings.device,
             seed=settings.seed,
             batching=BatchSettings(
-                settings.max_batch, settings.max_delay_ms / 1000, self._on_batch
+                settings.max_batch,
+                settings.max_delay_ms / 1000,
+                self._on_batch,
+                lambda: self.arriving > 0,
             ),
             open_epoch=self._open_epoch,
         )
+        self.arriving = 0  # inference requests accepted that have not reached a batcher
         self.streams = Streams(settings.seed)
         self.ledger = FeedbackLedger(
             ledger_location(settings.ledger, settings.repository), settings.ledger_retention_days
@@ -93,6 +104,7 @@ class Server:
 
     async def start(self) -> None:
         await self.repository.load_all()
+        settle_memory()
         if self.settings.grpc_port is not None:  # on this event loop: one set of batchers
             from randkit.serve.grpc_service import start_grpc
 
@@ -100,6 +112,24 @@ class Server:
                 self, self.settings.host, self.settings.grpc_port
             )
         self.ready = True
+
+    @contextmanager
+    def arrival(self) -> Iterator[None]:
+        """Count an inference request as on its way to a batcher until it gets there (or
+        fails first), so that batches wait for it and only for it."""
+        token = [True]
+        self.arriving += 1
+        reset = _ARRIVAL.set(token)
+        try:
+            yield
+        finally:
+            _ARRIVAL.reset(reset)
+            self._arrived(token)
+
+    def _arrived(self, token: list[bool] | None) -> None:
+        if token and token[0]:
+            token[0] = False
+            self.arriving -= 1
 
     async def stop(self) -> None:
         self.ready = False
@@ -170,6 +200,7 @@ class Server:
                 f"parameters.samples: {len(x)} inputs x {options.forward_rows(1, 1)} samples "
                 f"is {rows} rows, more than this server takes in one request",
             )
+        self._arrived(_ARRIVAL.get())
         times.submitted_ns = time.perf_counter_ns()
         outputs = await served.batcher.submit(Job(x, options))
         times.answered_ns = time.perf_counter_ns()
@@ -200,4 +231,12 @@ class Server:
 
     def observe(self, model: str, version: str, protocol: str, status: int, start: float) -> None:
         self.metrics.requests.labels(model, version, protocol, str(status)).inc()
-        self.metrics.latency.labels(model).observe(time.perf_counter() - start)
+        self.metrics.latency.labels(model, version).observe(time.perf_counter() - start)
+
+
+def settle_memory() -> None:
+    """Move what loading made (models, modules, caches) out of the garbage collector's view:
+    a full collection then walks only what requests create, which keeps its pauses, paid by
+    every request in flight, short."""
+    gc.collect()
+    gc.freeze()

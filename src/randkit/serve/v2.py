@@ -8,7 +8,7 @@ import time
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 import randkit
 from randkit.serve.experiment import experiment_report
@@ -18,14 +18,13 @@ from randkit.serve.options import MODES, RequestError
 from randkit.serve.protocol import (
     INPUT_NAME,
     FeedbackRequest,
-    V2InferRequest,
     datatype_of,
     v2_input,
-    v2_outputs,
 )
 from randkit.serve.repository import ServedModel, ServedVersion
 from randkit.serve.server import Server
 from randkit.serve.stats import stats_of
+from randkit.serve.v2_body import HEADER_LENGTH, parse_v2_body, v2_response
 
 router = APIRouter(prefix="/v2")
 KeyHeader = Annotated[str | None, Header(alias="X-Request-Key", max_length=256)]
@@ -147,38 +146,56 @@ async def version_stats(name: str, version: str, request: Request) -> dict[str, 
     return stats_of(server.stats, server.repository, name, version)
 
 
-async def _infer(
-    request: Request, name: str, version: str | None, body: V2InferRequest, key: str | None
-) -> dict[str, Any]:
+async def _infer(request: Request, name: str, version: str | None, key: str | None) -> Response:
     server, start = _server(request), time.perf_counter()
+    body, binary = parse_v2_body(await request.body(), request.headers.get(HEADER_LENGTH))
     answer = await server.infer(
-        name, version, key, body.parameters, lambda b: v2_input(body, b), body.id
+        name, version, key, body.parameters, lambda b: v2_input(body, b, binary), body.id
     )
-    outputs = v2_outputs(answer.arrays, body.outputs)
+    response = v2_response(
+        body,
+        answer.arrays,
+        {
+            "model_name": name,
+            "model_version": answer.served.version,
+            "id": answer.request_id,
+            "parameters": answer.parameters(),
+        },
+    )
     server.observe(name, answer.served.version, "v2", 200, start)
-    return {
-        "model_name": name,
-        "model_version": answer.served.version,
-        "id": answer.request_id,
-        "parameters": answer.parameters(),
-        "outputs": outputs,
+    return response
+
+
+# The body is read by hand (JSON or the binary tensor extension); the schema says what it is.
+_INFER_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {"$ref": "#/components/schemas/V2InferRequest"},
+            },
+            "application/octet-stream": {
+                "schema": {"type": "string", "format": "binary"},
+                "description": "A V2InferRequest JSON header of Inference-Header-Content-Length "
+                "bytes, then the raw input tensors (binary tensor extension).",
+            },
+        },
     }
+}
 
 
-@router.post("/models/{name}/infer")
-async def infer(
-    name: str, body: V2InferRequest, request: Request, key: KeyHeader = None
-) -> dict[str, Any]:
+@router.post("/models/{name}/infer", openapi_extra=_INFER_BODY)
+async def infer(name: str, request: Request, key: KeyHeader = None) -> Response:
     """Infer with the version the traffic policy picks (per request, or sticky by
     ``X-Request-Key``); the response says which version answered and the seed it used."""
-    return await _infer(request, name, None, body, key)
+    return await _infer(request, name, None, key)
 
 
-@router.post("/models/{name}/versions/{version}/infer")
+@router.post("/models/{name}/versions/{version}/infer", openapi_extra=_INFER_BODY)
 async def infer_version(
-    name: str, version: str, body: V2InferRequest, request: Request, key: KeyHeader = None
-) -> dict[str, Any]:
-    return await _infer(request, name, version, body, key)
+    name: str, version: str, request: Request, key: KeyHeader = None
+) -> Response:
+    return await _infer(request, name, version, key)
 
 
 @router.post("/repository/index")
