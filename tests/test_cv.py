@@ -266,6 +266,44 @@ def test_other_config_is_refused_and_whole_cv_leaves_global_rngs_alone(tmp_path:
     assert summary["per_metric"]["loss"]["ci95_method"] == "nadeau_bengio"
 
 
+@pytest.mark.parametrize(
+    "runner",
+    [
+        "sequential",
+        "vectorized",
+        pytest.param("processes", marks=pytest.mark.slow),
+        pytest.param("ray", marks=pytest.mark.slow),
+    ],
+)
+def test_every_runner_leaves_global_rngs_alone(
+    runner: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Dropout, crop, mixup and input noise under each runner: none touches torch's, NumPy's
+    or Python's global RNG (issue #18: the vectorized runner once did)."""
+    if runner == "ray":
+        pytest.importorskip("ray")
+        monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    cfg = config_with(train={"epochs": 1}, cv={"folds": 2, "runner": runner, "workers": 2})
+    with global_rng_guard():
+        result = run_cv(cfg, tmp_path / runner, quiet=True, report=False)
+    assert result.trained == 2
+
+
+def test_the_first_cross_validate_in_a_process_leaves_global_rngs_alone(tmp_path: Path) -> None:
+    """In a fresh interpreter, where every lazy import (rich, scikit-learn) happens for the
+    first time inside the call (issue #18: rich's import drew from Python's random)."""
+    script = f"""
+import random, numpy as np, torch
+import randkit
+from randkit import global_rng_guard
+with global_rng_guard():
+    randkit.cross_validate("mlp", folds=2, train={{"epochs": 1, "batch_size": 256}},
+                           out={str(tmp_path / "run")!r})
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
 def test_variance_components_in_summary(tmp_path: Path) -> None:
     result = run_cv(
         config(folds=2, repeats=3, vary=["init"], decompose=True),

@@ -447,11 +447,17 @@ def main(argv: list[str] | None = None) -> int:
             print(exc.format_message())  # a bare `randkit` shows the help
             return 0
         # Usage errors (unknown option, missing argument) as one line, like the others.
-        print(f"error: {exc.format_message()}", file=sys.stderr)
+        print(f"error: {exc.format_message()}{_refused_value(exc)}", file=sys.stderr)
         return 2
     except typer.Exit as exc:
         return exc.exit_code
     return 0
+
+
+def _refused_value(exc: BaseException) -> str:
+    """The value a typed option refused: typer keeps it only on the pydantic error it wraps."""
+    errors = getattr(exc.__cause__, "errors", None)
+    return f", got {errors()[0].get('input')!r}" if callable(errors) else ""
 
 
 def run() -> None:

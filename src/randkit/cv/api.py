@@ -10,11 +10,13 @@ Two ways in, with the same plans, runners, run store, resume, statistics and rep
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import io
 import json
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -73,57 +75,87 @@ def cross_validate(
     >>> result = cross_validate(MyNet, my_dataset, train={"epochs": 3})     # doctest: +SKIP
     >>> result.summary["mean"], result.summary["ci95"]                     # doctest: +SKIP
     """
+    created = out is None or not Path(out).exists()
     out = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="randkit-cv-"))
-    _check_entry(model, fit, runner)
-    own = {"runner", "workers", "folds", "repeats", "metric", "splitter", "vary"} & set(cv or {})
-    if own:
-        name = sorted(own)[0]
-        raise UserError(f"cv.{name}", f"has its own argument: pass {name}= instead")
-    if isinstance(optimizer, str):  # a config name: sgd, adam, adamw, zo-sgd
-        train, optimizer = {**(train or {}), "optimizer": optimizer}, None
-    objects = UserObjects(fit=fit)
-    objects.parts = _parts(task, loss, optimizer, scheduler, metrics, callbacks, num_workers)
-    model_section = _model_section(model, objects, fit)
-    uses_objects = fit is not None or objects.model is not None
-    loaded, data_section = _data(data, labels, groups, task, out, uses_objects)
-    if loaded is not None:
-        objects.dataset = loaded.dataset
-        objects.parts.task = loaded.task
-    elif fit is not None:
-        raise UserError("data", "a fit= function needs a Dataset or (x, y) arrays")
-    cv_section: dict[str, Any] = {
-        "folds": folds,
-        "repeats": repeats,
-        "runner": runner,
-        "workers": workers,
+    with _nothing_left_on_refusal(out, created):
+        _check_entry(model, fit, runner)
+        own = {"runner", "workers", "folds", "repeats", "metric", "splitter", "vary"} & set(
+            cv or {}
+        )
+        if own:
+            name = sorted(own)[0]
+            raise UserError(f"cv.{name}", f"has its own argument: pass {name}= instead")
+        if isinstance(optimizer, str):  # a config name: sgd, adam, adamw, zo-sgd
+            train, optimizer = {**(train or {}), "optimizer": optimizer}, None
+        objects = UserObjects(fit=fit)
+        objects.parts = _parts(task, loss, optimizer, scheduler, metrics, callbacks, num_workers)
+        model_section = _model_section(model, objects, fit)
+        uses_objects = fit is not None or objects.model is not None
+        loaded, data_section = _data(data, labels, groups, task, out, uses_objects)
+        if loaded is not None:
+            objects.dataset = loaded.dataset
+            objects.parts.task = loaded.task
+        elif fit is not None:
+            raise UserError("data", "a fit= function needs a Dataset or (x, y) arrays")
+        given = {"folds": folds, "repeats": repeats, "runner": runner, "workers": workers}
+        cv_section = _cv_section(given, metric, objects.parts.task, cv, splitter, vary)
+        cfg = validate_config(
+            {
+                "seed": seed,
+                "objects": objects.names(),
+                "task": objects.parts.task,
+                "data": data_section,
+                "model": model_section,
+                "train": dict(train or {}),
+                "randomize": dict(randomize or {}),
+                "cv": cv_section,
+            }
+        )
+        plain = not uses_objects and loaded is None and objects.parts.default_loop
+        return run_cv(
+            cfg,
+            out,
+            quiet=quiet,
+            splitter=_splitter_object(splitter),
+            data=loaded,
+            objects=None if plain else objects,
+        )
+
+
+def _cv_section(
+    given: dict[str, Any],
+    metric: str | None,
+    task: str,
+    cv: dict[str, Any] | None,
+    splitter: Any,
+    vary: list[str] | None,
+) -> dict[str, Any]:
+    return {
+        **given,
         "metric": metric,
         # Stratified folds need class labels.
-        "splitter": "stratified_kfold" if objects.parts.task == "classification" else "kfold",
+        "splitter": "stratified_kfold" if task == "classification" else "kfold",
         **(cv or {}),
         **({"splitter": splitter} if isinstance(splitter, str) else {}),
         **({"vary": vary} if vary is not None else {}),
     }
-    cfg = validate_config(
-        {
-            "seed": seed,
-            "objects": objects.names(),
-            "task": objects.parts.task,
-            "data": data_section,
-            "model": model_section,
-            "train": dict(train or {}),
-            "randomize": dict(randomize or {}),
-            "cv": cv_section,
-        }
-    )
-    plain = not uses_objects and loaded is None and objects.parts.default_loop
-    return run_cv(
-        cfg,
-        out,
-        quiet=quiet,
-        splitter=_splitter_object(splitter),
-        data=loaded,
-        objects=None if plain else objects,
-    )
+
+
+@contextlib.contextmanager
+def _nothing_left_on_refusal(out: Path, created: bool) -> Iterator[None]:
+    """A call refused before its run starts leaves nothing behind: not the arrays file
+    (``data.npz``) written for the runners, nor the folder when this call made it."""
+    before = set(out.iterdir()) if out.is_dir() else set()
+    try:
+        yield
+    except UserError:
+        new = (set(out.iterdir()) if out.is_dir() else set()) - before
+        if new <= {out / "data.npz"}:  # anything more: the run started, keep it to resume
+            for path in new:
+                path.unlink()
+            if created and out.is_dir() and not any(out.iterdir()):
+                out.rmdir()
+        raise
 
 
 def _check_entry(model: Any, fit: Any, runner: str) -> None:

@@ -189,7 +189,8 @@ def _make_plan(
                     else ""
                 )
                 raise UserError(
-                    field, f"cannot split {len(targets)} examples ({name}): {exc}{hint}"
+                    field,
+                    f"cannot split {len(targets)} examples ({name}): {str(exc).rstrip('.')}{hint}",
                 ) from None
         for fold, (train_idx, test_idx) in enumerate(partitions[level]):
             trial = Trial(fold, repeat, group, dict(levels), train_idx, test_idx)

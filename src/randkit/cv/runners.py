@@ -7,9 +7,11 @@ vectorized runner within float tolerance, with the same data order, augmentation
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
-from collections.abc import Callable
+import random  # global-rng-ok: only to give back the state Ray draws from
+from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,7 +155,8 @@ class RayRunner:
         gpus = 0.0
         if torch.cuda.is_available() and cfg.train.device != "cpu":
             gpus = 1.0 / max(1, min(len(trials), cfg.cv.workers or 4))  # fractional GPUs
-        started_here = _start_ray(ray, cfg.cv.address)
+        with _python_random_kept():
+            started_here = _start_ray(ray, cfg.cv.address)
         try:
             task = ray.remote(run_trial_job).options(
                 num_cpus=float(threads),
@@ -169,7 +172,20 @@ class RayRunner:
                     on_done(ray.get(ref))
         finally:
             if started_here:
-                ray.shutdown()
+                with _python_random_kept():
+                    ray.shutdown()
+
+
+@contextlib.contextmanager
+def _python_random_kept() -> Iterator[None]:
+    """Ray's start and shutdown draw from Python's global ``random``; give the caller's state
+    back. Not reseeded (as ``isolated_global_rngs`` would): Ray may use the draws for names
+    that must differ between clusters."""
+    state = random.getstate()
+    try:
+        yield
+    finally:
+        random.setstate(state)  # global-rng-ok: the caller's own state, restored
 
 
 def _start_ray(ray: Any, address: str | None) -> bool:
