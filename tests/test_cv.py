@@ -196,6 +196,26 @@ def test_vectorized_runner_with_parameter_noise_and_early_stopping(tmp_path: Pat
     assert np.allclose(sequential.table["loss"], vectorized.table["loss"], atol=1e-4, rtol=0)
 
 
+def test_vectorized_runner_stacks_text_models_of_unequal_vocabularies(tmp_path: Path) -> None:
+    """Each trial's vocabulary is fit on its own training part, so the text models' embeddings
+    differ in size (62 rows of one unique word each, 3 folds: 41 or 42 training rows). The
+    vectorized runner stacks the models that agree and gives each trial its sequential score
+    (issue #18: it failed in stack_module_state)."""
+    rows = "".join(f"{'good fine' if i % 2 else 'bad poor'} film w{i},{i % 2}\n" for i in range(62))
+    (tmp_path / "texts.csv").write_text("text,label\n" + rows)
+    raw = json.loads(json.dumps(SMALL))
+    raw["data"] = {"kind": "csv_text", "path": str(tmp_path / "texts.csv")}
+    raw["model"] = {"name": "text", "args": {"embed_dim": 8, "hidden": 8}}
+    raw["randomize"] = {}
+    raw["train"].update({"batch_size": 16})
+    raw["cv"].update({"folds": 3})
+    sequential = run_cv(validate_config(raw), tmp_path / "seq", quiet=True, report=False)
+    raw["cv"]["runner"] = "vectorized"
+    vectorized = run_cv(validate_config(raw), tmp_path / "vec", quiet=True, report=False)
+    assert np.array_equal(sequential.table["accuracy"], vectorized.table["accuracy"])
+    assert np.allclose(sequential.table["loss"], vectorized.table["loss"], atol=1e-4, rtol=0)
+
+
 def test_vectorized_runner_refuses_what_it_cannot_vmap(tmp_path: Path) -> None:
     raw = json.loads(json.dumps(SMALL))
     raw["model"]["args"]["batchnorm"] = True

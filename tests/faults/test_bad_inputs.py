@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import sys
 import tempfile
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -967,6 +968,20 @@ def test_bad_input(
     for weak in case.absent:
         assert weak not in line, (weak, line)
     assert _tree(tmp_path, trained_run) == before, "a refused input must leave nothing behind"
+
+
+def test_vectorized_text_run_says_nothing_raw(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue #18, 12: the text model under the vectorized runner leaked torch's C++ warning
+    about a missing vmap batching rule (EmbeddingBag); a quiet run prints nothing."""
+    raw = fast(data=csv(WORDS * 2), model=TEXT_MODEL, train={"epochs": 1, "batch_size": 16})
+    argv = _cmd("cv", raw(tmp_path), tmp_path, "--runner", "vectorized")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(argv) == 0
+    assert [str(w.message) for w in caught if "batching rule" in str(w.message)] == []
+    assert capsys.readouterr().err == ""
 
 
 def test_every_issue_failure_has_a_case() -> None:

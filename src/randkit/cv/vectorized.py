@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import time
 
+from torch import nn
+
 from randkit.cv.plan import Trial
 from randkit.cv.runners import OnDone, RunContext
 from randkit.cv.trial import prepare_trial, save_trial, trial_model, trial_record
+from randkit.data import Prepared
 from randkit.randomize import build_randomization
 from randkit.stacked import Member, StackedTrainer, check_stackable
 from randkit.streams import ScopedStreams
@@ -21,9 +24,8 @@ class VectorizedRunner:
         self.context = context
 
     def run(self, trials: list[Trial], on_done: OnDone) -> None:
-        cfg, data, out = self.context.cfg, self.context.data, self.context.out
+        cfg, data = self.context.cfg, self.context.data
         streams = self.context.streams()
-        device = resolve_device(cfg.train.device)
         scopes, prepared, models = [], [], []
         for trial in trials:
             scoped = ScopedStreams(streams, trial.scopes())
@@ -33,6 +35,28 @@ class VectorizedRunner:
             scopes.append(scoped)
             prepared.append(split)
         check_stackable(models[0], cfg.train.optimizer, "cv.runner")
+        # Models stack only when their shapes agree; a text model's vocabulary is fit on each
+        # trial's training part, so its embedding may differ by a few rows between trials.
+        for group in _same_shapes(models):
+            self._fit(
+                [trials[k] for k in group],
+                [scopes[k] for k in group],
+                [prepared[k] for k in group],
+                [models[k] for k in group],
+                on_done,
+            )
+
+    def _fit(
+        self,
+        trials: list[Trial],
+        scopes: list[ScopedStreams],
+        prepared: list[Prepared],
+        models: list[nn.Module],
+        on_done: OnDone,
+    ) -> None:
+        """Train one stack of same-shaped models at once; save and report each trial."""
+        cfg, out = self.context.cfg, self.context.out
+        device = resolve_device(cfg.train.device)
         first = prepared[0]
         plan = build_randomization(
             cfg.randomize, len(first.classes), first.input_shape, first.unit_range
@@ -54,3 +78,13 @@ class VectorizedRunner:
             )
             save_trial(out, record, trainer.weights(k) if cfg.cv.save_models else None)
             on_done(record)
+
+
+def _same_shapes(models: list[nn.Module]) -> list[list[int]]:
+    """Indices of the models grouped by the shapes of their parameters and buffers, in the
+    order each shape first appears."""
+    groups: dict[tuple, list[int]] = {}
+    for k, model in enumerate(models):
+        state = model.state_dict()
+        groups.setdefault(tuple((n, tuple(t.shape)) for n, t in state.items()), []).append(k)
+    return list(groups.values())
