@@ -28,7 +28,7 @@ from torch.utils.data import Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: conftest, as a script
 import randkit
-from conftest import FAST_EXPERIMENT, merged
+from conftest import FAST_EXPERIMENT, merged, run_cli
 from randkit.cli import main
 from randkit.errors import UserError
 
@@ -520,6 +520,21 @@ def test_bad_input(
     for weak in case.absent:
         assert weak not in line, (weak, line)
     assert _tree(tmp_path, trained_run) == before, "a refused input must leave nothing behind"
+
+
+@pytest.mark.parametrize("case_id", ["lr-inf", "certify-max-negative"])
+def test_the_installed_command_says_the_same(
+    case_id: str, tmp_path: Path, trained_run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The table runs ``randkit.cli.main`` in-process; ``python -m randkit`` in a fresh
+    interpreter gives the same exit code and line (two cases: each start costs seconds)."""
+    case = next(c for c in CASES if c.id == case_id)
+    argv = case.make(Inputs(tmp_path, trained_run))
+    assert isinstance(argv, list)
+    assert main(argv) == 2
+    in_process = capsys.readouterr().err
+    done = run_cli(*argv, cwd=tmp_path, env={"RANDKIT_CACHE": str(tmp_path / "cache")})
+    assert (done.returncode, done.stderr) == (2, in_process)
 
 
 def test_vectorized_text_run_says_nothing_raw(
