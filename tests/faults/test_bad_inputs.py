@@ -590,7 +590,28 @@ def markdown() -> str:
             issue = f"#18.{case.issue}" if case.issue else ""
             lines.append(f"| {case.id} | {case.input.replace('|', '/')} | {names} | {issue} |")
         lines.append("")
-    return "\n".join(lines)
+    return "\n".join([*lines, *BEYOND_THE_TABLE, ""])
+
+
+BEYOND_THE_TABLE = [
+    "## Beyond the table",
+    "",
+    "| check | test | issue |",
+    "|---|---|---|",
+    "| no runner (sequential, vectorized, processes, Ray) changes torch's, NumPy's or Python's"
+    " global RNG | `tests/test_cv.py::test_every_runner_leaves_global_rngs_alone` | #18.4 |",
+    "| the first `cross_validate` in a fresh interpreter leaves the global RNGs alone |"
+    " `tests/test_cv.py::test_the_first_cross_validate_in_a_process_leaves_global_rngs_alone`"
+    " | #18.5 |",
+    "| a vectorized text run prints no raw torch warning |"
+    " `test_vectorized_text_run_says_nothing_raw`"
+    " | #18.12 |",
+    "| text models of unequal vocabularies under the vectorized runner score as under the"
+    " sequential one | `tests/test_cv.py::"
+    "test_vectorized_runner_stacks_text_models_of_unequal_vocabularies` | |",
+    "| `python -m randkit` gives the in-process exit code and line |"
+    " `test_the_installed_command_says_the_same` | |",
+]
 
 
 if __name__ == "__main__":
