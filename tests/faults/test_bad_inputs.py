@@ -108,11 +108,14 @@ VECTORS = np.random.default_rng(0).normal(size=(40, 6)).astype(np.float32)
 PAIRS = np.arange(40) % 2
 
 
-def images(*classes: str, per_class: int = 3) -> Callable[[Path], dict[str, Any]]:
+def images(*classes: str, per_class: dict[str, int] | None = None) -> Callable[[Path], dict]:
+    """An image folder of ``classes`` (3 images each unless ``per_class`` says), its cache
+    in the inputs folder, so that a cache left behind shows in the tree."""
+
     def make(d: Path) -> dict[str, Any]:
         for name in classes:
             (d / "images" / name).mkdir(parents=True)
-            for i in range(per_class):
+            for i in range((per_class or {}).get(name, 3)):
                 Image.new("RGB", (10, 12), (i * 40, 0, 0)).save(d / "images" / name / f"{i}.png")
         (d / "images").mkdir(exist_ok=True)
         return {"kind": "image_folder", "path": str(d / "images"), "cache_dir": str(d / "cache")}
@@ -361,6 +364,13 @@ CASES: list[Case] = [
          train(fast(data=images("cat"))), ("data", "at least 2 classes", "['cat']"), issue="9"),
     Case("single-class-images-cv", "data", "the same folder under randkit cv",
          cv(fast(data=images("cat"))), ("data", "at least 2 classes", "['cat']"), issue="9"),
+    Case("one-image-class", "data", "an image folder whose class 'dog' holds one image (no cache)",
+         train(fast(data=images("cat", "dog", per_class={"dog": 1}))),
+         ("data.test_fraction", "at least 2 examples per class", "label 1"),
+         absent=("Classes with too few members",), issue="9"),
+    Case("model-refused-on-images", "data", "a model refused once images are decoded (no cache)",
+         train(fast(data=images("cat", "dog"), model={"name": "text", "args": {}})),
+         ("model.name", "'text'", "[3, 32, 32]"), issue="9"),
     Case("no-class-folders", "data", "an image folder without class sub-folders",
          train(fast(data=images())), ("data.path", "no class sub-folders", "images")),
     Case("image-path-is-file", "data", "data.path of an image folder names a file",

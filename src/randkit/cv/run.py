@@ -19,7 +19,7 @@ from randkit.cv.objects import UserObjects
 from randkit.cv.plan import Plan, make_plan
 from randkit.cv.runners import RunContext, make_runner
 from randkit.cv.store import ResultTable, RunStore
-from randkit.data import LabeledData, load_data
+from randkit.data import LabeledData, keep_cache, load_data
 from randkit.data.base import TensorData, data_fingerprint
 from randkit.data.dataset import DatasetData, dataset_fingerprint, targets_array
 from randkit.errors import UserError
@@ -54,7 +54,7 @@ def run_cv(
     if data is None and cfg.task != "classification":
         data, objects = _task_data(cfg), objects or UserObjects()
         objects.parts.task = cfg.task
-    data = data if data is not None else load_data(cfg.data)
+    data = data if data is not None else load_data(cfg.data, defer_cache=True)
     streams = Streams(cfg.seed, cfg.seeds)
     targets = targets_array(data)
     plan = make_plan(cfg.cv, targets, data.groups, streams, splitter)
@@ -67,6 +67,7 @@ def run_cv(
     )
     store = RunStore(out)
     store.prepare(cfg, plan, restart, data_hash)
+    keep_cache(data)  # every check passed: the image cache may be written now
     records = store.finished()
     missing = [t for t in plan.trials if t.id not in records]
     config = cfg.resolved()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -31,6 +32,9 @@ class LabeledData:
     kind: Kind
     groups: np.ndarray | None = None  # one group label per example, for group splitters
     unit_range: bool = False  # values known to lie in [0, 1] (digits, image folders)
+    # A loader's cache write held back until the run has passed every check (keep_cache),
+    # so that a refused input leaves no file behind.
+    pending_cache: Callable[[], None] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if len(self.inputs) != len(self.targets):
@@ -83,6 +87,16 @@ class Prepared:
     std: torch.Tensor | None = None
     unit_range: bool = False
     preprocessing: dict[str, Any] = field(default_factory=dict)
+    pending_cache: Callable[[], None] | None = field(default=None, repr=False, compare=False)
+
+
+def keep_cache(holder: LabeledData | Prepared | Any) -> None:
+    """Write the cache a loader held back (``load_data(..., defer_cache=True)``): called by a
+    run once its input has passed every check, just before the run writes its own files."""
+    write = getattr(holder, "pending_cache", None)
+    if write is not None:
+        holder.pending_cache = None
+        write()
 
 
 def stratified_holdout(
@@ -91,6 +105,16 @@ def stratified_holdout(
     """Indices (keep, held_out), stratified by class (a plain random cut of regression or
     multilabel targets with ``stratify=False``). Errors name the fraction's field."""
     indices = np.arange(len(targets))
+    if stratify:
+        labels, counts = np.unique(targets, return_counts=True)
+        if counts.min() < 2:  # scikit-learn would list every such class, however many
+            lone = labels[counts < 2]
+            raise UserError(
+                field_name,
+                f"{fraction} is held out stratified, which needs at least 2 examples per "
+                f"class; {len(lone)} class(es) of the data have one (label "
+                f"{lone[0].item()!r}{', ...' if len(lone) > 1 else ''})",
+            )
     try:
         keep, held = train_test_split(
             indices,
@@ -126,6 +150,7 @@ def prepare(
     rest, test_idx = stratified_holdout(
         targets, test_fraction, streams.seed("split", part="test"), "data.test_fraction"
     )
+    pending = data.pending_cache
     val_idx = None
     train_idx = rest
     if val_fraction > 0:
@@ -133,7 +158,9 @@ def prepare(
             targets[rest], val_fraction, streams.seed("split", part="val"), "data.val_fraction"
         )
         train_idx, val_idx = rest[keep], rest[held]
-    return featurize(data, train_idx, val_idx, test_idx, text_options or {})
+    prepared = featurize(data, train_idx, val_idx, test_idx, text_options or {})
+    prepared.pending_cache = pending
+    return prepared
 
 
 def featurize(

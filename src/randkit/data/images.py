@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -14,7 +15,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from randkit import atomic
-from randkit.data.base import LabeledData
+from randkit.data.base import LabeledData, keep_cache
 from randkit.errors import UserError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -56,8 +57,14 @@ def _decode(path: Path, size: tuple[int, int], grayscale: bool) -> np.ndarray:
 
 
 def load_image_folder(
-    root: Path, size: tuple[int, int], grayscale: bool, cache_dir: Path | None = None
+    root: Path,
+    size: tuple[int, int],
+    grayscale: bool,
+    cache_dir: Path | None = None,
+    defer_cache: bool = False,
 ) -> LabeledData:
+    """The decoded images, read from the cache when it holds them; otherwise decoded and the
+    cache written (``defer_cache``: held back as ``pending_cache``, see ``keep_cache``)."""
     classes, files = _listing(root)
     # The cache key covers every file's name, size and mtime, so an edit invalidates it.
     digest = hashlib.sha256(
@@ -90,10 +97,18 @@ def load_image_folder(
     targets = torch.tensor([label for _, label in files], dtype=torch.long)
     # Validated (classes, sizes) before the cache is written: data refused leaves no file.
     data = LabeledData(images.float() / 255.0, targets, classes, "image", unit_range=True)
+    data.pending_cache = functools.partial(_write_cache, cache, images, targets, classes)
+    if not defer_cache:
+        keep_cache(data)
+    return data
+
+
+def _write_cache(
+    cache: Path, images: torch.Tensor, targets: torch.Tensor, classes: list[str]
+) -> None:
     try:
         atomic.write_safetensors(
             cache, {"images": images, "targets": targets}, {"classes": json.dumps(classes)}
         )
     except OSError:
         pass  # caching is an optimization; a read-only home must not stop training
-    return data

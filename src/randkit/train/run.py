@@ -14,7 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 import randkit
 from randkit import atomic
 from randkit.config import ExperimentConfig
-from randkit.data import Prepared, load_and_prepare
+from randkit.data import Prepared, keep_cache, load_and_prepare
 from randkit.errors import UserError
 from randkit.randomize.build import preflight
 from randkit.streams import SOURCES, Streams
@@ -88,7 +88,7 @@ def train_run(
     if cfg.train.early_stopping is not None and cfg.data.val_fraction == 0:
         raise UserError("train.early_stopping", "randkit train needs data.val_fraction > 0, got 0")
     streams = Streams(cfg.seed, cfg.seeds)
-    prepared = load_and_prepare(cfg.data, streams)
+    prepared = load_and_prepare(cfg.data, streams, defer_cache=True)
     model, randomization = model_and_randomization(cfg, prepared, streams)
     outputs = preflight(model, randomization, prepared.train.x[:2])
     # A factory that ignores num_classes would train (and save) a head of the wrong size.
@@ -101,6 +101,7 @@ def train_run(
     device = resolve_device(cfg.train.device)
     fingerprint = cfg.fingerprint()
     resume_from = _prepare_out(out, fingerprint, restart)
+    keep_cache(prepared)  # every check passed: the image cache may be written now
 
     out.mkdir(parents=True, exist_ok=True)
     atomic.remove_stale_temps(out)
