@@ -547,6 +547,19 @@ def test_the_installed_command_says_the_same(
     assert (done.returncode, done.stderr) == (2, in_process)
 
 
+@pytest.mark.parametrize("command", [train, cv])
+def test_an_accepted_image_folder_is_cached(
+    command: Callable, tmp_path: Path, trained_run: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The other side of the cases that leave no cache: a run that passes its checks writes
+    the decoded images' cache (held back until then), for its workers and the next run."""
+    monkeypatch.chdir(tmp_path)
+    raw = fast(data=images("cat", "dog", per_class={"cat": 6, "dog": 6}), cv={"folds": 2})
+    argv = command(raw)(Inputs(tmp_path, trained_run))
+    assert main([*argv, "--epochs", "1"] if command is train else argv) == 0
+    assert len(list((tmp_path / "cache").glob("images-*.safetensors"))) == 1
+
+
 def test_vectorized_text_run_says_nothing_raw(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
