@@ -228,6 +228,9 @@ def _print_summary(summary: dict, report: Path | None) -> None:
             f"naive t interval of {summary['metric']} (ci95_naive): [{naive[0]:.4f}, "
             f"{naive[1]:.4f}]; too narrow when trials share training data (repeated k-fold)"
         )
+    nested = summary.get("nested")
+    if nested:  # cost and MSE estimate of the nested interval (randkit.cv.nested)
+        _out.print(f"{summary['ci95_note']}; MSE estimate of the CV error {nested['mse']:.3g}")
     components = summary.get("variance_components", {}).get("components", {})
     for name, part in components.items():
         _out.print(f"variance from {name}: {part['variance']:.3g} ({100 * part['share']:.0f}%)")
@@ -239,6 +242,7 @@ _METHOD_NAMES = {
     "nadeau_bengio_logit": "corrected, logit scale",
     "nadeau_bengio": "corrected",
     "clopper_pearson": "exact, one split",
+    "nested": "nested CV (Bates et al.)",
 }
 
 

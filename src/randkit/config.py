@@ -292,9 +292,14 @@ class CVConfig(_Strict):
     address: str | None = None
     retries: int = Field(2, ge=0)
     save_models: bool = True
+    # The headline interval: ``headline`` (corrected resampled t, randkit.cv.intervals) or
+    # ``nested`` (nested CV, Bates, Hastie & Tibshirani 2024: more trainings, randkit.cv.nested).
+    interval: Literal["headline", "nested"] = "headline"
 
     @model_validator(mode="after")
     def _five_by_two(self) -> CVConfig:
+        if self.interval == "nested":
+            _check_nested_plan(self)
         if self.splitter == "5x2" and (self.folds, self.repeats) not in ((2, 5), (5, 1)):
             raise ValueError(
                 f"cv.splitter: '5x2' means 2 folds x 5 repeats; leave cv.folds and cv.repeats "
@@ -305,6 +310,19 @@ class CVConfig(_Strict):
         if len(set(self.vary)) != len(self.vary):
             raise ValueError(f"cv.vary: lists a source twice, got {self.vary}")
         return self
+
+
+def _check_nested_plan(cv: CVConfig) -> None:
+    """Nested CV needs partitions of at least 3 folds (an inner (K-1)-fold CV per outer fold)."""
+    if cv.splitter in ("shuffle_split", "5x2"):
+        raise ValueError(
+            f"cv.interval: 'nested' needs a k-fold splitter (kfold, stratified_kfold, "
+            f"group_kfold, stratified_group_kfold), got cv.splitter {cv.splitter!r}"
+        )
+    if cv.folds < 3:
+        raise ValueError(f"cv.interval: 'nested' needs cv.folds >= 3, got {cv.folds}")
+    if cv.decompose:
+        raise ValueError("cv.interval: 'nested' cannot be combined with cv.decompose")
 
 
 class DeployConfig(_Strict):
@@ -383,6 +401,8 @@ class ExperimentConfig(_Strict):
             del resolved["data"]["object"]
         if resolved["cv"]["metric"] is None:
             resolved["cv"]["metric"] = _DEFAULT_HEADLINE[self.task]
+        if resolved["cv"]["interval"] == "headline":
+            del resolved["cv"]["interval"]
         for dotted in (*ignore, *LOCATION_FIELDS):
             section, _, name = dotted.partition(".")
             resolved.get(section, {}).pop(name, None)

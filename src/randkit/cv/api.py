@@ -53,6 +53,7 @@ def cross_validate(
     scheduler: Any = None,
     metrics: Any = None,
     metric: str | None = None,
+    interval: str = "headline",
     train: dict[str, Any] | None = None,
     randomize: dict[str, Any] | None = None,
     callbacks: Any = None,
@@ -70,7 +71,9 @@ def cross_validate(
     or a data config dict. ``task``: ``classification``, ``regression`` or ``multilabel``
     (inferred from the targets when unambiguous). ``splitter``: a name (``kfold``,
     ``stratified_kfold``, ``group_kfold``, ``stratified_group_kfold``, ``shuffle_split``,
-    ``5x2``) or any scikit-learn splitter object. See docs/cross-validation.md.
+    ``5x2``) or any scikit-learn splitter object. ``interval``: ``headline`` (corrected
+    resampled t) or ``nested`` (nested CV, Bates et al. 2024: ``folds`` x ``repeats`` outer
+    plus folds (folds - 1) / 2 x ``repeats`` inner trainings). See docs/cross-validation.md.
 
     >>> result = cross_validate(MyNet, my_dataset, train={"epochs": 3})     # doctest: +SKIP
     >>> result.summary["mean"], result.summary["ci95"]                     # doctest: +SKIP
@@ -79,9 +82,8 @@ def cross_validate(
     out = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="randkit-cv-"))
     with _nothing_left_on_refusal(out, created):
         _check_entry(model, fit, runner)
-        own = {"runner", "workers", "folds", "repeats", "metric", "splitter", "vary"} & set(
-            cv or {}
-        )
+        own = {"runner", "workers", "folds", "repeats", "metric", "splitter", "vary"}
+        own = (own | {"interval"}) & set(cv or {})
         if own:
             name = sorted(own)[0]
             raise UserError(f"cv.{name}", f"has its own argument: pass {name}= instead")
@@ -97,7 +99,8 @@ def cross_validate(
             objects.parts.task = loaded.task
         elif fit is not None:
             raise UserError("data", "a fit= function needs a Dataset or (x, y) arrays")
-        given = {"folds": folds, "repeats": repeats, "runner": runner, "workers": workers}
+        given = {"folds": folds, "repeats": repeats, "runner": runner, "workers": workers,
+                 "interval": interval}  # fmt: skip
         cv_section = _cv_section(given, metric, objects.parts.task, cv, splitter, vary)
         cfg = validate_config(
             {

@@ -37,22 +37,29 @@ class Trial:
     levels: dict[str, int]
     train_idx: np.ndarray = field(repr=False)
     test_idx: np.ndarray = field(repr=False)
+    # Nested CV (``cv.interval: nested``): the second fold held out; the trial trains
+    # without folds ``fold`` and ``inner`` and is tested on both (randkit.cv.nested).
+    inner: int | None = None
 
     @property
     def id(self) -> str:
         varied = "".join(f"-{s}{self.levels[s]}" for s in PLAN_SOURCES if self.levels[s])
-        return f"f{self.fold}{varied}"
+        pair = "" if self.inner is None else f"x{self.inner}"
+        return f"f{self.fold}{pair}{varied}"
 
     def scopes(self) -> dict[str, dict[str, int]]:
-        """Extra stream coordinates of each source for this trial."""
-        scopes = {s: {"fold": self.fold, "level": self.levels[s]} for s in TRAINING_SOURCES}
-        scopes["split"] = {"fold": self.fold, "level": self.levels["split"]}
+        """Extra stream coordinates of each source for this trial (an inner trial's streams
+        also carry ``inner``, so they differ from every outer trial's)."""
+        pair = {} if self.inner is None else {"inner": self.inner}
+        scopes = {s: {"fold": self.fold, "level": self.levels[s], **pair} for s in TRAINING_SOURCES}
+        scopes["split"] = {"fold": self.fold, "level": self.levels["split"], **pair}
         return scopes
 
     def to_json(self) -> dict[str, Any]:
         return {
             "id": self.id,
             "fold": self.fold,
+            **({} if self.inner is None else {"inner": self.inner}),
             "repeat": self.repeat,
             "group": self.group,
             "levels": self.levels,
@@ -69,6 +76,7 @@ class Trial:
             dict(raw["levels"]),
             np.asarray(raw["train_idx"], dtype=np.int64),
             np.asarray(raw["test_idx"], dtype=np.int64),
+            raw.get("inner"),
         )
 
 
@@ -196,4 +204,27 @@ def _make_plan(
             trial = Trial(fold, repeat, group, dict(levels), train_idx, test_idx)
             trials.setdefault(trial.id, trial)
             cells.append({"group": group, "repeat": repeat, "fold": fold, "id": trial.id})
+        if cfg.interval == "nested":
+            for trial in _inner_trials(partitions[level], repeat, levels):
+                trials.setdefault(trial.id, trial)
+                cells.append({"group": "nested", "repeat": repeat, "fold": trial.fold,
+                              "inner": trial.inner, "id": trial.id})  # fmt: skip
     return Plan(list(trials.values()), cells)
+
+
+def _inner_trials(
+    partition: list[tuple[np.ndarray, np.ndarray]], repeat: int, levels: dict[str, int]
+) -> list[Trial]:
+    """Nested CV's inner fits of one repeat (Bates, Hastie & Tibshirani 2024, Algorithm 1):
+    one trial per pair of folds k < j, trained without both and tested on both. The fit
+    without {k, j} is inner fold j of outer fold k and inner fold k of outer fold j (the same
+    training items), so each pair is trained once, as in the authors' reference code."""
+    tests = [test for _, test in partition]
+    every = np.sort(np.concatenate(tests))
+    out = []
+    for k in range(len(tests)):
+        for j in range(k + 1, len(tests)):
+            held = np.union1d(tests[k], tests[j])
+            train = np.setdiff1d(every, held, assume_unique=True)
+            out.append(Trial(k, repeat, "nested", dict(levels), train, held, inner=j))
+    return out

@@ -15,6 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from randkit.config import ExperimentConfig
 from randkit.cv import intervals, stats
+from randkit.cv.nested_run import check_nested, nested_summary, outer_plan
 from randkit.cv.objects import UserObjects
 from randkit.cv.plan import Plan, make_plan
 from randkit.cv.runners import RunContext, make_runner
@@ -58,6 +59,8 @@ def run_cv(
     streams = Streams(cfg.seed, cfg.seeds)
     targets = targets_array(data)
     plan = make_plan(cfg.cv, targets, data.groups, streams, splitter)
+    if cfg.cv.interval == "nested":
+        check_nested(cfg, objects)
     if objects is not None:
         objects.check_sendable(cfg.cv.runner)
     if objects is None or objects.fit is None:
@@ -81,9 +84,12 @@ def run_cv(
         if missing:
             context = RunContext(cfg, config, data, data_hash, out, objects)
             make_runner(context).run(missing, on_done)
-    summary = summarize_run(cfg, plan, records, [str(c) for c in data.classes])
+    shown = outer_plan(plan)  # nested CV's inner trials feed only its interval
+    summary = summarize_run(cfg, shown, records, [str(c) for c in data.classes])
+    if cfg.cv.interval == "nested":
+        summary.update(nested_summary(cfg, plan, out, summary))
     summary["input"] = _input_description(data)
-    table = store.write_results(plan, records)  # columns of every metric the trials report
+    table = store.write_results(shown, records)  # columns of every metric the trials report
     store.write_summary(summary)
     report_path = None
     if report:

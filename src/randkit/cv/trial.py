@@ -204,6 +204,10 @@ def run_trial(
     record = trial_record(
         trial, scoped, prepared, outputs, targets, history, fit_seconds, cfg.task, extra
     )
+    if out is not None and cfg.cv.interval == "nested":  # per-item losses, before metrics.json
+        from randkit.cv.nested_run import save_point_losses
+
+        save_point_losses(out, trial, cfg.task, outputs, targets)
     if out is not None:
         save_trial(out, record, trainer.model.state_dict() if cfg.cv.save_models else None)
     return record

@@ -256,7 +256,8 @@ def _inspect_cv(run: Path) -> _Source:
     plan_path = run / "plan.json"
     try:
         plan = json.loads(plan_path.read_text(encoding="utf-8"))
-        trial_ids = [str(t["id"]) for t in plan["trials"]]
+        # Nested CV's inner fits (an "inner" fold) are no members of the fold ensemble.
+        trial_ids = [str(t["id"]) for t in plan["trials"] if t.get("inner") is None]
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
         raise UserError("run", f"{str(plan_path)!r} is not a readable plan") from None
     if not trial_ids:

@@ -160,7 +160,7 @@ def _fold_models(run: Path, cfg: Any, plan: Any, data: Any) -> list[torch.nn.Mod
 
     streams = Streams(cfg.seed, cfg.seeds)
     models = []
-    for trial in plan.trials:
+    for trial in (t for t in plan.trials if t.inner is None):  # not nested CV's inner fits
         weights = run / "trials" / trial.id / "model.safetensors"
         if not weights.is_file():
             raise UserError(
