@@ -225,6 +225,7 @@ def export_as(fmt: str) -> Callable[[Inputs], list[str]]:
 
 
 LATIN_1 = "text,label\ncafé,a\n".encode("latin-1")
+NAN_AT_ROW_3 = np.where(np.arange(240).reshape(40, 6) == 20, np.nan, VECTORS)
 INF_AT_ROW_7 = np.where(np.arange(240).reshape(40, 6) == 42, np.inf, VECTORS)
 INF, NAN = float("inf"), float("nan")
 
@@ -443,6 +444,15 @@ CASES: list[Case] = [
     Case("api-num-workers", "api", "num_workers=-1", api(num_workers=-1), ("num_workers", "-1")),
     Case("api-array-lengths", "api", "(x, y) of lengths 40 and 39",
          api(model="mlp", data=(VECTORS, PAIRS[:39])), ("data", "40", "39")),
+    Case("api-nan-x", "api", "(x, y) arrays whose x holds NaN at row 3",
+         api(model="mlp", data=(NAN_AT_ROW_3, PAIRS)), ("data", "NaN", "row 3"),
+         absent=("data.npz",)),
+    Case("api-string-x", "api", "(x, y) arrays whose x holds strings",
+         api(model="mlp", data=(np.array([["a"] * 6] * 40), PAIRS)), ("data", "numeric", "<U1"),
+         absent=("data.npz",)),
+    Case("api-groups-length", "api", "groups= of 3 labels for 40 examples",
+         api(model="mlp", data=(VECTORS, PAIRS), groups=np.arange(3)),
+         ("data", "groups", "(40,)", "(3,)"), absent=("data.npz",)),
     Case("api-float-labels", "api", "continuous y with task='classification'",
          api(model="mlp", data=(VECTORS, np.linspace(0.05, 0.95, 40)), task="classification"),
          ("task", "integer class labels", "0.05"), absent=("test_fraction",), issue="12"),

@@ -27,6 +27,7 @@ from randkit import atomic
 from randkit.config import validate_config
 from randkit.cv.objects import UserObjects, check_model_object, describe
 from randkit.cv.run import CVResult, run_cv
+from randkit.data.arrays import checked_arrays
 from randkit.data.dataset import DatasetData, arrays_data, dataset_data
 from randkit.errors import UserError
 from randkit.models.user_code import source_file_of
@@ -286,6 +287,8 @@ def _data(
             raise UserError("data", f"(x, y[, groups]) must have one length, got {lengths}")
         groups = rest[0] if groups is None and rest else groups
         if not uses_objects and _plain_classes(y, task):
+            # Checked here, not when read back: an error names the arrays, not data.npz.
+            checked_arrays(x, y, None if groups is None else np.asarray(groups), "data", "")
             return None, _npz_section(x, y, groups, out)  # today's path: standardized inputs
         return arrays_data(x, y, groups, task), {"kind": "object", "object": "(x, y) arrays"}
     if isinstance(data, torch.utils.data.DataLoader):

@@ -45,12 +45,26 @@ def npz_arrays(
             groups = archive["groups"] if "groups" in archive.files else None
     except (OSError, ValueError, zipfile.BadZipFile) as exc:
         raise UserError("data.path", f"cannot read npz {str(path)!r}: {exc}") from None
+    return checked_arrays(x, y, groups, "data.path", f" in {str(path)!r}", multilabel)
+
+
+def checked_arrays(
+    x: np.ndarray,
+    y: np.ndarray,
+    groups: np.ndarray | None,
+    field: str,
+    where: str,
+    multilabel: bool = False,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """``x`` as float32 (``(N, H, W)`` images given a channel), checked with ``y`` and
+    ``groups``; errors name ``field`` and say ``where`` the arrays are (`` in 'x.npz'``, or
+    nothing for the arrays given to ``randkit.cross_validate``)."""
     if x.dtype.kind not in "fiub":
-        raise UserError("data.path", f"x in {str(path)!r} must be numeric, got dtype {x.dtype}")
+        raise UserError(field, f"x{where} must be numeric, got dtype {x.dtype}")
     y_dims = 2 if multilabel else 1
     if x.ndim not in (2, 3, 4) or y.ndim != y_dims or len(x) != len(y):
         raise UserError(
-            "data.path",
+            field,
             f"x must be (N, D), (N, H, W) or (N, C, H, W) and y "
             f"{'(N, L)' if multilabel else '(N,)'}; got x {x.shape} and y {y.shape}",
         )
@@ -58,14 +72,14 @@ def npz_arrays(
     bad = ~np.isfinite(x)
     if bad.any():
         row = int(np.argwhere(bad)[0][0])
-        raise UserError("data.path", f"x in {str(path)!r} holds NaN or Inf (first at row {row})")
+        raise UserError(field, f"x{where} holds NaN or Inf (first at row {row})")
     if y.dtype.kind == "f" and not np.isfinite(y).all():
-        raise UserError("data.path", f"y in {str(path)!r} holds NaN or Inf")
+        raise UserError(field, f"y{where} holds NaN or Inf")
     if x.ndim == 3:
         x = x[:, None]
     if groups is not None and groups.shape != y.shape[:1]:
         raise UserError(
-            "data.path", f"groups in {str(path)!r} must be (N,) like y, got {groups.shape}"
+            field, f"groups{where} must be (N,) like y {y.shape[:1]}, got {groups.shape}"
         )
     return x, y, groups
 
