@@ -4,6 +4,7 @@ Gaussian-noised copies of the input, and ``randkit explain``'s saliency grid."""
 from __future__ import annotations
 
 import io
+import math
 from pathlib import Path
 from typing import Any
 
@@ -60,10 +61,15 @@ def explain_run(
     require("report", "randkit explain")  # draws its figure with matplotlib
     if samples < 1:
         raise UserError("--samples", f"must be >= 1, got {samples}")
-    if not sigma >= 0:
-        raise UserError("--sigma", f"must be >= 0, got {sigma}")
+    if not 0 <= sigma < math.inf:
+        raise UserError("--sigma", f"must be a finite number >= 0, got {sigma}")
     if seed < 0:
         raise UserError("--seed", f"must be >= 0, got {seed}")
+    # As randkit certify: a file in a folder that exists (a typo creates no folders).
+    if out is not None and out.is_dir():
+        raise UserError("--out", f"{str(out)!r} is a folder; give a file name")
+    if out is not None and not out.parent.is_dir():
+        raise UserError("--out", f"folder {str(out.parent)!r} does not exist; create it first")
     trained = load_trained(run)
     if trained.prepared.kind != "image":
         raise UserError("run", f"saliency maps need image inputs, got {trained.prepared.kind}")
