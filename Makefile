@@ -11,7 +11,7 @@ EXTRAS_test := dev,serve,report,ray,bench,lightning,metrics,onnx
 EXTRAS_bench := bench,serve
 EXTRAS_lint := dev
 
-.PHONY: demo test bench lint clean tools mlserver-env postgres
+.PHONY: demo test bench lint clean tools mlserver-env postgres chromium
 .PRECIOUS: $(VENV)/.installed-%
 
 # One stamp per set of extras; a change to the package metadata or the kernel reinstalls.
@@ -27,7 +27,7 @@ $(BIN)/randkit: $(VENV)/.installed-test
 demo: $(VENV)/.installed-demo
 	$(BIN)/randkit cv examples/digits.yaml --out runs/digits-cv
 
-test: $(VENV)/.installed-test tools postgres
+test: $(VENV)/.installed-test tools postgres chromium
 	$(BIN)/python -m pytest -q
 
 # PostgreSQL's server binaries, with which tests/test_serve_ledger.py starts a throwaway server
@@ -35,6 +35,14 @@ test: $(VENV)/.installed-test tools postgres
 postgres:
 	@command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || \
 		[ "$$(id -u)" != 0 ] || (apt-get update -qq && apt-get install -y -qq postgresql)
+
+# Headless Chromium, with which tests/test_report_pages.py screenshots every kind of report
+# page: Debian's chromium, installed here when none is found and running as root (the test
+# skips, saying why, without one; RANDKIT_CHROMIUM names another browser binary).
+chromium:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
+		command -v google-chrome >/dev/null || [ "$$(id -u)" != 0 ] || \
+		(apt-get update -qq && apt-get install -y -qq chromium)
 
 # Triton's perf_analyzer, which the server's load tests run: the binary that tritonclient
 # 2.34.0's manylinux wheel ships, in a venv of its own so that .venv keeps its newer

@@ -162,7 +162,21 @@ def test_full_report(tmp_path: Path) -> None:
     # classes, per-class table, variance table
     for name in CLASSES:
         assert f"<td>{name}</td>" in html
-    assert "nested random effects" in html and "60.0%" in html
+    assert "nested random effects" in html
+    # variance components as SDs in points: 4e-4 of accuracy is SD 2.00 pts, CI sqrt of ends
+    assert "split SD 2.00 pts, 60% of the total" in html
+    assert "[1.00, 3.00 pts]" in html
+    # the scores lead the trial table; the seeds sit in a folded table of their own
+    header = html[html.index('<table class="trials">') :]
+    header = header[: header.index("</tr>")]
+    assert header.index("<th>accuracy</th>") < header.index("<th>id</th>")
+    assert "seed_split" not in header
+    folded = html[
+        html.index('<details class="seeds">') : html.index(
+            "</details>", html.index('<details class="seeds">')
+        )
+    ]
+    assert folded.count('<tr class="seed-row">') == 6 and results[0]["seed_split"] in folded
     # strip, curves, variance, confusion, robustness
     pngs = images(html)
     assert len(pngs) == 5

@@ -293,12 +293,31 @@ def compare(
 
 
 @app.command()
-def report(run: Annotated[Path, typer.Argument(help="A cross-validation run directory.")]) -> None:
-    """Write report.html for a cross-validation run."""
+def report(
+    runs: Annotated[
+        list[Path], typer.Argument(help="RUN (cross-validation or train), or RUN_A RUN_B.")
+    ],
+    out: Annotated[
+        Path | None, typer.Option(help="Comparison page [default: RUN_A/compare-RUN_B.html]")
+    ] = None,
+    metric: Annotated[str | None, typer.Option(help="Metric compared [default: A's]")] = None,
+    rope: Annotated[
+        float | None, typer.Option(help="ROPE half-width of the Bayesian test (see compare).")
+    ] = None,
+) -> None:
+    """Write RUN/report.html, or with two cross-validation runs a page comparing them."""
     require("report", "randkit report")
-    from randkit.report import write_report
+    from randkit.report import write_comparison, write_report
 
-    _out.print(f"report: {write_report(run)}")
+    if len(runs) > 2:
+        raise UserError("runs", f"give one run or two to compare, got {len(runs)}")
+    if len(runs) == 1:
+        if out is not None or metric is not None or rope is not None:
+            raise UserError("--out", "--out, --metric and --rope compare two runs; give RUN_B")
+        _out.print(f"report: {write_report(runs[0])}")
+        return
+    page = write_comparison(runs[0], runs[1], out, metric=metric, rope=rope)
+    _out.print(f"comparison: {page}")
 
 
 @app.command()

@@ -59,6 +59,10 @@ class Trial:
     dir: Path
     val_indices: np.ndarray | None = None
     history: list[dict[str, float]] = field(default_factory=list)
+    # The run's progress bar hears of each reported epoch; not part of the trial's data.
+    on_report: Callable[[dict[str, float]], None] | None = field(
+        default=None, repr=False, compare=False
+    )
 
     @property
     def train(self) -> Subset[Any]:
@@ -107,6 +111,8 @@ class Trial:
             row[name] = _number(value, f"report.{name}")
         self.history.append(row)
         atomic.write_json(self.dir / "history.json", self.history)
+        if self.on_report is not None:
+            self.on_report(row)
 
 
 def _number(value: Any, field_name: str) -> float:
@@ -171,9 +177,11 @@ def run_fit_trial(
     streams: ScopedStreams,
     out: Path,
     val_indices: tuple[np.ndarray, np.ndarray] | None = None,
+    on_report: Callable[[dict[str, float]], None] | None = None,
 ) -> dict[str, Any]:
     """Run ``fit`` on one trial and return its record (``trials/<id>/metrics.json``).
-    ``val_indices``: (train, val) when the run cuts a validation part from the fold."""
+    ``val_indices``: (train, val) when the run cuts a validation part from the fold;
+    ``on_report``: told of every epoch the trial reports (the progress bar)."""
     train_idx, val_idx = val_indices if val_indices is not None else (plan_trial.train_idx, None)
     folder = out / "trials" / plan_trial.id
     folder.mkdir(parents=True, exist_ok=True)
@@ -189,6 +197,7 @@ def run_fit_trial(
         streams=streams,
         dir=folder,
         val_indices=val_idx,
+        on_report=on_report,
     )
     started = time.perf_counter()
     with seeded_global_rngs(streams):

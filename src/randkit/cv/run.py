@@ -2,22 +2,20 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from randkit.config import ExperimentConfig
 from randkit.cv import intervals, stats
 from randkit.cv.nested_run import check_nested, nested_summary, outer_plan
 from randkit.cv.objects import UserObjects
 from randkit.cv.plan import Plan, make_plan
+from randkit.cv.progress import cv_progress
 from randkit.cv.runners import RunContext, make_runner
 from randkit.cv.store import ResultTable, RunStore
 from randkit.data import LabeledData, keep_cache, load_data
@@ -74,15 +72,20 @@ def run_cv(
     records = store.finished()
     missing = [t for t in plan.trials if t.id not in records]
     config = cfg.resolved()
-    with _progress(quiet, len(plan.trials), len(plan.trials) - len(missing)) as advance:
+    # A trial function's epoch count is unknown: its bar counts trials.
+    epochs = cfg.train.epochs if objects is None or objects.fit is None else None
+    done = len(plan.trials) - len(missing)
+    with cv_progress(quiet, len(plan.trials), done, epochs) as bar:
 
         def on_done(record: dict[str, Any]) -> None:
             _same_metrics(records, record)
             records[record["id"]] = record
-            advance(record)
+            if bar is not None:
+                bar.trial_done(record)
 
         if missing:
             context = RunContext(cfg, config, data, data_hash, out, objects)
+            context.on_epoch = bar.epoch if bar is not None else None
             make_runner(context).run(missing, on_done)
     shown = outer_plan(plan)  # nested CV's inner trials feed only its interval
     summary = summarize_run(cfg, shown, records, [str(c) for c in data.classes])
@@ -324,28 +327,3 @@ def variance_by_source(
     for c in components.values():
         c["share"] = c["variance"] / total if total > 0 else 0.0
     return {"method": method, "components": components}
-
-
-@contextlib.contextmanager
-def _progress(quiet: bool, total: int, done: int) -> Iterator[Any]:
-    if quiet:
-        yield lambda record: None
-        return
-    columns = (
-        TextColumn("[bold]cv[/] {task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-    )
-    with Progress(*columns) as progress:
-        task = progress.add_task("trials", total=total, completed=done)
-
-        def advance(record: dict[str, Any]) -> None:
-            name, value = next(iter(record["test"].items()))
-            if "accuracy" in record["test"]:
-                name, value = "accuracy", record["test"]["accuracy"]
-            progress.update(
-                task, advance=1, description=f"trial {record['id']}: {name} {value:.4f}"
-            )
-
-        yield advance

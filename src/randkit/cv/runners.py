@@ -22,10 +22,14 @@ import torch
 from randkit.config import ExperimentConfig
 from randkit.cv.objects import UserObjects
 from randkit.cv.plan import Trial
+from randkit.cv.progress import EpochHook, drain
 from randkit.data import LabeledData
 from randkit.data.dataset import DatasetData
 from randkit.extras import require
 from randkit.streams import Streams
+
+# How often the parent looks for workers' epochs while it waits for trials (seconds).
+_POLL_S = 0.2
 
 Job = dict[str, Any]  # {"config": dict, "trial": dict, "out": str, "threads": int | None}
 OnDone = Callable[[dict[str, Any]], None]
@@ -42,6 +46,7 @@ class RunContext:
     data_hash: str
     out: Path
     objects: UserObjects | None = None
+    on_epoch: EpochHook | None = None  # the progress bar's; None when quiet
 
     def shared(self) -> tuple[UserObjects | None, DatasetData | None]:
         """What workers cannot load from the config: the user's objects and Dataset."""
@@ -105,7 +110,12 @@ class SequentialRunner:
                 torch.set_num_threads(ctx.cfg.cv.threads_per_trial)
             streams, device = ctx.streams(), resolve_device(ctx.cfg.train.device)
             for trial in trials:
-                on_done(run_trial(ctx.cfg, ctx.data, trial, streams, device, ctx.out, ctx.objects))
+                on_done(
+                    run_trial(
+                        ctx.cfg, ctx.data, trial, streams, device, ctx.out, ctx.objects,
+                        ctx.on_epoch,
+                    )
+                )  # fmt: skip
         finally:
             torch.set_num_threads(previous)
 
@@ -124,15 +134,20 @@ class ProcessRunner:
         threads = cv.threads_per_trial or max(1, cpu_count() // workers)
         jobs = [self.context.job(t, threads) for t in trials]
         spawn = multiprocessing.get_context("spawn")
+        on_epoch = self.context.on_epoch
+        # Workers put their epochs here; a queue reaches a worker only at its start.
+        channel = spawn.Queue() if on_epoch is not None else None
         with ProcessPoolExecutor(
             max_workers=workers,
             mp_context=spawn,
             initializer=set_worker_objects,  # the user's objects, once per worker
-            initargs=self.context.shared(),
+            initargs=(*self.context.shared(), channel),
         ) as pool:
             pending = {pool.submit(run_trial_job, **job) for job in jobs}
             while pending:
-                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                timeout = _POLL_S if channel is not None else None
+                done, pending = wait(pending, timeout=timeout, return_when=FIRST_COMPLETED)
+                drain(channel, on_epoch)
                 for future in done:
                     on_done(future.result())
 
@@ -165,15 +180,29 @@ class RayRunner:
                 retry_exceptions=False,
             )
             shared = ray.put(self.context.shared())  # one copy per node, not per task
-            pending = [task.remote(**self.context.job(t, threads), shared=shared) for t in trials]
+            on_epoch = self.context.on_epoch
+            channel = _ray_queue() if on_epoch is not None else None
+            pending = [
+                task.remote(**self.context.job(t, threads), shared=shared, progress=channel)
+                for t in trials
+            ]
             while pending:
-                done, pending = ray.wait(pending, num_returns=1)
+                timeout = _POLL_S if channel is not None else None
+                done, pending = ray.wait(pending, num_returns=1, timeout=timeout)
+                drain(channel, on_epoch)
                 for ref in done:
                     on_done(ray.get(ref))
         finally:
             if started_here:
                 with _python_random_kept():
                     ray.shutdown()
+
+
+def _ray_queue() -> Any:
+    """A Ray queue for the workers' epochs; its actor takes no CPU from the trials."""
+    from ray.util.queue import Queue
+
+    return Queue(actor_options={"num_cpus": 0})
 
 
 @contextlib.contextmanager

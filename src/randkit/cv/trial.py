@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from randkit.config import ExperimentConfig, validate_config
 from randkit.cv.fit import record_head, run_fit_trial
 from randkit.cv.objects import UserObjects, build_user_model
 from randkit.cv.plan import Trial
+from randkit.cv.progress import EpochHook, epoch_sender
 from randkit.data import LabeledData, featurize, load_data
 from randkit.data.base import Prepared, TensorData, data_fingerprint, stratified_holdout
 from randkit.data.dataset import DatasetData, dataset_parts, targets_array
@@ -168,11 +170,14 @@ def run_trial(
     device: torch.device,
     out: Path | None = None,
     objects: UserObjects | None = None,
+    on_epoch: EpochHook | None = None,
 ) -> dict[str, Any]:
-    """Train and evaluate one trial; with ``out``, save it under ``out/trials/<id>/``."""
+    """Train and evaluate one trial; with ``out``, save it under ``out/trials/<id>/``.
+    ``on_epoch(trial_id, history_row)`` after each epoch (the progress bar)."""
     scoped = ScopedStreams(streams, trial.scopes())
+    hook = functools.partial(on_epoch, trial.id) if on_epoch is not None else None
     if objects is not None and objects.fit is not None:
-        return _run_function_trial(cfg, data, trial, scoped, objects, out)
+        return _run_function_trial(cfg, data, trial, scoped, objects, out, hook)
     prepared = prepare_trial(cfg, data, trial, scoped)
     model, randomization = trial_model(cfg, objects, prepared, data, scoped)
     # Each trial gets its own copies of callbacks and metric objects, under every runner.
@@ -189,7 +194,7 @@ def run_trial(
         parts,
     )
     started = time.perf_counter()
-    trainer.fit()
+    trainer.fit(on_epoch=hook)
     _maybe_die(trial.id)
     fit_seconds = time.perf_counter() - started
     if parts is None or (parts.default_loop and isinstance(prepared.test, TensorData)):
@@ -220,10 +225,11 @@ def _run_function_trial(
     streams: ScopedStreams,
     objects: UserObjects,
     out: Path | None,
+    on_report: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     assert objects.fit is not None and isinstance(data, DatasetData) and out is not None
     split = split_validation(cfg, data.targets, trial, streams)
-    record = run_fit_trial(objects.fit, data.dataset, trial, streams, out, split)
+    record = run_fit_trial(objects.fit, data.dataset, trial, streams, out, split, on_report)
     _maybe_die(trial.id)
     save_trial(out, record, None)
     return record
@@ -258,8 +264,11 @@ def _load_data_cached(data_json: str, data_hash: str) -> LabeledData:
 _worker_objects: dict[str, Any] = {}
 
 
-def set_worker_objects(objects: UserObjects | None, data: DatasetData | None) -> None:
-    _worker_objects.update(objects=objects, data=data)
+def set_worker_objects(
+    objects: UserObjects | None, data: DatasetData | None, progress: Any = None
+) -> None:
+    """``progress``: the queue on which the worker sends its epochs to the parent's bar."""
+    _worker_objects.update(objects=objects, data=data, progress=progress)
 
 
 def run_trial_job(
@@ -269,9 +278,11 @@ def run_trial_job(
     threads: int | None = None,
     data_hash: str = "",
     shared: tuple[UserObjects | None, DatasetData | None] | None = None,
+    progress: Any = None,
 ) -> dict[str, Any]:
     """A trial from plain JSON data: what worker processes and Ray tasks execute. The data
-    set is loaded once per process (or comes with the run's objects)."""
+    set is loaded once per process (or comes with the run's objects). Epochs go to the
+    ``progress`` queue (a Ray task's) or the worker's (``set_worker_objects``)."""
     if threads:
         torch.set_num_threads(threads)
     cfg = validate_config(config)
@@ -292,6 +303,7 @@ def run_trial_job(
         resolve_device(cfg.train.device),
         Path(out),
         objects,
+        epoch_sender(progress if progress is not None else _worker_objects.get("progress")),
     )
 
 

@@ -6,6 +6,7 @@ runner gives it."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from torch import nn
 
@@ -22,8 +23,14 @@ from randkit.train.loop import resolve_device
 class VectorizedRunner:
     def __init__(self, context: RunContext) -> None:
         self.context = context
+        self.wanted: set[str] = set()
 
     def run(self, trials: list[Trial], on_done: OnDone) -> None:
+        # A member's float sums depend on the stack it trains in (its size, its place): a
+        # resume stacks every trial of the plan again, as the uninterrupted run did, and
+        # saves and reports only the missing ones, so they end with the same bytes.
+        self.wanted = {t.id for t in trials}
+        trials = self.context.plan_trials or trials
         cfg, data = self.context.cfg, self.context.data
         streams = self.context.streams()
         scopes, prepared, models = [], [], []
@@ -68,16 +75,33 @@ class VectorizedRunner:
         models = [m.to(device) for m in models]
         trainer = StackedTrainer(models, members, cfg.train, plan, len(first.classes), device)
         started = time.perf_counter()
-        trainer.fit()
+        trainer.fit(on_epoch=self._epoch_hook(trials, trainer))
         seconds = (time.perf_counter() - started) / len(trials)
         test_logits = trainer.test_logits([p.test.x for p in prepared])
         for k, trial in enumerate(trials):
+            if trial.id not in self.wanted:
+                continue  # finished before: trained again only to keep the stack whole
             split = prepared[k]
             record = trial_record(
                 trial, scopes[k], split, test_logits[k], split.test.y, trainer.histories[k], seconds
             )
             save_trial(out, record, trainer.weights(k) if cfg.cv.save_models else None)
             on_done(record)
+
+    def _epoch_hook(
+        self, trials: list[Trial], trainer: StackedTrainer
+    ) -> Callable[[list[int]], None] | None:
+        """Tell the bar of an epoch of all trials at once: one event per trial that ran it."""
+        on_epoch = self.context.on_epoch
+        if on_epoch is None:
+            return None
+
+        def hook(ran: list[int]) -> None:
+            for k in ran:
+                if trials[k].id in self.wanted:
+                    on_epoch(trials[k].id, trainer.histories[k][-1])
+
+        return hook
 
 
 def _same_shapes(models: list[nn.Module]) -> list[list[int]]:

@@ -13,13 +13,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from matplotlib import colormaps
 from matplotlib.figure import Figure
-from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
 _DPI = 110
-_MAX_LEGEND_TRIALS = 10
 _MAX_ANNOTATED_CLASSES = 20
 
 
@@ -96,78 +93,93 @@ def _curve(history: Sequence[Mapping[str, Any]], key: str) -> tuple[list[float],
     return xs, ys
 
 
-def learning_curves(histories: Mapping[str, Sequence[Mapping[str, Any]]]) -> bytes | None:
-    """Loss and accuracy against epoch, one colour per trial: train solid, validation dashed.
+def curve_kinds(histories: Mapping[str, Sequence[Mapping[str, Any]]]) -> list[str]:
+    """What the histories hold curves of (``train_loss``/``val_loss``, a trial function's
+    ``loss``...): loss first, then accuracy, then the rest; at most three panels."""
+    found: set[str] = set()
+    for history in histories.values():
+        for row in history:
+            for key in row:
+                if key not in ("epoch", "lr", "step"):
+                    found.add(key.removeprefix("train_").removeprefix("val_"))
+    order = sorted(found, key=lambda k: (k != "loss", k != "accuracy", k))
+    return order[:3]
 
-    ``None`` when no trial has a history with any of these values.
+
+def _series(kind: str) -> tuple[tuple[str, str, str, str], ...]:
+    # (label, history keys tried in turn, colour): a trial function may log plain "loss".
+    return (
+        ("training", f"train_{kind}", kind, "tab:blue"),
+        ("validation", f"val_{kind}", f"val_{kind}", "tab:orange"),
+    )
+
+
+def learning_curves(histories: Mapping[str, Sequence[Mapping[str, Any]]]) -> bytes | None:
+    """Training and validation curves per epoch: a thin line per trial and a thick one for the
+    mean over trials, one panel per quantity. Each legend entry names lines that are drawn.
+
+    ``None`` when no trial has a history with any value.
     """
-    panels = [
-        (kind, f"train_{kind}", f"val_{kind}")
-        for kind in ("loss", "accuracy")
-        if any(
-            _curve(h, f"train_{kind}")[0] or _curve(h, f"val_{kind}")[0] for h in histories.values()
-        )
-    ]
-    if not panels:
+    kinds = curve_kinds(histories)
+    if not kinds:
         return None
-    fig = Figure(figsize=(5.0 * len(panels) + 0.5, 3.8), dpi=_DPI)
-    axes = fig.subplots(1, len(panels), squeeze=False)[0]
-    colours = _trial_colours(len(histories))
-    any_val = False
-    for ax, (kind, train_key, val_key) in zip(axes, panels, strict=True):
-        for colour, (trial, history) in zip(colours, histories.items(), strict=True):
-            xs, ys = _curve(history, train_key)
-            if xs:
-                ax.plot(xs, ys, color=colour, linewidth=1.2, alpha=0.85, label=_plain(trial))
-            xs, ys = _curve(history, val_key)
-            if xs:
-                any_val = True
-                ax.plot(xs, ys, color=colour, linewidth=1.2, alpha=0.85, linestyle="--")
+    fig = Figure(figsize=(4.6 * len(kinds) + 0.6, 3.8), dpi=_DPI)
+    axes = fig.subplots(1, len(kinds), squeeze=False)[0]
+    for ax, kind in zip(axes, kinds, strict=True):
+        for label, key, fallback, colour in _series(kind):
+            curves = [_curve(h, key) if _curve(h, key)[0] else _curve(h, fallback)
+                      for h in histories.values()]  # fmt: skip
+            curves = [c for c in curves if c[0]]
+            if not curves:
+                continue
+            for xs, ys in curves:
+                ax.plot(xs, ys, color=colour, linewidth=0.8, alpha=0.3)
+            epochs, means = _mean_curve(curves)
+            style = "-" if label == "training" else "--"
+            name = f"{label}, mean of {len(curves)}" if len(curves) > 1 else label
+            ax.plot(epochs, means, color=colour, linewidth=2.2, linestyle=style, label=name)
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_ylabel(kind)
-        ax.set_title(f"{kind.capitalize()} per trial")
+        ax.set_ylabel(_plain(kind))
+        ax.set_title(_plain(kind.replace("_", " ").capitalize()))
         ax.grid(alpha=0.3)
-    styles = [Line2D([], [], color="grey", label="train")]
-    if any_val:
-        styles.append(Line2D([], [], color="grey", linestyle="--", label="validation"))
-    handles: list[Any] = list(styles)
-    if len(histories) <= _MAX_LEGEND_TRIALS:
-        handles += [
-            Line2D([], [], color=c, label=_plain(t))
-            for c, t in zip(colours, histories, strict=True)
-        ]
-    axes[-1].legend(handles=handles, fontsize=7, loc="best")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8, loc="best")
     return _png(fig)
 
 
-def _trial_colours(count: int) -> list[Any]:
-    if count <= 10:
-        return [colormaps["tab10"](i) for i in range(count)]
-    return [colormaps["viridis"](x) for x in np.linspace(0.0, 0.95, count)]
+def _mean_curve(curves: list[tuple[list[float], list[float]]]) -> tuple[list[float], list[float]]:
+    """The mean over the trials that reached each epoch (early stopping ends some sooner)."""
+    by_epoch: dict[float, list[float]] = {}
+    for xs, ys in curves:
+        for x, y in zip(xs, ys, strict=True):
+            by_epoch.setdefault(x, []).append(y)
+    epochs = sorted(by_epoch)
+    return epochs, [float(np.mean(by_epoch[e])) for e in epochs]
 
 
-def variance_bars(components: Mapping[str, Mapping[str, Any]]) -> bytes:
-    """One bar per variance component with its CI as an error bar; the share in the label."""
-    names = list(components)
-    heights = np.asarray([float(components[n].get("variance", 0.0)) for n in names])
-    fig = Figure(figsize=(max(4.5, 1.2 * len(names) + 2.0), 3.8), dpi=_DPI)
+def sd_bars(rows: Sequence[Mapping[str, Any]], unit: str) -> bytes:
+    """One bar per variance component as a standard deviation in the metric's units, its
+    95% CI as an error bar, its share of the total variance in the label."""
+    names = [str(r["name"]) for r in rows]
+    heights = np.asarray([float(r["sd"]) for r in rows])
+    fig = Figure(figsize=(max(4.5, 1.6 * len(names) + 2.0), 3.8), dpi=_DPI)
     ax = fig.add_subplot()
     positions = np.arange(len(names))
-    ax.bar(positions, heights, color="tab:blue", alpha=0.75)
-    for x, name, height in zip(positions, names, heights, strict=True):
-        ci = components[name].get("ci")
+    ax.bar(positions, heights, color="tab:blue", alpha=0.75, width=0.6)
+    for x, row, height in zip(positions, rows, heights, strict=True):
+        ci = row.get("ci")
         if ci is not None and _finite(ci):
             low, high = max(0.0, height - ci[0]), max(0.0, ci[1] - height)
             ax.errorbar(x, height, yerr=[[low], [high]], color="black", capsize=4, linewidth=1)
     labels = []
-    for name in names:
-        share = components[name].get("share")
-        suffix = f"\n{100 * share:.1f}%" if isinstance(share, int | float) else ""
-        labels.append(_plain(name) + suffix)
-    ax.set_xticks(positions, labels)
-    ax.set_ylabel("variance")
-    ax.set_title("Variance components (95% CI, share of total)")
+    for row in rows:
+        share = row.get("share")
+        suffix = f"\n{100 * share:.0f}% of variance" if isinstance(share, int | float) else ""
+        labels.append(_plain(row["name"]) + suffix)
+    ax.set_xticks(positions, labels, fontsize=8)
+    ax.set_ylabel(f"standard deviation ({unit})" if unit else "standard deviation")
+    ax.set_title("Sources of spread (SD, 95% CI)")
     ax.grid(axis="y", alpha=0.3)
     return _png(fig)
 

@@ -1,4 +1,5 @@
-"""The HTML template of a cross-validation report (Jinja2, rendered with autoescape on).
+"""The HTML templates of the report pages: the shared head (``BASE``) and the cross-validation
+page (Jinja2, rendered with autoescape on).
 
 Kept as a Python string so it ships with the package without package-data configuration.
 Everything the page needs is inline: CSS here, figures as ``data:`` URIs; no scripts, no links.
@@ -6,13 +7,13 @@ Everything the page needs is inline: CSS here, figures as ``data:`` URIs; no scr
 
 from __future__ import annotations
 
-TEMPLATE = """\
+BASE = """\
 <!doctype html>
 <html lang="en">
 <head>
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
-<title>randkit report: {{ name }}</title>
+<title>randkit {{ kind }} report: {{ name }}</title>
 <style>
   body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2rem auto;
          max-width: 72rem; padding: 0 1rem; color: #1d1d1f; line-height: 1.45; }
@@ -30,12 +31,22 @@ TEMPLATE = """\
   .scroll { overflow-x: auto; }
   img { max-width: 100%; height: auto; display: block; margin: 0.5rem 0; }
   .note { color: #666; font-size: 0.85rem; }
+  .verdict { font-size: 1.05rem; font-weight: 600; }
+  .probs td { font-size: 1rem; }
+  details > summary { cursor: pointer; color: #3b73b9; }
 </style>
 </head>
 <body>
-<h1>randkit report: {{ name }}</h1>
+<h1>randkit {{ kind }} report: {{ name }}</h1>
 <p class="date">{{ date }}</p>
+{% block body %}{% endblock %}
+</body>
+</html>
+"""
 
+TEMPLATE = """\
+{% extends "base.html" %}
+{% block body %}
 <section id="headline">
 <h2>Result</h2>
 <div class="headline">
@@ -60,26 +71,30 @@ TEMPLATE = """\
 {% endif %}
 </section>
 
-{% if config %}
-<section id="config">
-<h2>Config</h2>
-<details open><summary>config.yaml</summary>
-<pre>{{ config }}</pre>
-</details>
-</section>
-{% endif %}
-
 <section id="trials">
 <h2>Trials</h2>
 <div class="scroll">
 <table class="trials">
-<thead><tr>{% for column in columns %}<th>{{ column }}</th>{% endfor %}</tr></thead>
+<thead><tr>{% for column in trials.columns %}<th>{{ column }}</th>{% endfor %}</tr></thead>
 <tbody>
-{% for row in rows %}<tr class="trial">{% for cell in row %}\
+{% for row in trials.rows %}<tr class="trial">{% for cell in row %}\
 <td{% if cell.numeric %} class="num"{% endif %}>{{ cell.text }}</td>{% endfor %}</tr>
 {% endfor %}</tbody>
 </table>
 </div>
+{% if trials.seed_columns %}
+<details class="seeds"><summary>Seeds of each trial's random streams</summary>
+<div class="scroll">
+<table class="seeds">
+<thead><tr>{% for column in trials.seed_columns %}<th>{{ column }}</th>{% endfor %}</tr></thead>
+<tbody>
+{% for row in trials.seed_rows %}<tr class="seed-row">{% for cell in row %}\
+<td{% if cell.numeric %} class="num"{% endif %}>{{ cell.text }}</td>{% endfor %}</tr>
+{% endfor %}</tbody>
+</table>
+</div>
+</details>
+{% endif %}
 </section>
 
 {% if figures.strip %}
@@ -93,20 +108,30 @@ TEMPLATE = """\
 {% if figures.curves %}
 <section id="curves">
 <h2>Learning curves</h2>
-<img src="{{ figures.curves }}" alt="learning curves per trial">
+<img src="{{ figures.curves }}" alt="training and validation curves">
+<p class="note">Thin lines: one trial each; thick: the mean over trials. Training solid,
+validation dashed.</p>
 </section>
 {% endif %}
 
 {% if figures.variance %}
 <section id="variance">
-<h2>Variance components</h2>
-<img src="{{ figures.variance }}" alt="variance components">
-{% if variance.method %}<p class="note">Method: {{ variance.method }}</p>{% endif %}
+<h2>Sources of spread</h2>
+<p>How much the {{ headline.metric }} of one trial moves with each source, as a standard
+deviation in {{ variance.unit_name }}:
+{% for row in variance.rows %}{{ row.name }} SD {{ row.sd_text }}, {{ row.share_text }}\
+{% if not loop.last %}; {% endif %}{% endfor %}.</p>
+<img src="{{ figures.variance }}" alt="variance components as standard deviations">
+{% if variance.method %}<p class="note">Method: {{ variance.method }}. The SD interval's ends
+are the square roots of the variance interval's ends; the share is of the total
+variance.</p>{% endif %}
 <table class="variance">
-<thead><tr><th>source</th><th>variance</th><th>95% CI</th><th>share</th></tr></thead>
+<thead><tr><th>source</th><th>SD</th><th>95% CI of the SD</th><th>share of the variance</th>\
+<th>variance</th></tr></thead>
 <tbody>
-{% for row in variance.rows %}<tr><td>{{ row.name }}</td><td class="num">{{ row.variance }}</td>\
-<td class="num">{{ row.ci }}</td><td class="num">{{ row.share }}</td></tr>
+{% for row in variance.rows %}<tr><td>{{ row.name }}</td><td class="num">{{ row.sd_text }}</td>\
+<td class="num">{{ row.ci_text }}</td><td class="num">{{ row.share_text }}</td>\
+<td class="num">{{ row.variance_text }}</td></tr>
 {% endfor %}</tbody>
 </table>
 </section>
@@ -143,6 +168,14 @@ TEMPLATE = """\
 </section>
 {% endif %}
 
-</body>
-</html>
+
+{% if config %}
+<section id="config">
+<h2>Config</h2>
+<details><summary>config.yaml (the resolved experiment)</summary>
+<pre>{{ config }}</pre>
+</details>
+</section>
+{% endif %}
+{% endblock %}
 """

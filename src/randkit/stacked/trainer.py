@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -171,7 +172,8 @@ class StackedTrainer:
         return [logits[k, : len(x)] for k, x in enumerate(xs)]
 
     # -- training -----------------------------------------------------------------------
-    def fit(self) -> None:
+    def fit(self, on_epoch: Callable[[list[int]], None] | None = None) -> None:
+        """Train every model; ``on_epoch(ks)`` after each epoch with the models that ran it."""
         self.base.train()
         for epoch in range(self.cfg.epochs):
             running = [run for run in self.runs if run.running]
@@ -188,6 +190,8 @@ class StackedTrainer:
             for k, run in enumerate(self.runs):
                 if run in running:
                     self._end_epoch(k, run)
+            if on_epoch is not None:
+                on_epoch([k for k, run in enumerate(self.runs) if run in running])
         with torch.no_grad():
             for k, run in enumerate(self.runs):
                 for name, value in (run.best_weights or {}).items():

@@ -131,8 +131,12 @@ class Trainer:
         self.state.stopped_early = True
 
     def fit(
-        self, on_step: ProgressHook | None = None, on_checkpoint: CheckpointHook | None = None
+        self,
+        on_step: ProgressHook | None = None,
+        on_checkpoint: CheckpointHook | None = None,
+        on_epoch: Callable[[dict[str, float]], None] | None = None,
     ) -> None:
+        """Train to the end; ``on_epoch(history_row)`` after every epoch (progress bars)."""
         cfg, state = self.cfg, self.state
         self.model.train()
         self._callbacks("on_train_start")
@@ -153,6 +157,8 @@ class Trainer:
             self._end_epoch()
             if on_checkpoint is not None:
                 on_checkpoint(self)
+            if on_epoch is not None:
+                on_epoch(state.history[-1])
         if self.best_weights is not None:
             self.model.load_state_dict(self.best_weights)
 

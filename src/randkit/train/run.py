@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,12 +17,15 @@ from randkit import atomic
 from randkit.config import ExperimentConfig
 from randkit.data import Prepared, keep_cache, load_and_prepare
 from randkit.errors import UserError
+from randkit.extras import MissingExtraError
 from randkit.randomize.build import preflight
 from randkit.streams import SOURCES, Streams
 from randkit.train.checkpoint import read_checkpoint, save_checkpoint
 from randkit.train.loop import LoopState, Trainer, model_and_randomization, resolve_device
 from randkit.train.metrics import evaluate
 from randkit.train.tasks import check_output_width, output_width
+
+_log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.safetensors"
 RUN_FILES = (
@@ -31,6 +35,7 @@ RUN_FILES = (
     "model.safetensors",
     "metrics.json",
     "preprocessing.json",
+    "report.html",
 )
 
 
@@ -78,9 +83,14 @@ def source_seeds(streams: Streams) -> dict[str, int]:
 
 
 def train_run(
-    cfg: ExperimentConfig, out: Path, restart: bool = False, quiet: bool = False
+    cfg: ExperimentConfig,
+    out: Path,
+    restart: bool = False,
+    quiet: bool = False,
+    report: bool = True,
 ) -> RunResult:
-    """Train (or resume) the experiment ``cfg`` in ``out``.
+    """Train (or resume) the experiment ``cfg`` in ``out``; with ``report`` and the
+    ``report`` extra, write ``out/report.html`` (without the extra, one warning).
 
     Everything that can fail on the user's input (config, data, model arguments) fails
     before anything is written.
@@ -147,7 +157,20 @@ def train_run(
         trainer.fit(on_step=on_step, on_checkpoint=checkpoint)
     metrics = _finish(out, trainer, prepared, streams, fingerprint)
     metrics["fit_seconds_this_session"] = round(time.perf_counter() - started, 3)
+    if report:
+        _write_report(out)
     return RunResult(out, metrics, resumed_step)
+
+
+def _write_report(out: Path) -> None:
+    """The run's page, as ``randkit cv`` writes one (the report layer is imported late: it
+    sits above training)."""
+    try:
+        from randkit.report import write_report
+    except MissingExtraError as exc:
+        _log.warning("%s; skipped report.html", exc)
+    else:
+        write_report(out)
 
 
 def _finish(
