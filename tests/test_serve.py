@@ -351,7 +351,10 @@ def test_experiment_detects_a_planted_difference_and_only_that(
     (comparison,) = report["comparisons"]
     assert comparison["baseline"] == "1" and comparison["candidate"] == "2"
     assert comparison["recommendation"] == verdict
+    # The default, anytime-valid test: its p-value and its lower confidence bound agree.
+    assert comparison["test"] == "sequential" and "warning" not in comparison
     assert (comparison["p_value"] < 0.05) is (verdict == "promote")
+    assert (comparison["ci"][0] > 0) is (verdict == "promote")
 
 
 def test_experiment_says_not_enough_data_at_first(server):

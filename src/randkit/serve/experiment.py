@@ -5,17 +5,19 @@ client later sends the true label for a request id. Only requests whose version 
 chose (``routed``) count: a client that names a version is not randomized, so its requests
 could differ from the rest in ways that bias the comparison.
 
-``experiment_report`` compares each version with the baseline by a pooled two-proportion
-z-test at level ``alpha`` and a Newcombe interval for the difference. Assumptions, plainly:
+``experiment_report`` compares each version with the baseline. By default (policy
+``test: sequential``) the verdict is the anytime-valid test of ``randkit.serve.sequential``:
+it may be read after every label, and a candidate that is not more accurate than the
+baseline is promoted with probability at most ``alpha`` however often anyone looks. With
+``test: fixed`` it is the pooled two-proportion z-test at level ``alpha`` with a Newcombe
+interval for the difference: valid at one look at a sample size chosen in advance; read
+every 10 labels and stopped at the first "promote", it promoted 18% of equal versions at a
+nominal 2.5% in simulation, so its comparisons carry a ``warning``. Assumptions, plainly:
 
 - Requests are independent and the split is random. Repeated requests from one user, or
-  sticky routing with few keys, make the intervals too narrow.
-- The label a client sends is the truth, and clients send labels equally often for every
-  version (feedback that depends on the version biases the accuracies).
-- The test is fixed-horizon: it is valid once, at a sample size chosen in advance. Looking
-  at the report again and again after ``min_samples`` and stopping at the first "promote"
-  inflates the false-positive rate well above ``alpha`` (with enough looks, toward
-  certainty). Decide the sample size first, or use a sequential test.
+  sticky routing with few keys, make both tests too optimistic.
+- The label a client sends is the truth, and whether (and when) a client sends a label does
+  not depend on whether the prediction was right (feedback that does biases the accuracies).
 
 >>> [round(x, 3) for x in wilson_interval(45, 50)]
 [0.786, 0.957]
@@ -28,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from scipy.stats import norm
 
+from randkit.serve.sequential import block_ratio, sequential_test
 from randkit.serve.traffic import (
     TrafficPolicy,
     effective_weights,
@@ -117,16 +120,32 @@ def _baseline(policy: TrafficPolicy, versions: list[str]) -> str | None:
     return ordered[0] if ordered else None
 
 
-def _verdict(
-    test: dict[str, Any], base: tuple[int, int], cand: tuple[int, int], policy: TrafficPolicy
-) -> tuple[str, str]:
+FIXED_WARNING = (
+    "test: fixed is valid at one look at a sample size chosen in advance; reading this "
+    "report again and again and promoting at the first 'promote' inflates false promotions "
+    "far above alpha (18% at a nominal 2.5% in simulation). Set test: sequential to watch "
+    "a canary."
+)
+
+
+def _short_of_samples(
+    base: tuple[int, int], cand: tuple[int, int], policy: TrafficPolicy
+) -> str | None:
     short = [
         f"{side} has {n} of {policy.min_samples} labelled requests"
         for side, (n, _) in (("baseline", base), ("candidate", cand))
         if n < policy.min_samples
     ]
+    return "; ".join(short) if short else None
+
+
+def _verdict(
+    test: dict[str, Any], base: tuple[int, int], cand: tuple[int, int], policy: TrafficPolicy
+) -> tuple[str, str]:
+    """The fixed-horizon verdict: promote when p < alpha and the candidate is better."""
+    short = _short_of_samples(base, cand, policy)
     if short:
-        return "not enough data yet", "; ".join(short)
+        return "not enough data yet", short
     difference, p_value, alpha = test["difference"], test["p_value"], policy.alpha
     lo, hi = test["ci"]
     stats = (
@@ -138,6 +157,85 @@ def _verdict(
     if p_value < alpha:
         return "keep", f"candidate is significantly less accurate: {stats} < alpha {alpha}"
     return "keep", f"no significant improvement: {stats} >= alpha {alpha}"
+
+
+def _sequential_verdict(
+    test: dict[str, Any], base: tuple[int, int], cand: tuple[int, int], policy: TrafficPolicy
+) -> tuple[str, str]:
+    """The anytime-valid verdict: promote once the e-value has reached 1/alpha."""
+    short = _short_of_samples(base, cand, policy)
+    if short:
+        return "not enough data yet", short
+    alpha = policy.alpha
+    lo, hi = test["cs"]
+    stats = (
+        f"e-value {test['max_e_value']:.3g} (largest so far; promote at {1 / alpha:g}), "
+        f"anytime p = {test['p_value']:.3g}, difference {lo:+.4f} to {hi:+.4f} "
+        f"({100 * (1 - alpha):g}% confidence sequence)"
+    )
+    if test["reject"]:
+        return "promote", f"candidate is more accurate (anytime-valid): {stats}"
+    if hi < 0:
+        return "keep", f"candidate is less accurate (anytime-valid): {stats}"
+    return "keep", f"no anytime-valid evidence of an improvement yet: {stats}; may be read again"
+
+
+def _fixed_comparison(
+    base: tuple[int, int], cand: tuple[int, int], policy: TrafficPolicy
+) -> dict[str, Any]:
+    test = two_proportion_test(base[1], base[0], cand[1], cand[0], policy.alpha)
+    recommendation, reason = _verdict(test, base, cand, policy)
+    return {
+        "test": "fixed",
+        "difference": test["difference"],
+        "ci": list(test["ci"]),
+        "p_value": test["p_value"],
+        "recommendation": recommendation,
+        "reason": reason,
+        "warning": FIXED_WARNING,
+    }
+
+
+def _sequential_comparison(
+    outcomes: tuple[list[int], list[int]],
+    ratio: tuple[int, int],
+    base: tuple[int, int],
+    cand: tuple[int, int],
+    policy: TrafficPolicy,
+) -> dict[str, Any]:
+    test = sequential_test(outcomes[0], outcomes[1], ratio, policy.alpha)
+    recommendation, reason = _sequential_verdict(test, base, cand, policy)
+    return {
+        "test": "sequential",
+        "difference": cand[1] / cand[0] - base[1] / base[0] if base[0] and cand[0] else None,
+        "ci": list(test["cs"]),  # anytime-valid: holds at every look
+        "p_value": test["p_value"],  # anytime-valid
+        "e_value": test["e_value"],
+        "max_e_value": test["max_e_value"],
+        "blocks": {"ratio": list(ratio), "complete": test["blocks"], "labels": list(test["used"])},
+        "recommendation": recommendation,
+        "reason": reason,
+    }
+
+
+def _version_row(
+    version: str,
+    policy: TrafficPolicy,
+    share: float,
+    requests: int,
+    counted: tuple[int, int],
+) -> dict[str, Any]:
+    labelled, correct = counted
+    return {
+        "version": version,
+        "labels": sorted(k for k, v in policy.labels.items() if v == version),
+        "weight": share,
+        "requests": requests,
+        "labelled": labelled,
+        "correct": correct,
+        "accuracy": correct / labelled if labelled else None,
+        "ci95": list(wilson_interval(correct, labelled, 0.95)),
+    }
 
 
 def experiment_report(
@@ -152,54 +250,43 @@ def experiment_report(
     Counts are those of the policy ``epoch`` (default: the model's latest in the ledger):
     routed predictions made since the current policy was loaded. ``weight`` is the share of
     routed traffic the policy gives a version when all versions are available. Versions with
-    traffic (routed requests, or a weight > 0) other than the baseline are compared with it.
+    traffic (routed requests, or a weight > 0) other than the baseline are compared with it,
+    by ``policy.test`` (see the module docstring).
     """
     versions = sorted_versions(versions)
     counts, requests = ledger.counts(model, epoch), ledger.requests(model, epoch)
     weights = effective_weights(policy, versions)
     total_weight = sum(weights.values()) or 1.0
-    rows = []
-    for version in versions:
-        labelled, correct = counts.get(version, (0, 0))
-        rows.append(
-            {
-                "version": version,
-                "labels": sorted(k for k, v in policy.labels.items() if v == version),
-                "weight": weights.get(version, 0.0) / total_weight,
-                "requests": requests.get(version, 0),
-                "labelled": labelled,
-                "correct": correct,
-                "accuracy": correct / labelled if labelled else None,
-                "ci95": list(wilson_interval(correct, labelled, 0.95)),
-            }
+    rows = [
+        _version_row(
+            v, policy, weights.get(v, 0.0) / total_weight, requests.get(v, 0), counts.get(v, (0, 0))
         )
+        for v in versions
+    ]
     baseline = _baseline(policy, versions)
     comparisons = []
     for row in rows:
         version = row["version"]
-        if version == baseline or (row["requests"] == 0 and row["weight"] == 0):
+        if baseline is None or version == baseline or (row["requests"] == 0 and row["weight"] == 0):
             continue
-        base = counts.get(baseline, (0, 0)) if baseline is not None else (0, 0)
-        cand = (row["labelled"], row["correct"])
-        test = two_proportion_test(base[1], base[0], cand[1], cand[0], policy.alpha)
-        recommendation, reason = _verdict(test, base, cand, policy)
-        comparisons.append(
-            {
-                "baseline": baseline,
-                "candidate": version,
-                "difference": test["difference"],
-                "ci": list(test["ci"]),
-                "p_value": test["p_value"],
-                "recommendation": recommendation,
-                "reason": reason,
-            }
-        )
+        base, cand = counts.get(baseline, (0, 0)), (row["labelled"], row["correct"])
+        if policy.test == "fixed":
+            comparison = _fixed_comparison(base, cand, policy)
+        else:
+            outcomes = (
+                ledger.outcomes(model, epoch, baseline),
+                ledger.outcomes(model, epoch, version),
+            )
+            ratio = block_ratio(weights.get(baseline, 0.0), weights.get(version, 0.0))
+            comparison = _sequential_comparison(outcomes, ratio, base, cand, policy)
+        comparisons.append({"baseline": baseline, "candidate": version, **comparison})
     return {
         "model": model,
         "epoch": epoch,
         "baseline": baseline,
         "alpha": policy.alpha,
         "min_samples": policy.min_samples,
+        "test": policy.test,
         "versions": rows,
         "comparisons": comparisons,
     }

@@ -60,6 +60,7 @@ from randkit.serve.ledger_ops import (
     expire_before,
     insert_predictions,
     read_counts,
+    read_outcomes,
 )
 
 if TYPE_CHECKING:
@@ -83,9 +84,11 @@ class _Operation:
 def policy_fingerprint(model: ServedModel) -> str:
     """A hash of what an experiment compares: the policy and each loaded version's bundle
     (its metadata holds the weights' SHA-256), so a changed policy or bundle starts a new
-    epoch while a restart or a reload of the same files continues the current one."""
+    epoch while a restart or a reload of the same files continues the current one. The
+    policy's ``test`` only says how the report reads the same data, so switching it keeps
+    the epoch (and policies written before the field existed keep their fingerprints)."""
     state = {
-        "policy": model.policy.model_dump(mode="json"),
+        "policy": model.policy.model_dump(mode="json", exclude={"test"}),
         "versions": {v: served.bundle.meta for v, served in sorted(model.versions.items())},
     }
     text = json.dumps(state, sort_keys=True, default=str)
@@ -299,6 +302,10 @@ class FeedbackLedger:
         """Version -> routed predictions in ``epoch``, labelled or not."""
         rows = self._call(lambda db: read_counts(db, model, epoch), write=False)
         return {version: requests for version, requests, _, _ in rows}
+
+    def outcomes(self, model: str, epoch: int | None, version: str) -> list[int]:
+        """A version's routed outcomes in ``epoch`` (1 correct, 0 wrong), in label order."""
+        return self._call(lambda db: read_outcomes(db, model, epoch, version), write=False)
 
     def expire(self) -> int:
         """Delete up to one chunk of predictions older than the retention; how many."""

@@ -47,6 +47,15 @@ SCHEMA = (
         labelled BIGINT NOT NULL,
         correct BIGINT NOT NULL,
         PRIMARY KEY (model, epoch, version))""",
+    # Each routed label's outcome in its version's label order (seq 1, 2, ...): the
+    # anytime-valid test (sequential.py) needs the order; it outlives expired rows too.
+    """CREATE TABLE IF NOT EXISTS randkit_outcomes (
+        model TEXT NOT NULL,
+        epoch INTEGER NOT NULL,
+        version TEXT NOT NULL,
+        seq BIGINT NOT NULL,
+        correct INTEGER NOT NULL,
+        PRIMARY KEY (model, epoch, version, seq))""",
     # A model's policy epochs: a new one starts when a load brings another policy.
     """CREATE TABLE IF NOT EXISTS randkit_epochs (
         model TEXT NOT NULL,

@@ -109,7 +109,15 @@ def attach_label(
     version, predicted, routed, epoch = found[0]
     correct = int(predicted) == label
     if routed:
-        db.rows(_COUNT, (model, epoch, version, 0, 1, int(correct)))
+        (counted,) = db.rows(
+            _COUNT + " RETURNING labelled", (model, epoch, version, 0, 1, int(correct))
+        )
+        # seq comes from the counts row, locked by the upsert: unique even across replicas.
+        db.rows(
+            "INSERT INTO randkit_outcomes (model, epoch, version, seq, correct) "
+            "VALUES (?, ?, ?, ?, ?)",
+            (model, epoch, version, int(counted[0]), int(correct)),
+        )
     return {
         "id": request_id,
         "version": version,
@@ -153,6 +161,19 @@ def read_counts(db: Database, model: str, epoch: int | None) -> list[tuple[str, 
         (model, epoch),
     )
     return [(str(v), int(r), int(n), int(c)) for v, r, n, c in rows]
+
+
+def read_outcomes(db: Database, model: str, epoch: int | None, version: str) -> list[int]:
+    """A version's routed outcomes (1 correct, 0 wrong) in label order."""
+    if epoch is None:
+        latest = latest_epoch(db, model)
+        epoch = latest[0] if latest else 0
+    rows = db.rows(
+        "SELECT correct FROM randkit_outcomes WHERE model = ? AND epoch = ? AND version = ? "
+        "ORDER BY seq",
+        (model, epoch, version),
+    )
+    return [int(c) for (c,) in rows]
 
 
 def expire_before(db: Database, cutoff: float) -> int:

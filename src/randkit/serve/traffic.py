@@ -9,6 +9,7 @@ A model ``NAME`` has versions (folders ``REPOSITORY/NAME/1``, ``.../2``) and an 
     baseline: stable                     # what the experiment compares the others with
     alpha: 0.05                          # level of the experiment's test
     min_samples: 100                     # labelled requests per version before a verdict
+    test: sequential                     # anytime-valid verdict; "fixed": one-look z-test
 
 Routing is a pure function of ``(seed, model, request number)`` (or of ``(seed, model, key)``
 when sticky), so a split is replayable and does not depend on thread timing.
@@ -28,7 +29,7 @@ import bisect
 import hashlib
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -69,6 +70,7 @@ class TrafficPolicy(BaseModel):
     baseline: SafeName | None = None
     alpha: float = Field(0.05, gt=0, lt=1)
     min_samples: int = Field(100, ge=1)
+    test: Literal["sequential", "fixed"] = "sequential"
 
     @field_validator("labels", mode="before")
     @classmethod
