@@ -292,3 +292,49 @@ def test_same_inputs_same_bytes(tmp_path: Path) -> None:
 
 def date_today() -> str:
     return datetime.date.today().isoformat()
+
+
+def test_comparison_page_of_two_5x2_runs(tmp_path: Path) -> None:
+    """Both verdicts, the 5x2cv test beside the corrected one, a row and a point per trial."""
+    from randkit.report import write_comparison
+
+    runs = [make_run(tmp_path / name, folds=2, repeats=5) for name in ("a", "b")]
+    for run in runs:
+        summary = json.loads((run / "summary.json").read_text())
+        summary |= {"splitter": "5x2", "vary": ["split", "init"]}
+        (run / "summary.json").write_text(json.dumps(summary))
+    rows = list(csv.reader((runs[1] / "results.csv").read_text().splitlines()))
+    column = rows[0].index("accuracy")
+    for number, row in enumerate(rows[1:]):
+        row[column] = repr(float(row[column]) - 0.02 - 0.003 * number)  # B a little worse
+    with open(runs[1] / "results.csv", "w", newline="") as handle:
+        csv.writer(handle).writerows(rows)
+    path = write_comparison(runs[0], runs[1], date=datetime.date(2030, 1, 2))
+    assert path == runs[0] / "compare-b.html"
+    html = path.read_text(encoding="utf-8")
+    assert "Dietterich 5x2cv t-test" in html and "Nadeau-Bengio corrected" in html
+    assert "P(A better)" in html and "&plusmn;0.01" in html  # the default ROPE: 1 point
+    assert html.count('<tr class="pair">') == 10
+    assert len(images(html)) == 2  # the paired differences and the posterior
+    with pytest.raises(UserError, match="not a directory"):
+        write_comparison(runs[0], tmp_path / "nowhere")
+    loss = write_comparison(runs[0], runs[1], tmp_path / "loss.html", metric="loss").read_text()
+    assert "loss: A" in loss and "1% of the runs" in loss  # no natural unit: a relative ROPE
+
+
+def test_a_train_run_gets_its_own_page(tmp_path: Path) -> None:
+    run = tmp_path / "train"
+    run.mkdir()
+    history = [{"epoch": e, "lr": 0.1, "train_loss": 1 / e, "train_accuracy": 1 - 0.5 / e,
+                "val_loss": 1.2 / e, "val_accuracy": 1 - 0.6 / e} for e in (1, 2, 3)]  # fmt: skip
+    metrics = {
+        "test": {"loss": 0.3, "accuracy": 0.9, "macro_f1": 0.89},
+        "history": history, "epochs_run": 3, "steps": 30, "stopped_early": False,
+        "classes": CLASSES, "sizes": {"train": 100, "test": 50, "val": 10},
+        "seeds": {"init": 123456789012345678},
+    }  # fmt: skip
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    html = write_report(run).read_text()
+    assert "test accuracy 0.9000" in html and "Clopper-Pearson" in html
+    assert len(images(html)) == 1 and '<section id="curves">' in html
+    assert "123456789012345678" in html and '<section id="config">' not in html
