@@ -18,8 +18,9 @@ from safetensors.torch import save as safetensors_bytes
 
 TEMP_MARK = ".tmp-"
 
-# Fault injection for the kill-during-write test: "NAME:K" makes the process SIGKILL itself
-# halfway through writing the K-th file called NAME (after half its bytes reached the disk).
+# Fault injection for the kill-during-write tests: "NAME:K" makes the process SIGKILL itself
+# halfway through writing the K-th file called NAME (after half its bytes reached the disk);
+# "NAME:K:MARKER" does it once across processes (MARKER records it: a retried worker lives).
 _CRASH_ENV = "RANDKIT_CRASH_DURING_WRITE"
 _write_counts: dict[str, int] = {}
 
@@ -28,11 +29,13 @@ def _maybe_crash(path: Path, handle: Any, data: bytes) -> None:
     spec = os.environ.get(_CRASH_ENV)
     if not spec:
         return
-    name, _, nth = spec.rpartition(":")
-    if name != path.name:
+    name, nth, marker = [*spec.split(":", 2), ""][:3]
+    if name != path.name or (marker and os.path.exists(marker)):
         return
     _write_counts[name] = _write_counts.get(name, 0) + 1
     if _write_counts[name] == int(nth):
+        if marker:
+            Path(marker).write_text("crashed")
         handle.write(data[: len(data) // 2])
         handle.flush()
         os.fsync(handle.fileno())
@@ -51,11 +54,39 @@ def write_bytes(path: str | Path, data: bytes) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             temp.unlink()
+        if isinstance(exc, OSError) and exc.filename in (None, str(temp)):
+            # write/fsync errors name no file, and the temp name means nothing to a user
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
         raise
     fsync_dir(path.parent)
+
+
+def write_files(files: dict[Path, bytes]) -> None:
+    """Write several files that belong together: every temp file first, then the renames, so
+    that a full disk or a read-only folder leaves the old set (or none), not half a new one."""
+    temps: list[tuple[Path, Path]] = []
+    try:
+        for path, data in files.items():
+            temp = path.with_name(f".{path.name}{TEMP_MARK}set-{os.getpid()}")
+            temps.append((temp, path))
+            try:
+                write_bytes(temp, data)
+            except OSError as exc:
+                if exc.filename != str(temp):
+                    raise
+                raise OSError(exc.errno, exc.strerror, str(path)) from exc
+        for temp, path in temps:
+            os.replace(temp, path)
+    except BaseException:
+        for temp, _ in temps:
+            with contextlib.suppress(FileNotFoundError):
+                temp.unlink()
+        raise
+    for folder in {path.parent for path in files}:
+        fsync_dir(folder)
 
 
 def fsync_dir(folder: Path) -> None:

@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 
 import randkit
-from randkit.errors import UserError
+from randkit.errors import RunFailure, UserError, storage_error, storage_message
 from randkit.extras import require
 from randkit.memory import keep_freed_memory
 
@@ -456,12 +456,16 @@ def serve(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: user errors become one line on stderr and exit code 2."""
+    """Entry point: user errors become one line on stderr and exit code 2; a full disk, a
+    read-only folder or a cluster that does not start, one line and exit code 1."""
     try:
         app(args=argv, standalone_mode=False)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except RunFailure as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except typer.Abort:
         print("aborted", file=sys.stderr)
         return 130
@@ -474,6 +478,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except typer.Exit as exc:
         return exc.exit_code
+    except Exception as exc:  # last: the typed ones above come first
+        # One place for storage faults from any command (and from its worker processes).
+        cause = storage_error(exc)
+        if cause is None:
+            raise
+        print(f"error: {storage_message(cause)}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -16,7 +16,7 @@ from randkit.cv.nested_run import check_nested, nested_summary, outer_plan
 from randkit.cv.objects import UserObjects
 from randkit.cv.plan import Plan, make_plan
 from randkit.cv.progress import cv_progress
-from randkit.cv.runners import RunContext, make_runner
+from randkit.cv.runners import RunContext, default_threads, make_runner
 from randkit.cv.store import ResultTable, RunStore
 from randkit.data import LabeledData, keep_cache, load_data
 from randkit.data.base import TensorData, data_fingerprint
@@ -67,7 +67,9 @@ def run_cv(
         data_fingerprint(data) if isinstance(data, LabeledData) else dataset_fingerprint(data)
     )
     store = RunStore(out)
-    store.prepare(cfg, plan, restart, data_hash)
+    threads = store.prepare(
+        cfg, plan, restart, data_hash, default_threads(cfg.cv, len(plan.trials))
+    )
     keep_cache(data)  # every check passed: the image cache may be written now
     records = store.finished()
     missing = [t for t in plan.trials if t.id not in records]
@@ -84,7 +86,8 @@ def run_cv(
                 bar.trial_done(record)
 
         if missing:
-            context = RunContext(cfg, config, data, data_hash, out, objects)
+            context = RunContext(cfg, config, data, data_hash, out, objects, threads, quiet)
+            context.plan_trials = plan.trials
             context.on_epoch = bar.epoch if bar is not None else None
             make_runner(context).run(missing, on_done)
     shown = outer_plan(plan)  # nested CV's inner trials feed only its interval

@@ -8,25 +8,33 @@ vectorized runner within float tolerance, with the same data order, augmentation
 from __future__ import annotations
 
 import contextlib
+import logging
 import multiprocessing
 import os
 import random  # global-rng-ok: only to give back the state Ray draws from
+import signal
+import socket
+import sys
 from collections.abc import Callable, Iterator
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
-from randkit.config import ExperimentConfig
+from randkit.config import CVConfig, ExperimentConfig
 from randkit.cv.objects import UserObjects
 from randkit.cv.plan import Trial
 from randkit.cv.progress import EpochHook, drain
 from randkit.data import LabeledData
 from randkit.data.dataset import DatasetData
+from randkit.errors import RunFailure
 from randkit.extras import require
 from randkit.streams import Streams
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 # How often the parent looks for workers' epochs while it waits for trials (seconds).
 _POLL_S = 0.2
@@ -46,7 +54,10 @@ class RunContext:
     data_hash: str
     out: Path
     objects: UserObjects | None = None
+    threads: int | None = None  # per trial, as recorded in the run's plan.json
+    quiet: bool = False
     on_epoch: EpochHook | None = None  # the progress bar's; None when quiet
+    plan_trials: list[Trial] | None = None  # every trial of the plan, finished or not
 
     def shared(self) -> tuple[UserObjects | None, DatasetData | None]:
         """What workers cannot load from the config: the user's objects and Dataset."""
@@ -78,6 +89,17 @@ def cpu_count() -> int:
         return os.cpu_count() or 1
 
 
+def default_threads(cv: CVConfig, n_trials: int) -> int:
+    """Threads per trial for a new run of ``n_trials`` trials: ``cv.threads_per_trial``, else
+    cores / workers for ``processes``, 1 for ``ray``, torch's current count in-process. The
+    run records it, so a resume (of any number of trials, by any runner) uses the same."""
+    if cv.threads_per_trial:
+        return cv.threads_per_trial
+    if cv.runner == "processes":
+        return max(1, cpu_count() // min(cv.workers or cpu_count(), n_trials))
+    return 1 if cv.runner == "ray" else torch.get_num_threads()
+
+
 def make_runner(context: RunContext) -> Runner:
     """The runner ``cfg.cv.runner`` names."""
     name = context.cfg.cv.runner
@@ -106,8 +128,8 @@ class SequentialRunner:
         ctx = self.context
         previous = torch.get_num_threads()
         try:
-            if ctx.cfg.cv.threads_per_trial:
-                torch.set_num_threads(ctx.cfg.cv.threads_per_trial)
+            if ctx.threads:
+                torch.set_num_threads(ctx.threads)
             streams, device = ctx.streams(), resolve_device(ctx.cfg.train.device)
             for trial in trials:
                 on_done(
@@ -127,12 +149,11 @@ class ProcessRunner:
         self.context = context
 
     def run(self, trials: list[Trial], on_done: OnDone) -> None:
-        from randkit.cv.trial import run_trial_job, set_worker_objects
+        from randkit.cv.trial import run_trial_job
 
         cv = self.context.cfg.cv
         workers = min(cv.workers or cpu_count(), len(trials))
-        threads = cv.threads_per_trial or max(1, cpu_count() // workers)
-        jobs = [self.context.job(t, threads) for t in trials]
+        jobs = [self.context.job(t, self.context.threads) for t in trials]
         spawn = multiprocessing.get_context("spawn")
         on_epoch = self.context.on_epoch
         # Workers put their epochs here; a queue reaches a worker only at its start.
@@ -140,8 +161,8 @@ class ProcessRunner:
         with ProcessPoolExecutor(
             max_workers=workers,
             mp_context=spawn,
-            initializer=set_worker_objects,  # the user's objects, once per worker
-            initargs=(*self.context.shared(), channel),
+            initializer=_worker_start,  # the user's objects, once per worker
+            initargs=(os.getpid(), *self.context.shared(), channel),
         ) as pool:
             pending = {pool.submit(run_trial_job, **job) for job in jobs}
             while pending:
@@ -149,7 +170,32 @@ class ProcessRunner:
                 done, pending = wait(pending, timeout=timeout, return_when=FIRST_COMPLETED)
                 drain(channel, on_epoch)
                 for future in done:
-                    on_done(future.result())
+                    on_done(_result(future))
+
+
+def _worker_start(parent: int, *objects: Any) -> None:
+    """A worker's initializer: die with the driver, then take the run's objects. A SIGKILLed
+    `randkit cv` must not leave workers behind it, training and writing trial files while a
+    resume trains the same trials."""
+    from randkit.cv.trial import set_worker_objects
+
+    if sys.platform == "linux":
+        import ctypes
+
+        ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:  # the driver died before prctl took effect
+            os._exit(1)
+    set_worker_objects(*objects)
+
+
+def _result(future: Future[dict[str, Any]]) -> dict[str, Any]:
+    try:
+        return future.result()
+    except BrokenProcessPool:  # a worker was killed (SIGKILL, the OOM killer): one line
+        raise RunFailure(
+            "cv.runner 'processes': a worker process died; the finished trials are saved, "
+            "run the same command again to train the missing ones"
+        ) from None
 
 
 class RayRunner:
@@ -161,17 +207,21 @@ class RayRunner:
 
     def run(self, trials: list[Trial], on_done: OnDone) -> None:
         require("ray", "cv.runner 'ray'")
+        if not self.context.cfg.cv.address:
+            # Read once, when Ray is imported: without it a local cluster binds to this
+            # machine's network address instead of 127.0.0.1.
+            os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         import ray
 
         from randkit.cv.trial import run_trial_job
 
         cfg = self.context.cfg
-        threads = cfg.cv.threads_per_trial or 1
+        threads = self.context.threads or 1
         gpus = 0.0
         if torch.cuda.is_available() and cfg.train.device != "cpu":
             gpus = 1.0 / max(1, min(len(trials), cfg.cv.workers or 4))  # fractional GPUs
         with _python_random_kept():
-            started_here = _start_ray(ray, cfg.cv.address)
+            started_here = _start_ray(ray, cfg.cv.address, self.context.quiet)
         try:
             task = ray.remote(run_trial_job).options(
                 num_cpus=float(threads),
@@ -217,14 +267,42 @@ def _python_random_kept() -> Iterator[None]:
         random.setstate(state)  # global-rng-ok: the caller's own state, restored
 
 
-def _start_ray(ray: Any, address: str | None) -> bool:
-    """Connect to ``address`` or start a local cluster; True when started here."""
+def _probe(address: str) -> None:
+    """Fail fast on a HOST:PORT nobody listens on: Ray would retry it for minutes, printing a
+    line every few seconds."""
+    host, sep, port = address.rpartition(":")
+    if not sep or "://" in address or not port.isdigit():
+        return  # "auto", "ray://..." and the like: Ray's own check is quick
+    try:
+        socket.create_connection((host, int(port)), timeout=10).close()
+    except OSError as exc:
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        raise RunFailure(
+            f"cv.runner 'ray': could not reach the Ray cluster at {address!r}: {reason}"
+        ) from None
+
+
+def _start_ray(ray: Any, address: str | None, quiet: bool) -> bool:
+    """Connect to ``address`` or start a local cluster; True when started here. A start that
+    fails is one line (RunFailure), not Ray's traceback."""
     if ray.is_initialized():
         return False
-    if address:
-        ray.init(address=address, include_dashboard=False, log_to_driver=False)
-        return False
-    # Keeps every process of a local cluster on 127.0.0.1.
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    ray.init(address="local", num_cpus=cpu_count(), include_dashboard=False, log_to_driver=False)
-    return True
+    # Ray's own INFO lines ("Started a local Ray instance") are noise in randkit's output.
+    options = {
+        "include_dashboard": False,
+        "log_to_driver": False,
+        "logging_level": logging.ERROR if quiet else logging.WARNING,
+    }
+    if not address:
+        options["num_cpus"] = cpu_count()
+    try:
+        if address:
+            _probe(address)
+        ray.init(address=address or "local", **options)
+    except RunFailure:
+        raise
+    except Exception as exc:  # any start-up failure: ConnectionError, RuntimeError, ...
+        what = f"connect to the Ray cluster at {address!r}" if address else "start Ray locally"
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise RunFailure(f"cv.runner 'ray': could not {what}: {reason}") from None
+    return not address

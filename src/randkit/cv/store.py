@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import math
 import shutil
 from collections.abc import Iterator, Mapping, Sequence
@@ -22,6 +23,8 @@ from randkit import atomic
 from randkit.config import ExperimentConfig
 from randkit.cv.plan import PLAN_SOURCES, Plan
 from randkit.errors import UserError
+
+_log = logging.getLogger(__name__)
 
 # Where trials run does not change what they compute: a run may be resumed with another runner.
 RUNNER_FIELDS = ("cv.runner", "cv.workers", "cv.address", "cv.retries", "cv.threads_per_trial")
@@ -92,29 +95,41 @@ def _is_nan(value: Any) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
 
 
+def _recorded_threads(
+    cfg: ExperimentConfig, recorded: int | None, default: int, plan_path: Path
+) -> int:
+    """The threads per trial of a run: fixed when the run starts and kept in ``plan.json``,
+    because a trial's float sums (hence its weights' bits) depend on the thread count."""
+    if recorded is None:  # a new run, or one started before the value was recorded
+        return default
+    asked = cfg.cv.threads_per_trial
+    if asked is not None and asked != recorded:
+        _log.warning(
+            "cv.threads_per_trial %d ignored: this run was started with %d threads per trial "
+            "(recorded in %s), kept so that resumed trials give the same bits; --restart to "
+            "change it",
+            asked,
+            recorded,
+            plan_path,
+        )
+    return int(recorded)
+
+
 class RunStore:
     def __init__(self, out: Path) -> None:
         self.out = Path(out)
 
-    def prepare(self, cfg: ExperimentConfig, plan: Plan, restart: bool, data_hash: str) -> None:
-        """Create or reopen the run; a run of another config is refused."""
+    def prepare(
+        self, cfg: ExperimentConfig, plan: Plan, restart: bool, data_hash: str, threads: int
+    ) -> int:
+        """Create or reopen the run; a run of another config is refused. Returns the threads
+        per trial: ``threads`` for a new run, the recorded value for a reopened one."""
         if self.out.exists() and not self.out.is_dir():
             raise UserError("out", f"{str(self.out)!r} exists and is not a directory")
         plan_path = self.out / "plan.json"
+        previous: dict[str, Any] = {}
         if restart and self.out.is_dir():
-            for name in (
-                "trials",
-                "plan.json",
-                "results.csv",
-                "summary.json",
-                "report.html",
-                "config.yaml",
-            ):
-                target = self.out / name
-                if target.is_dir():
-                    shutil.rmtree(target)
-                elif target.exists():
-                    target.unlink()
+            self._clear()
         elif plan_path.is_file():
             try:
                 previous = json.loads(plan_path.read_text())
@@ -135,17 +150,38 @@ class RunStore:
                     "split (the examples or the trials' indices differ); use --restart or "
                     "another --out",
                 )
+        threads = _recorded_threads(cfg, previous.get("threads_per_trial"), threads, plan_path)
         self.out.mkdir(parents=True, exist_ok=True)
+        for folder in (self.out, *(self.out / "trials").glob("*/")):
+            atomic.remove_stale_temps(folder)  # a process killed mid-write left them
         atomic.write_yaml(self.out / "config.yaml", cfg.resolved())
         atomic.write_json(
             plan_path,
             {
                 "config_hash": cfg.fingerprint(ignore=RUNNER_FIELDS),
                 "data_hash": data_hash,
+                "threads_per_trial": threads,
                 **plan.to_json(),
             },
             compact=True,  # thousands of indices
         )
+        return threads
+
+    def _clear(self) -> None:
+        """``--restart``: the run's own files go, anything else in the folder stays."""
+        for name in (
+            "trials",
+            "plan.json",
+            "results.csv",
+            "summary.json",
+            "report.html",
+            "config.yaml",
+        ):
+            target = self.out / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
 
     def finished(self) -> dict[str, dict[str, Any]]:
         """Records of the trials already done (a damaged record counts as not done)."""

@@ -174,8 +174,12 @@ def _publish(
                 raise
             raise taken from None
         atomic.fsync_dir(family)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(temp, ignore_errors=True)
+        inside = isinstance(exc, OSError) and str(exc.filename or "").startswith(str(temp))
+        if isinstance(exc, OSError) and inside:  # name where the file was going, not the temp
+            where = str(target) + str(exc.filename)[len(str(temp)) :]
+            raise OSError(exc.errno, exc.strerror, where) from exc
         raise
     return target
 

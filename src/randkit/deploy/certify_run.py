@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import io
+import json
 import math
 import time
 from pathlib import Path
@@ -82,7 +83,6 @@ def certify_run(
             advance()
     at = f"-radius{radius:g}" if radius is not None else ""
     tsv = out or run / (f"certify-sigma{sigma:g}{at}" + ("-onnx" if onnx else "") + ".tsv")
-    atomic.write_text(tsv, "\n".join(rows) + "\n")
     curve = {
         "sigma": sigma,
         "alpha": alpha,
@@ -93,8 +93,13 @@ def certify_run(
         **certified_accuracy_curve(np.array(radii), np.array(correct, dtype=bool)),
     }
     curve_json = tsv.with_suffix(".curve.json")
-    atomic.write_json(curve_json, curve)
-    atomic.write_bytes(tsv.with_suffix(".curve.png"), _plot(curve))
+    atomic.write_files(  # all three or none, even on a full disk
+        {
+            tsv: ("\n".join(rows) + "\n").encode(),
+            curve_json: (json.dumps(curve, indent=2) + "\n").encode(),
+            tsv.with_suffix(".curve.png"): _plot(curve),
+        }
+    )
     return {"tsv": tsv, "curve": curve_json, **curve}
 
 
