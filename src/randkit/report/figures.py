@@ -167,11 +167,17 @@ def sd_bars(rows: Sequence[Mapping[str, Any]], unit: str) -> bytes:
     ax = fig.add_subplot()
     positions = np.arange(len(names))
     ax.bar(positions, heights, color="tab:blue", alpha=0.75, width=0.6)
+    top = _sd_axis_top(heights, [r.get("ci") for r in rows])
     for x, row, height in zip(positions, rows, heights, strict=True):
         ci = row.get("ci")
         if ci is not None and _finite(ci):
-            low, high = max(0.0, height - ci[0]), max(0.0, ci[1] - height)
+            shown = min(ci[1], top)
+            low, high = max(0.0, height - ci[0]), max(0.0, shown - height)
             ax.errorbar(x, height, yerr=[[low], [high]], color="black", capsize=4, linewidth=1)
+            if ci[1] > top:  # a CI of few repeats may reach far: say where, keep the bars legible
+                ax.annotate(f"CI to {ci[1]:.3g}", (x, top), xytext=(4, -12),
+                            textcoords="offset points", fontsize=8)  # fmt: skip
+    ax.set_ylim(0, top * 1.05)
     labels = []
     for row in rows:
         share = row.get("share")
@@ -182,6 +188,19 @@ def sd_bars(rows: Sequence[Mapping[str, Any]], unit: str) -> bytes:
     ax.set_title("Sources of spread (SD, 95% CI)")
     ax.grid(axis="y", alpha=0.3)
     return _png(fig)
+
+
+def _sd_axis_top(heights: np.ndarray, cis: Sequence[Any]) -> float:
+    """The y range of the SD bars: every CI whole unless one reaches past three times the
+    largest bar (or the other CIs), which would squash the bars to a few pixels."""
+    highs = [float(c[1]) for c in cis if c is not None and _finite(c)]
+    biggest = float(heights.max()) if heights.size else 0.0
+    cap = 3.0 * max(biggest, max((float(c[0]) for c in cis if c is not None and _finite(c)),
+                                 default=0.0))  # fmt: skip
+    top = max([biggest, *highs]) if highs else biggest
+    if cap > 0:
+        top = min(top, max(cap, biggest))
+    return top if top > 0 else 1.0
 
 
 def confusion_heatmap(matrix: np.ndarray, classes: Sequence[str]) -> bytes:
