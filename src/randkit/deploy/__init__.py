@@ -5,13 +5,13 @@ bundles."""
 from randkit.deploy.mc import MCResult, MonteCarlo
 from randkit.deploy.predictor import Predictor
 from randkit.deploy.sampling import MODES, Sampling
+from randkit.deploy.sequential import decide_sequentially
 from randkit.deploy.smoothing import (
     ABSTAIN,
     RadiusDecision,
     Smoothed,
     certify_from_counts,
     lower_confidence_bound,
-    schedule,
     upper_confidence_bound,
 )
 
@@ -25,7 +25,7 @@ __all__ = [
     "Sampling",
     "Smoothed",
     "certify_from_counts",
+    "decide_sequentially",
     "lower_confidence_bound",
-    "schedule",
     "upper_confidence_bound",
 ]

@@ -63,7 +63,7 @@ def certify_run(
     smoothed = Smoothed(model, len(trained.prepared.classes), sigma, trained.device)
     header = ["idx", "label", "predict", "radius", "correct", "time"]
     if radius is not None:
-        header.append("samples")
+        header += ["samples", "certified"]  # appended: readers by column index keep working
     rows, radii, correct = ["\t".join(header)], [], []
     with _progress(quiet, len(indices)) as advance:
         for i in indices:
@@ -156,7 +156,8 @@ def _certify_one(
     device: torch.device,
 ) -> tuple[int, float, list[str]]:
     """(class or ABSTAIN, radius, extra TSV fields) of one input: CERTIFY, or the sequential
-    decision at ``radius`` (its extra field: the samples it used)."""
+    decision at ``radius`` (its extra fields: the samples it used, certified true/false; the
+    class is ABSTAIN only when pA > 1/2 was not shown, not for "not certified at radius")."""
     generator = request.generator(device)
     if radius is None:
         predicted, radii = smoothed.certify(
@@ -167,8 +168,9 @@ def _certify_one(
         x, radius, request.alpha, request.samples, batch, generator, request.n0
     )
     ok = bool(decision.certified[0])
-    predict = int(decision.predicted[0]) if ok else ABSTAIN
-    return predict, (radius if ok else 0.0), [str(int(decision.samples[0]))]
+    predict = int(decision.predicted[0]) if decision.established[0] else ABSTAIN
+    extra = [str(int(decision.samples[0])), "true" if ok else "false"]
+    return predict, (radius if ok else 0.0), extra
 
 
 def _progress(quiet: bool, total: int):  # type: ignore[no-untyped-def]

@@ -6,12 +6,9 @@ one-sided Clopper-Pearson lower bound pA_lower at level alpha, radius sigma * Ph
 abstain when pA_lower < 1/2. ``predict`` is the paper's PREDICT: abstain unless a two-sided
 binomial test of the top two counts rejects p = 1/2 at level alpha.
 
-``certify_at_radius`` decides "certified at radius r" sequentially: Clopper-Pearson bounds at
-a fixed schedule of sample sizes (doubling), with alpha split equally over the looks
-(Bonferroni), stopping as soon as the lower bound clears Phi(r / sigma) or the upper bound
-falls below it. A false certification needs one of the looks' lower bounds to be wrong, so its
-probability is at most alpha (union bound). Horvath et al. (ICLR 2022) and Voracek (NeurIPS
-2024) give sharper sequential schemes; this one is the simplest that keeps the guarantee.
+``certify_at_radius`` decides "certified at radius r" sequentially, anytime-valid: a
+confidence sequence for pA checked after every chunk of samples (``sequential.py``; Voracek,
+NeurIPS 2024), with the n0 selection step of CERTIFY unchanged.
 
 ``noise_chunks`` (the order of the noise draws) and ``certify_from_counts`` (CERTIFY's
 statistics) are the only copies: ``Predictor``'s ``smooth`` mode, and so the server, uses them.
@@ -59,6 +56,7 @@ class RadiusDecision:
     predicted: np.ndarray  # class picked with n0 samples (ABSTAIN never here)
     certified: np.ndarray  # bool: certified at the radius
     samples: np.ndarray  # samples used after selection, per input
+    established: np.ndarray  # bool: pA > 1/2 shown too (else the class is an abstention)
 
 
 class Smoothed:
@@ -154,38 +152,28 @@ class Smoothed:
         batch_size: int,
         generator: torch.Generator,
         n0: int = 100,
-        first_look: int = 100,
     ) -> RadiusDecision:
-        """Certified at ``radius`` or not, with the fewest samples the schedule allows."""
+        """Certified at ``radius`` or not, anytime-valid: n0 samples pick the class (as in
+        CERTIFY), then ``sequential.decide_sequentially`` draws chunks of samples until a
+        confidence sequence for pA settles pA against Phi(radius / sigma), or ``max_n``.
+        P(certified while pA <= Phi(radius / sigma)) <= alpha for each input."""
+        from randkit.deploy.sequential import decide_sequentially  # it imports this module
+
         if radius < 0:
             raise ValueError(f"radius must be >= 0, got {radius}")
-        looks = schedule(min(first_look, max_n), max_n)
-        level = alpha / len(looks)  # Bonferroni split of alpha over the looks
-        target = norm.cdf(radius / self.sigma)
+        if max_n < 1:
+            raise ValueError(f"max_n must be >= 1, got {max_n}")
+        # Phi rounds to 1 past ~8.3 sigma: such a radius is never certifiable (the bounds stay
+        # below 1), so the target just below 1 gives the same answer without log(0).
+        target = min(float(norm.cdf(radius / self.sigma)), float(np.nextafter(1.0, 0.0)))
         selection = self.sample_counts(x, n0, batch_size, generator).argmax(1)
-        rows = np.arange(len(x))
-        hits = np.zeros(len(x), dtype=np.int64)
-        used = np.zeros(len(x), dtype=np.int64)
-        open_ = np.ones(len(x), dtype=bool)
-        certified = np.zeros(len(x), dtype=bool)
-        previous = 0
-        for size in looks:
-            if not open_.any():
-                break
-            pending = rows[open_]
-            counts = self.sample_counts(
-                x[torch.as_tensor(pending)], size - previous, batch_size, generator
-            )
-            hits[pending] += counts[np.arange(len(pending)), selection[pending]]
-            used[pending] = size
-            lower = lower_confidence_bound(hits[pending], size, level)
-            upper = upper_confidence_bound(hits[pending], size, level)
-            won = lower >= target
-            lost = upper < target
-            certified[pending[won]] = True
-            open_[pending[won | lost]] = False
-            previous = size
-        return RadiusDecision(selection, certified, used)
+
+        def draw(rows: np.ndarray, k: int) -> np.ndarray:
+            counts = self.sample_counts(x[torch.as_tensor(rows)], k, batch_size, generator)
+            return counts[np.arange(len(rows)), selection[rows]]
+
+        result = decide_sequentially(draw, len(x), target, alpha, max_n)
+        return RadiusDecision(selection, result.certified, result.samples, result.established)
 
 
 def noise_chunks(
@@ -218,16 +206,3 @@ def certify_from_counts(
     certified = p_a >= 0.5
     radius = np.where(certified, sigma * norm.ppf(np.clip(p_a, 0.5, 1.0)), 0.0)
     return np.where(certified, selection, ABSTAIN), radius
-
-
-def schedule(first: int, max_n: int) -> list[int]:
-    """Sample sizes of the looks: first, 2 first, 4 first, ..., then max_n."""
-    if first < 1 or max_n < first:
-        raise ValueError(f"need 1 <= first_look <= max_n, got {first} and {max_n}")
-    sizes = []
-    size = first
-    while size < max_n:
-        sizes.append(size)
-        size *= 2
-    sizes.append(max_n)
-    return sizes
