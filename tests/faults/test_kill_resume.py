@@ -327,8 +327,12 @@ def markdown() -> str:
         "tests/faults/test_kill_resume.py`). Each run is SIGKILLed as the row says, then the "
         "same command runs again; it must exit 0 with every `model.safetensors` and "
         "`metrics.json` (less `fit_seconds`), `results.csv` (less `fit_seconds`) and "
-        "`summary.json` equal to an uninterrupted run's under the same runner, and no temp "
-        "file left. *slow* rows run in `make test` too.",
+        "`summary.json` equal to an uninterrupted run's (`cv`: the sequential runner's, or "
+        "the vectorized one's, at the threads per trial the killed run recorded in "
+        "`plan.json`; #18.1), no temp file left, and no worker outliving a killed driver. "
+        "A resume asking for another `cv.threads_per_trial` keeps the recorded one, with one "
+        "warning (`test_a_resume_keeps_the_threads_per_trial_the_run_started_with`). *slow* "
+        "rows run in `make test` too.",
         "",
         "| case | command | runner | killed | issue | slow |",
         "|---|---|---|---|---|---|",
