@@ -548,6 +548,7 @@ def test_bad_input(
     assert _tree(tmp_path, trained_run) == before, "a refused input must leave nothing behind"
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch: seconds each
 @pytest.mark.parametrize("case_id", ["lr-inf", "certify-max-negative"])
 def test_the_installed_command_says_the_same(
     case_id: str, tmp_path: Path, trained_run: Path, capsys: pytest.CaptureFixture[str]
