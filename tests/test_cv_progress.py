@@ -54,6 +54,9 @@ def test_every_runner_advances_per_epoch(
     if runner == "ray":
         pytest.importorskip("ray")
         monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        # Ray's CLI logger wraps sys.stdout with colorama when first imported; imported under
+        # the bar it would wrap the bar's proxy of pytest's capture, closed before exit.
+        import ray.autoscaler._private.cli_logger  # noqa: F401
     buffer = recording(monkeypatch)
     raw = {**TINY, "cv": {**TINY["cv"], "runner": runner}}
     run_cv(validate_config(raw), tmp_path / runner, quiet=False, report=False)
