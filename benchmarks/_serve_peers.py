@@ -101,6 +101,7 @@ class Setup:
     max_batch: int
     calibration: dict[int, float]
     samples: int
+    server_rows: int = 0  # randkit server's --max-batch
 
 
 def prepare(folder: Path, samples: int, epochs: int, limit: int) -> Setup:
@@ -128,7 +129,7 @@ def servers(setup: Setup, args: Any, grpc: bool) -> Iterator[dict[str, Server]]:
                 serving(
                     setup.repo,
                     "randkit",
-                    args.peer_max_batch or args.concurrency * setup.samples,
+                    setup.server_rows,
                     args.max_delay_ms,
                     folder / "randkit-cnn.log",
                     grpc=grpc,
@@ -348,7 +349,8 @@ def _record(
         "peers": per_server,
         "grpc_tiny_rps": _rounded(part.grpc_rps(), 1),
         "inprocess_tiny_rps": _rounded(part.inprocess_rps(), 1),
-        "peer_max_batch": setup.max_batch,
+        "peer_max_batch": setup.server_rows,
+        "peer_inprocess_rows": setup.max_batch,
         "peer_calibration": {str(k): round(v, 1) for k, v in setup.calibration.items()},
         "peer_errors": errors,
     }
@@ -357,6 +359,7 @@ def _record(
 def run(args: Any, folder: Path) -> dict[str, Any]:
     """The whole peer comparison; its JSON fields (``peer_errors`` counts bad answers)."""
     setup = prepare(folder, args.samples, args.epochs, args.calibrate_limit)
+    setup.server_rows = args.peer_max_batch or args.concurrency * setup.samples
     grpc = grpc_available()
     if not grpc:
         print("randkit serve has no --grpc-port here: the gRPC phases are SKIPPED")
