@@ -55,13 +55,19 @@ def write_bytes(path: str | Path, data: bytes) -> None:
             os.fsync(handle.fileno())
         os.replace(temp, path)
     except BaseException as exc:
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(OSError):  # never made, or a read-only folder: keep exc
             temp.unlink()
-        if isinstance(exc, OSError) and exc.filename in (None, str(temp)):
+        if isinstance(exc, OSError) and _names(exc, None, temp):
             # write/fsync errors name no file, and the temp name means nothing to a user
             raise OSError(exc.errno, exc.strerror, str(path)) from exc
         raise
     fsync_dir(path.parent)
+
+
+def _names(exc: OSError, *paths: Path | None) -> bool:
+    """Whether ``exc`` names one of ``paths`` (None: no file), as str or as path object."""
+    named = None if exc.filename is None else os.fspath(exc.filename)
+    return any(named == (None if p is None else os.fspath(p)) for p in paths)
 
 
 def write_files(files: dict[Path, bytes]) -> None:
@@ -75,14 +81,14 @@ def write_files(files: dict[Path, bytes]) -> None:
             try:
                 write_bytes(temp, data)
             except OSError as exc:
-                if exc.filename != str(temp):
+                if not _names(exc, temp):
                     raise
                 raise OSError(exc.errno, exc.strerror, str(path)) from exc
         for temp, path in temps:
             os.replace(temp, path)
     except BaseException:
         for temp, _ in temps:
-            with contextlib.suppress(FileNotFoundError):
+            with contextlib.suppress(OSError):
                 temp.unlink()
         raise
     for folder in {path.parent for path in files}:
