@@ -451,6 +451,7 @@ def test_serve_cli_refuses_bad_settings(tmp_path: Path):
         ([str(tmp_path), "--max-batch", "0"], "--max-batch"),
         ([str(tmp_path), "--token", "short"], "--token"),
         ([str(tmp_path), "--port", "70000"], "--port"),
+        ([str(tmp_path), "--threads", "0"], "--threads"),
         ([str(tmp_path), "--device", "tpu"], "device"),
     ]
     for args, field in cases:

@@ -417,6 +417,9 @@ def serve(
     body_timeout_s: Annotated[
         float, typer.Option(help="Drop a request whose body stops short for this long.")
     ] = 30.0,
+    threads: Annotated[
+        int | None, typer.Option(help="Torch threads for inference [default: cores - 1]")
+    ] = None,
     seed: Annotated[int, typer.Option(help="Root seed of streams deploy and traffic.")] = 0,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "cpu",
     ledger: Annotated[
@@ -435,7 +438,7 @@ def serve(
     import os
 
     require("serve", "randkit serve")
-    from randkit.serve.run import serve_forever
+    from randkit.serve.run import default_threads, serve_forever
 
     serve_forever(
         repository,
@@ -447,6 +450,7 @@ def serve(
         max_delay_ms=max_delay_ms,
         max_body_mb=max_body_mb,
         body_timeout_s=body_timeout_s,
+        threads=default_threads() if threads is None else threads,
         seed=seed,
         device=device,
         ledger=ledger or os.environ.get("RANDKIT_LEDGER") or None,

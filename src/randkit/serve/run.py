@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 from randkit.errors import UserError
@@ -33,6 +34,8 @@ def check_settings(settings: ServerSettings) -> ServerSettings:
         raise UserError("--max-body-mb", f"must be > 0, got {settings.max_body_mb}")
     if not (math.isfinite(settings.body_timeout_s) and settings.body_timeout_s > 0):
         raise UserError("--body-timeout-s", f"must be > 0, got {settings.body_timeout_s}")
+    if settings.threads is not None and not 1 <= settings.threads <= 1024:
+        raise UserError("--threads", f"must be in [1, 1024], got {settings.threads}")
     if settings.token is not None and len(settings.token) < 8:
         raise UserError("--token", "must be at least 8 characters")
     check_location(settings.ledger, settings.repository)
@@ -72,6 +75,13 @@ def check_grpc_installed(settings: ServerSettings) -> None:
         raise UserError("--grpc-port", f"{why}: pip install 'randkit[serve]'") from None
 
 
+def default_threads() -> int:
+    """Torch threads for the inference thread: every core but one, which the event loop (HTTP,
+    gRPC, JSON, the ledger) needs at the same time; on 2 cores a second torch thread only
+    fights the event loop, and every small operation waits for both threads."""
+    return max(1, (os.cpu_count() or 2) - 1)
+
+
 def serve_forever(repository: Path, quiet: bool = False, **options: object) -> None:
     import uvicorn
 
@@ -84,6 +94,10 @@ def serve_forever(repository: Path, quiet: bool = False, **options: object) -> N
     check_ledger_opens(settings)
     check_grpc_installed(settings)
     keep_freed_memory()
+    if settings.threads is not None:
+        import torch
+
+        torch.set_num_threads(settings.threads)
     uvicorn.run(
         create_app(settings),
         host=settings.host,
