@@ -297,7 +297,9 @@ def _body_cases(operation: Any, path: str) -> st.SearchStrategy[Any]:
     bodies = _bodies(path)
     assert bodies is not None
     return st.tuples(st.fixed_dictionaries(_pinned(path)), bodies).flatmap(
-        lambda pb: operation.as_strategy(path_parameters=pb[0], body=pb[1])
+        lambda pb: operation.as_strategy(
+            path_parameters=pb[0], body=pb[1], media_type="application/json"
+        )
     )
 
 
@@ -321,9 +323,13 @@ def test_openapi_lists_every_route(api_schema: Any) -> None:
     assert served == set(OPERATIONS)
 
 
-def _fuzz(cases: st.SearchStrategy[Any], examples: int) -> list[int]:
-    """Send ``examples`` cases; schemathesis's checks raise on a 5xx or a bad 4xx body."""
+def _fuzz(
+    cases: st.SearchStrategy[Any], examples: int, allowed: frozenset[int] = frozenset()
+) -> list[int]:
+    """Send ``examples`` cases; schemathesis's checks raise on a 5xx (but the ``allowed``
+    ones) or a bad 4xx body."""
     seen: list[int] = []
+    checks = [one_line_json_error] if allowed else [not_a_server_error, one_line_json_error]
 
     @settings(
         max_examples=examples,
@@ -334,13 +340,11 @@ def _fuzz(cases: st.SearchStrategy[Any], examples: int) -> list[int]:
     )
     @given(case=cases)
     def fuzz(case: Any) -> None:
-        response = case.call_and_validate(
-            checks=[not_a_server_error, one_line_json_error], timeout=60
-        )
+        response = case.call_and_validate(checks=checks, timeout=60)
         seen.append(response.status_code)
 
     fuzz()
-    assert seen and all(status < 500 for status in seen)
+    assert seen and all(status < 500 or status in allowed for status in seen), sorted(seen)
     return seen
 
 
@@ -348,8 +352,11 @@ def _fuzz(cases: st.SearchStrategy[Any], examples: int) -> list[int]:
 def test_schemathesis_no_server_error(
     api_schema: Any, fuzz_server: RunningServer, path: str, method: str
 ) -> None:
+    # :regress answers 501 by design: these models are classifiers (TF Serving's own
+    # regress API needs a regression signature).
+    allowed = frozenset({501}) if path.endswith(":regress") else frozenset()
     try:
-        _fuzz(_schema_cases(api_schema[path][method], path), examples=40)
+        _fuzz(_schema_cases(api_schema[path][method], path), examples=40, allowed=allowed)
     finally:
         if path.endswith("/unload"):  # put back what the fuzz unloaded, for the other tests
             with fuzz_server.client() as c:
@@ -629,8 +636,8 @@ STRUCTURE_CASES = [
     bad("invalid-json-quote", TF, content=b"{'instances': []}", expect=("not valid JSON",)),
     bad("invalid-utf8", V2, content=b'{"inputs": "\xff\xfe"}', expect=("body",)),
     bad("empty-body", V2, content=b"", expect=("body", "required")),
-    bad("json-array", V2, [1, 2], expect=("body", "dictionary")),
-    bad("json-string", V2, content=b'"inputs"', expect=("body", "dictionary")),
+    bad("json-array", V2, [1, 2], expect=("body", "object")),
+    bad("json-string", V2, content=b'"inputs"', expect=("body", "object")),
     bad("json-number", TF, content=b"5", expect=("body", "dictionary")),
     bad("json-null", TF, content=b"null", expect=("body",)),
 ]

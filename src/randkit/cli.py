@@ -235,7 +235,7 @@ def _print_summary(summary: dict, report: Path | None) -> None:
     for name, part in components.items():
         _out.print(f"variance from {name}: {part['variance']:.3g} ({100 * part['share']:.0f}%)")
     if report is not None:
-        _out.print(f"report: {report}")
+        _out.print(f"report: {report}", soft_wrap=True)  # a path must stay whole to be copied
 
 
 _METHOD_NAMES = {
@@ -314,7 +314,7 @@ def report(
     if len(runs) == 1:
         if out is not None or metric is not None or rope is not None:
             raise UserError("--out", "--out, --metric and --rope compare two runs; give RUN_B")
-        _out.print(f"report: {write_report(runs[0])}")
+        _out.print(f"report: {write_report(runs[0])}", soft_wrap=True)
         return
     page = write_comparison(runs[0], runs[1], out, metric=metric, rope=rope)
     _out.print(f"comparison: {page}")

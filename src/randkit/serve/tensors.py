@@ -34,7 +34,7 @@ NUMPY_TYPES: dict[str, np.dtype] = {
 
 def checked_shape(shape: list[int], where: str) -> list[int]:
     if any(not isinstance(s, int) or isinstance(s, bool) or s < 0 for s in shape):
-        raise RequestError(400, f"{where}.shape: must be whole numbers >= 0, got {shape}")
+        raise RequestError(400, f"{where}.shape: must not be negative, got {shape}")
     return shape
 
 

@@ -36,6 +36,8 @@ def parse_v2_body(raw: bytes, header_length: str | None) -> tuple[V2InferRequest
                 f"{len(raw)} bytes, got {shown(header_length)}",
             )
         json_part, blob = raw[: int(header_length)], raw[int(header_length) :]
+    if not json_part.strip():
+        raise RequestError(400, "body: field required (a V2 inference request)")
     try:
         request = V2InferRequest.model_validate_json(json_part)
     except ValidationError as exc:
