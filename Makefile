@@ -28,7 +28,7 @@ demo: $(VENV)/.installed-demo
 	$(BIN)/randkit cv examples/digits.yaml --out runs/digits-cv
 
 test: $(VENV)/.installed-test tools postgres chromium
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2
 
 # PostgreSQL's server binaries, with which tests/test_serve_ledger.py starts a throwaway server
 # of its own: Debian's postgresql, installed here when no initdb is found and running as root.
