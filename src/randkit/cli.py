@@ -418,7 +418,7 @@ def serve(
         float, typer.Option(help="Drop a request whose body stops short for this long.")
     ] = 30.0,
     threads: Annotated[
-        int | None, typer.Option(help="Torch threads for inference [default: cores - 1]")
+        int | None, typer.Option(help="Torch threads for inference [default: torch's]")
     ] = None,
     seed: Annotated[int, typer.Option(help="Root seed of streams deploy and traffic.")] = 0,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "cpu",
@@ -438,7 +438,7 @@ def serve(
     import os
 
     require("serve", "randkit serve")
-    from randkit.serve.run import default_threads, serve_forever
+    from randkit.serve.run import serve_forever
 
     serve_forever(
         repository,
@@ -450,7 +450,7 @@ def serve(
         max_delay_ms=max_delay_ms,
         max_body_mb=max_body_mb,
         body_timeout_s=body_timeout_s,
-        threads=default_threads() if threads is None else threads,
+        threads=threads,
         seed=seed,
         device=device,
         ledger=ledger or os.environ.get("RANDKIT_LEDGER") or None,

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 from randkit.errors import UserError
@@ -73,13 +72,6 @@ def check_grpc_installed(settings: ServerSettings) -> None:
     except (ImportError, RuntimeError) as exc:  # RuntimeError: a grpcio older than the stubs
         why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise UserError("--grpc-port", f"{why}: pip install 'randkit[serve]'") from None
-
-
-def default_threads() -> int:
-    """Torch threads for the inference thread: every core but one, which the event loop (HTTP,
-    gRPC, JSON, the ledger) needs at the same time; on 2 cores a second torch thread only
-    fights the event loop, and every small operation waits for both threads."""
-    return max(1, (os.cpu_count() or 2) - 1)
 
 
 def serve_forever(repository: Path, quiet: bool = False, **options: object) -> None:
