@@ -29,7 +29,7 @@ import jinja2  # noqa: E402
 from randkit.report.compare_page import compare_context  # noqa: E402
 from randkit.report.cv_page import cv_context  # noqa: E402
 from randkit.report.pages import COMPARE, TRAIN  # noqa: E402
-from randkit.report.template import BASE, TEMPLATE  # noqa: E402
+from randkit.report.template import BASE, SECTIONS, TEMPLATE  # noqa: E402
 from randkit.report.train_page import is_train_run, train_context  # noqa: E402
 
 __all__ = ["write_comparison", "write_report"]
@@ -39,7 +39,13 @@ _REQUIRED = ("results.csv", "summary.json")
 
 _ENV = jinja2.Environment(
     loader=jinja2.DictLoader(
-        {"base.html": BASE, "cv.html": TEMPLATE, "train.html": TRAIN, "compare.html": COMPARE}
+        {
+            "base.html": BASE,
+            "cv.html": TEMPLATE,
+            "train.html": TRAIN,
+            "compare.html": COMPARE,
+            **SECTIONS,
+        }
     ),
     autoescape=True,
     trim_blocks=True,

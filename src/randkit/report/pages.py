@@ -41,21 +41,9 @@ TRAIN = """\
 </section>
 {% endif %}
 
-{% if figures.robustness %}
-<section id="robustness">
-<h2>Robustness under noise</h2>
-<img src="{{ figures.robustness }}" alt="robustness curves">
-</section>
-{% endif %}
+{% include "robustness.html" %}
 
-{% if config %}
-<section id="config">
-<h2>Config</h2>
-<details><summary>config.yaml (the resolved experiment)</summary>
-<pre>{{ config }}</pre>
-</details>
-</section>
-{% endif %}
+{% include "config.html" %}
 
 {% if seeds %}
 <section id="seeds">

@@ -161,14 +161,24 @@ variance.</p>{% endif %}
 </section>
 {% endif %}
 
+{% include "robustness.html" %}
+
+
+{% include "config.html" %}
+{% endblock %}
+"""
+
+# Sections the cross-validation and training pages share (``{% include %}``d by both).
+SECTIONS = {
+    "robustness.html": """\
 {% if figures.robustness %}
 <section id="robustness">
 <h2>Robustness under noise</h2>
 <img src="{{ figures.robustness }}" alt="robustness curves">
 </section>
 {% endif %}
-
-
+""",
+    "config.html": """\
 {% if config %}
 <section id="config">
 <h2>Config</h2>
@@ -177,5 +187,5 @@ variance.</p>{% endif %}
 </details>
 </section>
 {% endif %}
-{% endblock %}
-"""
+""",
+}
