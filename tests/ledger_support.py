@@ -19,7 +19,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -32,7 +31,7 @@ import numpy as np
 import pytest
 
 from randkit.streams import Streams
-from serve_support import free_port, v2_body
+from serve_support import free_port, v2_body, wait_ready
 
 INFER = "/v2/models/digits/infer"
 FEEDBACK = "/v2/models/digits/feedback"
@@ -142,16 +141,12 @@ def serve_process(repo: Path, *args: str) -> Iterator[Process]:
         )
     process = Process(popen, f"http://127.0.0.1:{port}", log)
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                if httpx.get(f"{process.url}/v2/health/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if popen.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the server did not start: {log.read_text()[-2000:]}")
-            time.sleep(0.1)
+        wait_ready(
+            process.url,
+            lambda: popen.poll() is None,
+            180,
+            lambda: f"the server did not start: {log.read_text()[-2000:]}",
+        )
         yield process
     finally:
         if popen.poll() is None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -71,6 +71,23 @@ class RunningServer:
         return httpx.Client(base_url=self.url, timeout=60, **kwargs)
 
 
+def wait_ready(
+    url: str, alive: Callable[[], bool], seconds: float, failure: Callable[[], str]
+) -> None:
+    """Poll ``url``'s readiness until a 200; ``RuntimeError(failure())`` when the server
+    dies (``alive()`` false) or ``seconds`` pass first."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            if httpx.get(f"{url}/v2/health/ready", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline or not alive():
+            raise RuntimeError(failure())
+        time.sleep(0.05)
+
+
 @contextmanager
 def running_server(
     repository: Path, grpc: bool = False, **settings: Any
@@ -86,16 +103,7 @@ def running_server(
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(f"{url}/v2/health/ready", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("the server did not become ready")
-        time.sleep(0.05)
+    wait_ready(url, thread.is_alive, 60, lambda: "the server did not become ready")
     try:
         running = RunningServer(url, server, thread)
         if grpc:
