@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -18,12 +17,20 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import randkit
-from randkit.serve.options import RequestError, shown
+from randkit.serve.options import RequestError
 from randkit.serve.protocol import ErrorBody, V2InferRequest
-from randkit.serve.repository import ServedModel
+from randkit.serve.refusals import (
+    INFERENCE_SUFFIXES,
+    count_refused,
+    is_parse_error,
+    one_line,
+    protocol_of,
+)
 from randkit.serve.server import Server, ServerSettings
-from randkit.serve.traffic import resolve_version
+from randkit.serve.v2_direct import infer_target, serve_infer
 
+# A handler of a request whose body the guard has read: (scope, body, send).
+BodyHandler = Callable[[Scope, bytes, Send], Awaitable[None]]
 OPEN_PATHS = frozenset({"/v2/health/live", "/v2/health/ready"})
 
 
@@ -31,35 +38,8 @@ def error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
-# Names pydantic gives the members of a union in an error's location (int, list[...], ...).
-_UNION_MEMBER = re.compile(r"^(int|float|str|list\[.*\]|dict\[.*\]|Numbers)$")
-
-
-def _one_line(exc: RequestValidationError) -> str:
-    first = exc.errors()[0]
-    parts = [str(p) for p in first.get("loc", ()) if p != "body"]
-    tensor_data = any(_UNION_MEMBER.match(p) for p in parts) and parts[0] in (
-        "inputs",
-        "instances",
-    )
-    where = ".".join(p for p in parts if not _UNION_MEMBER.match(p)) or "body"
-    got = shown(first.get("input"))
-    if tensor_data:
-        return f"{where}: holds values that are not numbers (strings, booleans, nulls), got {got}"
-    if first.get("type") == "missing":
-        return f"{where}: field required"
-    if first.get("type") == "json_invalid":
-        return f"body: not valid JSON ({first.get('ctx', {}).get('error', 'parse error')})"
-    return f"{where}: {first.get('msg', 'invalid')}, got {got}"
-
-
-def _protocol(path: str) -> str:
-    return "v2" if path.startswith("/v2/") else "tf" if path.startswith("/v1/") else "other"
-
-
 def _is_inference(scope: Scope) -> bool:
-    path = scope["path"]
-    return scope["method"] == "POST" and path.endswith(("/infer", ":predict", ":classify"))
+    return scope["method"] == "POST" and scope["path"].endswith(INFERENCE_SUFFIXES)
 
 
 class _Guard:
@@ -78,8 +58,19 @@ class _Guard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        await self.guard(scope, receive, send, None)
+
+    async def guard(
+        self, scope: Scope, receive: Receive, send: Send, direct: BodyHandler | None
+    ) -> None:
+        """Check the request, read its body, then pass it on: to ``direct`` (with the body)
+        when given, else to the wrapped application."""
         headers = dict(scope.get("headers") or [])
-        if scope["method"] == "POST" and headers.get(b"content-type") != b"application/json":
+        if (
+            direct is None
+            and scope["method"] == "POST"
+            and headers.get(b"content-type") != b"application/json"
+        ):
             # Every POST body here is JSON (or a V2 binary body, read by hand); like Triton,
             # do not insist on the content type.
             scope = {**scope, "headers": _json_content_type(scope["headers"])}
@@ -98,11 +89,38 @@ class _Guard:
             return
         if _is_inference(scope):
             with self.server.arrival():
-                await self._handle(scope, receive, send)
+                await self._handle(scope, receive, send, direct)
         else:
-            await self._handle(scope, receive, send)
+            await self._handle(scope, receive, send, direct)
 
-    async def _handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _handle(
+        self, scope: Scope, receive: Receive, send: Send, direct: BodyHandler | None
+    ) -> None:
+        body = await self._read_body(scope, receive, send)
+        if body is None:
+            return
+        sent = False
+
+        async def replay() -> Message:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        gauge = self.server.metrics.in_flight
+        gauge.inc()
+        try:
+            if direct is not None:
+                await direct(scope, body, send)
+            else:
+                await self.app(scope, replay, send)
+        finally:
+            gauge.dec()
+
+    async def _read_body(self, scope: Scope, receive: Receive, send: Send) -> bytes | None:
+        """The whole body, or None once the request was refused (too big, too slow) or the
+        client went away."""
         body = bytearray()
         more = scope["method"] not in ("GET", "HEAD")
         while more:
@@ -116,32 +134,18 @@ class _Guard:
                 )
                 response.headers["Connection"] = "close"
                 await response(scope, receive, send)
-                return
+                return None
             if message["type"] == "http.disconnect":
-                return
+                return None
             body += message.get("body", b"")
             more = message.get("more_body", False)
             if len(body) > self.limit:
                 await self._too_big(scope)(scope, receive, send)
-                return
-        sent = False
-
-        async def replay() -> Message:
-            nonlocal sent
-            if not sent:
-                sent = True
-                return {"type": "http.request", "body": bytes(body), "more_body": False}
-            return await receive()
-
-        gauge = self.server.metrics.in_flight
-        gauge.inc()
-        try:
-            await self.app(scope, replay, send)
-        finally:
-            gauge.dec()
+                return None
+        return bytes(body)
 
     def _refuse(self, scope: Scope, status: int, message: str) -> JSONResponse:
-        self.server.metrics.refuse(status, _protocol(scope["path"]))
+        self.server.metrics.refuse(status, protocol_of(scope["path"]))
         return error(status, message)
 
     def _too_big(self, scope: Scope) -> JSONResponse:
@@ -178,20 +182,28 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
     return schema
 
 
-def _known_version(model: ServedModel | None, asked: str | None) -> str:
-    """A metric label from a URL: a loaded version, or "" / "unknown" (never any string a
-    client sends, which would create a new series per request)."""
-    if asked is None:
-        return ""
-    if model is None:
-        return "unknown"
-    version = resolve_version(model.policy, list(model.versions), asked)
-    return version if version in model.versions else "unknown"
-
-
 def _json_content_type(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
     kept = [(k, v) for k, v in headers if k.lower() != b"content-type"]
     return [*kept, (b"content-type", b"application/json")]
+
+
+class _App(FastAPI):
+    """FastAPI, except that V2 infer requests go from the guard straight to ``serve_infer``
+    (see ``v2_direct``): the hot path skips the middleware chain and the router."""
+
+    guard: _Guard
+    server: Server
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        target = infer_target(scope) if scope["type"] == "http" else None
+        if target is None:
+            await super().__call__(scope, receive, send)
+            return
+
+        async def direct(scope: Scope, body: bytes, send: Send) -> None:
+            await serve_infer(self.server, scope, body, send, target)
+
+        await self.guard.guard(scope, receive, send, direct)
 
 
 def create_app(settings: ServerSettings) -> FastAPI:
@@ -207,7 +219,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
         yield
         await server.stop()
 
-    app = FastAPI(
+    app = _App(
         title="randkit model server",
         version=randkit.__version__,
         description="Open Inference Protocol (KServe V2) and TensorFlow Serving REST, with "
@@ -215,20 +227,12 @@ def create_app(settings: ServerSettings) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.server = server
+    app.server, app.guard = server, _Guard(app, server)
 
     def refused(request: Request, status: int, message: str, parse: bool = False) -> JSONResponse:
-        path = request.url.path
-        server.metrics.refuse(status, _protocol(path), parse)
-        if path.endswith(
-            ("/infer", ":predict", ":classify")
-        ):  # count refused inference requests too
-            name = request.path_params.get("name", "")
-            model = server.repository.models.get(name)
-            asked = request.path_params.get("version") or request.path_params.get("label")
-            version = _known_version(model, asked)
-            protocol = "v2" if path.startswith("/v2/") else "tf"
-            label = model.name if model else "unknown"
-            server.metrics.requests.labels(label, version, protocol, str(status)).inc()
+        params = request.path_params
+        asked = params.get("version") or params.get("label")
+        count_refused(server, request.url.path, params.get("name", ""), asked, status, parse)
         return error(status, message)
 
     @app.exception_handler(RequestError)
@@ -237,12 +241,11 @@ def create_app(settings: ServerSettings) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        parse = any(e.get("type") == "json_invalid" for e in exc.errors())
-        return refused(request, 400, _one_line(exc), parse)
+        return refused(request, 400, one_line(exc), is_parse_error(exc))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        server.metrics.refuse(exc.status_code, _protocol(request.url.path))
+        server.metrics.refuse(exc.status_code, protocol_of(request.url.path))
         return error(exc.status_code, str(exc.detail))
 
     @app.get("/metrics", include_in_schema=False)

@@ -4,7 +4,6 @@ experiment extensions."""
 from __future__ import annotations
 
 import asyncio
-import time
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Request
@@ -15,16 +14,12 @@ from randkit.serve.experiment import experiment_report
 from randkit.serve.ledger import LedgerError
 from randkit.serve.model_config import default_outputs, model_config
 from randkit.serve.options import MODES, RequestError
-from randkit.serve.protocol import (
-    INPUT_NAME,
-    FeedbackRequest,
-    datatype_of,
-    v2_input,
-)
+from randkit.serve.protocol import INPUT_NAME, FeedbackRequest, datatype_of
 from randkit.serve.repository import ServedModel, ServedVersion
 from randkit.serve.server import Server
 from randkit.serve.stats import stats_of
-from randkit.serve.v2_body import HEADER_LENGTH, parse_v2_body, v2_response
+from randkit.serve.v2_body import HEADER_LENGTH
+from randkit.serve.v2_direct import infer_v2
 
 router = APIRouter(prefix="/v2")
 KeyHeader = Annotated[str | None, Header(alias="X-Request-Key", max_length=256)]
@@ -147,23 +142,17 @@ async def version_stats(name: str, version: str, request: Request) -> dict[str, 
 
 
 async def _infer(request: Request, name: str, version: str | None, key: str | None) -> Response:
-    server, start = _server(request), time.perf_counter()
-    body, binary = parse_v2_body(await request.body(), request.headers.get(HEADER_LENGTH))
-    answer = await server.infer(
-        name, version, key, body.parameters, lambda b: v2_input(body, b, binary), body.id
+    # Reached only when the router is used on its own: the application answers these paths
+    # before routing (v2_direct), with this same function.
+    encoded = await infer_v2(
+        _server(request),
+        name,
+        version,
+        key,
+        await request.body(),
+        request.headers.get(HEADER_LENGTH),
     )
-    response = v2_response(
-        body,
-        answer.arrays,
-        {
-            "model_name": name,
-            "model_version": answer.served.version,
-            "id": answer.request_id,
-            "parameters": answer.parameters(),
-        },
-    )
-    server.observe(name, answer.served.version, "v2", 200, start)
-    return response
+    return encoded.response()
 
 
 # The body is read by hand (JSON or the binary tensor extension); the schema says what it is.

@@ -10,9 +10,11 @@ request does (``parameters.binary_data_output``); its outputs then carry
 
 from __future__ import annotations
 
-import json
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+import orjson
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from pydantic import ValidationError
@@ -105,9 +107,47 @@ def _wanted_outputs(request: V2InferRequest, available: dict[str, Any]) -> list[
     return wanted
 
 
+@dataclass(frozen=True)
+class EncodedAnswer:
+    """A V2 infer response's bytes: JSON, or a JSON header of ``header_length`` bytes
+    followed by the binary outputs."""
+
+    body: bytes
+    header_length: int | None = None
+
+    @property
+    def media_type(self) -> str:
+        return "application/json" if self.header_length is None else "application/octet-stream"
+
+    def raw_headers(self) -> list[tuple[bytes, bytes]]:
+        """The headers an ASGI ``http.response.start`` message carries."""
+        headers = [
+            (b"content-type", self.media_type.encode()),
+            (b"content-length", str(len(self.body)).encode()),
+        ]
+        if self.header_length is not None:
+            headers.append((HEADER_LENGTH.encode(), str(self.header_length).encode()))
+        return headers
+
+    def response(self) -> Response:
+        extra = {} if self.header_length is None else {HEADER_LENGTH: str(self.header_length)}
+        return Response(self.body, media_type=self.media_type, headers=extra)
+
+
+def _json_data(array: np.ndarray) -> Any:
+    """An output's values as orjson writes them: numbers as float64 / int64 arrays (so a
+    float32 prints as the same decimal ``json.dumps`` of ``tolist()`` would), strings as a
+    list."""
+    if array.dtype.kind == "f":
+        return np.ascontiguousarray(array.reshape(-1), dtype=np.float64)
+    if array.dtype.kind in "iub":
+        return np.ascontiguousarray(array.reshape(-1))
+    return array.reshape(-1).tolist()
+
+
 def v2_response(
     request: V2InferRequest, arrays: dict[str, Any], header: dict[str, Any]
-) -> Response:
+) -> EncodedAnswer:
     """``header`` (model_name, id, parameters, ...) plus the outputs, JSON or binary."""
     outputs, blobs = [], []
     for name, binary in _wanted_outputs(request, arrays):
@@ -118,13 +158,10 @@ def v2_response(
             entry["parameters"] = {"binary_data_size": len(raw)}
             blobs.append(raw)
         else:
-            entry["data"] = array.reshape(-1).tolist()
+            entry["data"] = _json_data(array)
         outputs.append(entry)
-    body = json.dumps({**header, "outputs": outputs}, separators=(",", ":")).encode()
+    # orjson (Rust) rather than json.dumps: this runs once per request on the event loop.
+    body = orjson.dumps({**header, "outputs": outputs}, option=orjson.OPT_SERIALIZE_NUMPY)
     if not blobs:
-        return Response(body, media_type="application/json")
-    return Response(
-        body + b"".join(blobs),
-        media_type="application/octet-stream",
-        headers={"Inference-Header-Content-Length": str(len(body))},
-    )
+        return EncodedAnswer(body)
+    return EncodedAnswer(body + b"".join(blobs), len(body))
