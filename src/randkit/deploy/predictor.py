@@ -91,6 +91,26 @@ def outputs(sample_probs: np.ndarray, seed: int) -> Outputs:
     }
 
 
+def outputs_of_many(blocks: Sequence[np.ndarray]) -> list[Outputs]:
+    """``outputs`` of many requests' ``(S, N_i, K)`` sample probabilities at once.
+
+    Requests with the same number of samples are summarized in one set of array operations
+    (every statistic is per input row, so joining rows changes no value), then split: a
+    call per request would cost more than a small model's forward pass.
+    """
+    results: list[Outputs] = [{} for _ in blocks]
+    by_samples: dict[int, list[int]] = {}
+    for index, block in enumerate(blocks):
+        by_samples.setdefault(block.shape[0], []).append(index)
+    for indices in by_samples.values():
+        joined = outputs(np.concatenate([blocks[i] for i in indices], axis=1), 0)
+        cuts = np.cumsum([blocks[i].shape[1] for i in indices])[:-1]
+        parts = {name: np.split(values, cuts) for name, values in joined.items()}
+        for j, index in enumerate(indices):
+            results[index] = {name: parts[name][j] for name in joined}
+    return results
+
+
 class RequestSource:
     """Random numbers for stochastic layers in a pass whose rows belong to several requests:
     each block of rows from its request's generator, the padding zeros (written by hand:
@@ -201,10 +221,17 @@ class Predictor:
         # One softmax for the whole batch (rows are independent): a call per request costs a
         # thread-pool round trip each, which dominates a small model's batch.
         probs = _split_probs(torch.cat(logits), [len(part) for part in logits])
-        return [
-            self._finish(x, s, part, p)
-            for (x, s), part, p in zip(requests, logits, probs, strict=True)
-        ]
+        results: list[Outputs] = [{} for _ in requests]
+        summarized = []  # every request but ``smooth``'s: its sample probabilities
+        for i, ((x, s), part) in enumerate(zip(requests, logits, strict=True)):
+            if s.mode == "smooth":
+                results[i] = self._certified(x, s, part)
+            else:
+                summarized.append(i)
+        blocks = [probs[i].reshape(-1, len(requests[i][0]), probs[i].shape[-1]) for i in summarized]
+        for i, out in zip(summarized, outputs_of_many(blocks), strict=True):
+            results[i] = out
+        return results
 
     @torch.no_grad()
     def run_ensemble(self, requests: Sequence[Request]) -> list[Outputs]:
@@ -224,10 +251,9 @@ class Predictor:
         blocks = [(x, s.samples, s.generator(self.device)) for x, s in requests]
         logits = self._stochastic_pass(blocks)
         probs = _split_probs(logits, [len(x) * s.samples for x, s in requests])
-        return [
-            outputs(p.reshape(-1, len(x), p.shape[-1]), s.seed)
-            for (x, s), p in zip(requests, probs, strict=True)
-        ]
+        return outputs_of_many(
+            [p.reshape(-1, len(x), p.shape[-1]) for (x, _), p in zip(requests, probs, strict=True)]
+        )
 
     # -- the modes ------------------------------------------------------------------------------
 
@@ -251,11 +277,8 @@ class Predictor:
         estimation = [rows for _, rows in noise_chunks(x, sampling.samples, sampling.sigma, g)]
         return torch.cat(selection + estimation)
 
-    def _finish(
-        self, x: torch.Tensor, sampling: Sampling, logits: torch.Tensor, probs: np.ndarray
-    ) -> Outputs:
-        if sampling.mode != "smooth":
-            return outputs(probs.reshape(-1, len(x), probs.shape[-1]), sampling.seed)
+    def _certified(self, x: torch.Tensor, sampling: Sampling, logits: torch.Tensor) -> Outputs:
+        """A ``smooth`` request's outputs from its selection and estimation logits."""
         n, n0, classes = len(x), sampling.n0, logits.shape[-1]
         votes = logits.argmax(-1)
         selection = _vote_counts(votes[: n * n0], n, classes)

@@ -15,8 +15,14 @@ the asyncio event loop or the inference thread. Guarantees:
   rows survive a crash or SIGKILL of the server process (they are in the operating
   system's or PostgreSQL's hands), but a power loss or kernel crash within about a second
   may lose the latest ones (never corrupting the database); a later durable commit
-  flushes them too. So every id a client was given is in the ledger, whichever replica
-  the client sends the feedback to.
+  flushes them too. The server uses it for ids a client chose (a reused one is a 409).
+- ``record_predictions_behind`` (ids the server made: UUIDv7, which cannot collide) queues
+  the rows for the next group commit and returns at once, so an answer never waits for
+  the database. Every operation runs in the order it was queued, so feedback sent to the
+  same server after its answer always finds the prediction; feedback that reaches another
+  replica first, for an id younger than ``WRITE_BEHIND_WINDOW_S``, is looked up again
+  until the window ends before it is a 404. A crash of the server within milliseconds of
+  an answer can lose that answer's prediction (its feedback is then a 404).
 - Counts are updated in the same transaction as the rows they count.
 
 Counts belong to a *policy epoch*: ``open_epoch(model, fingerprint)`` continues the model's
@@ -44,6 +50,7 @@ import math
 import queue
 import threading
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -70,6 +77,10 @@ __all__ = ["FeedbackLedger", "LedgerError", "Prediction", "policy_fingerprint"]
 log = logging.getLogger("randkit.serve")
 T = TypeVar("T")
 MAX_GROUP = 512  # operations per group commit
+# Feedback for a server-made id this young that is not found yet is looked up again (another
+# replica may not have committed the prediction yet), every FEEDBACK_RETRY_S.
+WRITE_BEHIND_WINDOW_S = 2.0
+FEEDBACK_RETRY_S = 0.05
 EXPIRE_EVERY_S = 60.0
 
 
@@ -93,6 +104,16 @@ def policy_fingerprint(model: ServedModel) -> str:
     }
     text = json.dumps(state, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _made_at(request_id: str) -> float:
+    """The Unix time a server-made id (a UUIDv7, or ``UUID/i`` for instance i) was made;
+    0 for any other id."""
+    try:
+        made = uuid.UUID(request_id.split("/", 1)[0])
+    except ValueError:
+        return 0.0
+    return (made.int >> 80) / 1000 if made.version == 7 else 0.0
 
 
 class FeedbackLedger:
@@ -262,6 +283,12 @@ class FeedbackLedger:
         rows = list(predictions)
         await self._await(lambda db: insert_predictions(db, rows, self.clock()))
 
+    def record_predictions_behind(self, predictions: Sequence[Prediction]) -> None:
+        """Queue predictions whose ids the server made (UUIDv7) for the next group commit and
+        return at once (see the module's guarantees). A database failure is logged."""
+        rows = list(predictions)
+        self._submit(lambda db: insert_predictions(db, rows, self.clock()), True, False)
+
     # -- feedback -------------------------------------------------------------------------
 
     def record_feedback(self, model: str, request_id: str, label: int) -> dict[str, Any]:
@@ -277,9 +304,18 @@ class FeedbackLedger:
     async def record_feedback_async(
         self, model: str, request_id: str, label: int
     ) -> dict[str, Any]:
-        return await self._await(
-            lambda db: attach_label(db, model, request_id, label, self.clock()), True, True
-        )
+        """As ``record_feedback``; an unknown id that a server made in the last
+        ``WRITE_BEHIND_WINDOW_S`` is looked up again until the window ends."""
+        young_until = _made_at(request_id) + WRITE_BEHIND_WINDOW_S
+        while True:
+            try:
+                return await self._await(
+                    lambda db: attach_label(db, model, request_id, label, self.clock()), True, True
+                )
+            except LedgerError as exc:
+                if exc.status != 404 or time.time() >= young_until:
+                    raise
+            await asyncio.sleep(FEEDBACK_RETRY_S)
 
     # -- epochs and counts ----------------------------------------------------------------
 

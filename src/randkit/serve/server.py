@@ -205,6 +205,7 @@ class Server:
         times.submitted_ns = time.perf_counter_ns()
         outputs = await served.batcher.submit(Job(x, options))
         times.answered_ns = time.perf_counter_ns()
+        chosen_id = request_id is not None
         # A UUIDv7, not the request number: numbers restart with the server and repeat
         # across replicas, and feedback for an old id would attach to a new prediction.
         request_id = request_id or uuid7()
@@ -214,15 +215,17 @@ class Server:
             if len(predicted) == 1
             else [f"{request_id}/{i}" for i in range(len(predicted))]
         )
-        try:  # committed (by the ledger's thread) before the client sees the id
-            await self.ledger.record_predictions_async(
-                [
-                    Prediction(name, i, served.version, int(p), routed, model.epoch)
-                    for i, p in zip(ids, predicted, strict=True)
-                ]
-            )
-        except LedgerError as exc:
-            raise RequestError(exc.status, str(exc)) from None
+        rows = [
+            Prediction(name, i, served.version, int(p), routed, model.epoch)
+            for i, p in zip(ids, predicted, strict=True)
+        ]
+        if not chosen_id:  # ids made here cannot collide: the answer need not wait for it
+            self.ledger.record_predictions_behind(rows)
+        else:
+            try:  # committed before the client sees the id: a reused id is a 409
+                await self.ledger.record_predictions_async(rows)
+            except LedgerError as exc:
+                raise RequestError(exc.status, str(exc)) from None
         arrays = output_arrays(outputs, bundle.classes)
         return Answer(model, served, routed, options, request_id, arrays)
 
