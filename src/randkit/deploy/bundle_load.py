@@ -298,7 +298,9 @@ def validate_input(bundle: LoadedBundle, x: np.ndarray | torch.Tensor) -> torch.
             raise ValueError(f"input dtype {x.dtype} is not numeric")
         _check_shape(bundle, list(x.shape))
         array = _checked_values(bundle, x)
-        return torch.from_numpy(np.ascontiguousarray(array)).to(bundle.device)
+        tensor = torch.from_numpy(np.ascontiguousarray(array))
+        # .to() costs more than a small request's parsing even when it has nothing to do.
+        return tensor if bundle.device.type == "cpu" else tensor.to(bundle.device)
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"input must be a numpy array or a torch tensor, got {type(x).__name__}")
     tensor = x.detach()

@@ -125,7 +125,8 @@ class _Guard:
         more = scope["method"] not in ("GET", "HEAD")
         while more:
             try:
-                message = await asyncio.wait_for(receive(), self.timeout)
+                async with asyncio.timeout(self.timeout):  # no task per call, as wait_for
+                    message = await receive()
             except TimeoutError:
                 response = self._refuse(
                     scope,

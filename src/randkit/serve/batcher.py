@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -47,7 +48,10 @@ class Batcher:
         self.max_rows, self.max_delay_s = max(1, max_rows), max(0.0, max_delay_s)
         self.on_batch = on_batch
         self.others_coming = others_coming or (lambda: True)  # unknown: always wait
-        self._queue: asyncio.Queue[_Pending] = asyncio.Queue()
+        # A deque and one wake-up future rather than an asyncio.Queue read with wait_for:
+        # that made a task and a timer per request.
+        self._queue: deque[_Pending] = deque()
+        self._wakeup: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
         self._held: _Pending | None = None  # took it, but it did not fit the last batch
         self._busy = False  # a batch is in the worker
@@ -60,7 +64,7 @@ class Batcher:
         """Finish what is queued, then stop."""
         if self._task is None:
             return
-        while not self._queue.empty() or self._held is not None or self._busy:
+        while self._queue or self._held is not None or self._busy:
             await asyncio.sleep(0.005)
         self._task.cancel()
         try:
@@ -71,23 +75,40 @@ class Batcher:
 
     async def submit(self, job: Job) -> Outputs:
         future: asyncio.Future[Outputs] = asyncio.get_running_loop().create_future()
-        await self._queue.put(_Pending(job, self.engine.rows(job), future))
+        self._queue.append(_Pending(job, self.engine.rows(job), future))
+        self._wake()
         return await future
+
+    def _wake(self) -> None:
+        if self._wakeup is not None and not self._wakeup.done():
+            self._wakeup.set_result(None)
+
+    async def _arrival(self, timeout: float | None) -> bool:
+        """Whether a job is queued, waiting for one up to ``timeout`` seconds (None: for
+        ever)."""
+        if self._queue:
+            return True
+        if timeout is not None and timeout <= 0:
+            return False
+        loop = asyncio.get_running_loop()
+        self._wakeup = loop.create_future()
+        timer = None if timeout is None else loop.call_later(timeout, self._wake)
+        try:
+            await self._wakeup
+        finally:
+            self._wakeup = None
+            if timer is not None:
+                timer.cancel()
+        return bool(self._queue)
 
     async def _next(self, timeout: float | None) -> _Pending | None:
         if self._held is not None:
             held, self._held = self._held, None
             return held
-        if timeout is None:
-            return await self._queue.get()
-        if not self._queue.empty():
-            return self._queue.get_nowait()
-        if timeout <= 0:
-            return None
-        try:
-            return await asyncio.wait_for(self._queue.get(), timeout)
-        except TimeoutError:
-            return None
+        while not await self._arrival(timeout):
+            if timeout is not None:
+                return None
+        return self._queue.popleft()
 
     async def _gather(self) -> list[_Pending]:
         first = await self._next(None)
@@ -95,7 +116,7 @@ class Batcher:
         batch, rows = [first], first.rows
         deadline = time.perf_counter() + self.max_delay_s
         while rows < self.max_rows:
-            if self._held is None and self._queue.empty() and not self.others_coming():
+            if self._held is None and not self._queue and not self.others_coming():
                 break  # nothing queued and nothing on its way: waiting only adds latency
             pending = await self._next(deadline - time.perf_counter())
             if pending is None:

@@ -3,6 +3,8 @@ as in the tests, do not collide)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import (
     GC_COLLECTOR,
     PLATFORM_COLLECTOR,
@@ -26,6 +28,7 @@ REFUSAL_REASONS = ("auth", "size", "parse", "validation", "not_found", "conflict
 class ServerMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self._answered: dict[tuple[str, str, str, int], tuple[Any, Any]] = {}
         self.requests = Counter(
             "randkit_requests",
             "Inference requests by model, version, protocol and HTTP status.",
@@ -81,6 +84,21 @@ class ServerMetrics:
             PlatformCollector(registry=self.registry)
         if GC_COLLECTOR is not None:
             GCCollector(registry=self.registry)
+
+    def answered(
+        self, model: str, version: str, protocol: str, status: int, seconds: float
+    ) -> None:
+        """Count an answered request and observe its latency (the label lookups are cached:
+        this runs once per request)."""
+        key = (model, version, protocol, status)
+        children = self._answered.get(key)
+        if children is None:
+            children = self._answered[key] = (
+                self.requests.labels(model, version, protocol, str(status)),
+                self.latency.labels(model, version),
+            )
+        children[0].inc()
+        children[1].observe(seconds)
 
     def on_batch(self, model: str, version: str, rows: int, queued: list[float]) -> None:
         self.batch_rows.labels(model, version).observe(rows)

@@ -7,8 +7,11 @@ Request ``parameters`` (KServe V2) carry ``mode``, ``samples``, ``seed``, ``sigm
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
+
+from torch import nn
 
 from randkit.deploy.bundle import LoadedBundle
 from randkit.deploy.sampling import MODES, Sampling
@@ -112,6 +115,17 @@ def parse_options(
     return Options(**options)
 
 
+# A loaded model's random layers never change: walk its modules once, not per request.
+_NEEDS: weakref.WeakKeyDictionary[nn.Module, tuple[bool, bool]] = weakref.WeakKeyDictionary()
+
+
+def _randomness_needs(model: nn.Module) -> tuple[bool, bool]:
+    needs = _NEEDS.get(model)
+    if needs is None:
+        needs = _NEEDS[model] = randomness_needs(model)
+    return needs
+
+
 def _check_mode(mode: str, bundle: LoadedBundle) -> None:
     members = len(bundle.models)
     if mode == "ensemble" and members < 2:
@@ -123,7 +137,7 @@ def _check_mode(mode: str, bundle: LoadedBundle) -> None:
             "mode", f"needs a single-model bundle; this one is an ensemble of {members}", mode
         )
     if mode == "mc_dropout":
-        stream_layers, global_layers = randomness_needs(bundle.models[0])
+        stream_layers, global_layers = _randomness_needs(bundle.models[0])
         if not stream_layers or global_layers:
             raise _bad(
                 "mode",

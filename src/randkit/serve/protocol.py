@@ -86,21 +86,35 @@ class ErrorBody(BaseModel):
 
 
 def _numeric(data: Any, where: str) -> np.ndarray:
+    """Validated nested lists of numbers as an array (integers beyond 64 bits as floats,
+    as a JSON parser reads them)."""
     try:
         array = np.asarray(data)
     except (ValueError, TypeError, RecursionError):
         raise RequestError(400, f"{where}: not a rectangular array of numbers") from None
-    if array.dtype == object or array.dtype.kind not in "iuf":
+    if array.dtype == object:  # an integer beyond 64 bits among them
+        try:
+            array = np.asarray(data, dtype=np.float64)
+        except OverflowError:
+            raise RequestError(400, f"{where}: holds a number too large for float64") from None
+        except (ValueError, TypeError):
+            raise RequestError(400, f"{where}: holds values that are not numbers") from None
+    if array.dtype.kind not in "iuf":
         raise RequestError(400, f"{where}: holds values that are not numbers ({array.dtype})")
     return array
 
 
 def v2_input(
-    request: V2InferRequest, bundle: LoadedBundle, binary: dict[int, bytes] | None = None
+    request: V2InferRequest,
+    bundle: LoadedBundle,
+    binary: dict[int, bytes] | None = None,
+    decoded: dict[int, np.ndarray] | None = None,
 ) -> torch.Tensor:
     """The request's one input tensor, checked against the bundle (shape, datatype, values).
 
-    ``binary`` holds the raw bytes of inputs sent in the body's binary part, by position.
+    ``binary`` holds the raw bytes of inputs sent in the body's binary part, and ``decoded``
+    the values of JSON inputs already turned into arrays (their ``data`` is then None), by
+    position.
     """
     if len(request.inputs) != 1:
         raise RequestError(400, f"inputs: the model takes one input, got {len(request.inputs)}")
@@ -119,9 +133,12 @@ def v2_input(
     if binary is not None and 0 in binary:
         array = array_from_bytes(tensor.datatype, tensor.shape, binary[0], "inputs.0")
         return checked_input(bundle, array, "inputs.0")
-    if tensor.data is None:
+    if decoded is not None and 0 in decoded:
+        array = decoded[0]
+    elif tensor.data is None:
         raise RequestError(400, "inputs.0.data: field required (or binary_data_size)")
-    array = _numeric(tensor.data, "inputs.0.data")
+    else:
+        array = _numeric(tensor.data, "inputs.0.data")
     if array.size != math.prod(tensor.shape):
         raise RequestError(
             400,

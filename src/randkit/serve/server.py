@@ -234,8 +234,7 @@ class Server:
         self.stats.batch(model, version, queued)
 
     def observe(self, model: str, version: str, protocol: str, status: int, start: float) -> None:
-        self.metrics.requests.labels(model, version, protocol, str(status)).inc()
-        self.metrics.latency.labels(model, version).observe(time.perf_counter() - start)
+        self.metrics.answered(model, version, protocol, status, time.perf_counter() - start)
 
 
 def settle_memory() -> None:

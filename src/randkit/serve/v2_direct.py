@@ -57,9 +57,15 @@ async def infer_v2(
 ) -> EncodedAnswer:
     """Parse a V2 infer body (JSON or binary), infer, and encode the answer."""
     start = time.perf_counter()
-    body, binary = parse_v2_body(raw, header_length)
+    parsed = parse_v2_body(raw, header_length)
+    body = parsed.request
     answer = await server.infer(
-        name, version, key, body.parameters, lambda b: v2_input(body, b, binary), body.id
+        name,
+        version,
+        key,
+        body.parameters,
+        lambda b: v2_input(body, b, parsed.binary, parsed.decoded),
+        body.id,
     )
     encoded = v2_response(
         body,
