@@ -6,6 +6,7 @@ PostgreSQL server started by the test."""
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import shutil
 import signal
@@ -67,6 +68,18 @@ def test_uuid7_keeps_order_when_the_clock_stands_still_or_steps_back(monkeypatch
     made = first + second
     assert made == sorted(made) and len(set(made)) == len(made)
     assert uuid7_millis(first[0]) == 1_700_000_000_000
+
+
+def test_uuid7_of_a_forked_child_is_not_its_parents() -> None:
+    uuid7()  # the parent holds buffered entropy
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child
+        os.write(write, uuid7().encode())
+        os._exit(0)
+    os.waitpid(child, 0)
+    theirs, ours = os.read(read, 64).decode(), uuid7()
+    assert theirs[-17:] != ours[-17:]  # the 62 random bits differ
 
 
 def test_uuid7_unique_across_threads() -> None:
@@ -140,6 +153,44 @@ def test_ids_name_one_prediction_all_or_none() -> None:
         assert info.value.status == 404
         assert ledger.record_feedback("digits", "a", 2)["version"] == "1"  # the first one
         assert ledger.requests("digits") == {"1": 1} and ledger.counts("digits") == {"1": (1, 1)}
+
+
+def test_written_behind_predictions_are_merged_and_a_collision_loses_only_its_own() -> None:
+    with FeedbackLedger() as ledger:
+        ledger.record_prediction("digits", "taken", "1", predicted=1, routed=True)
+        started = threading.Event()
+
+        def hold(db: Any) -> None:  # keeps the ledger thread busy while the writes queue up
+            started.set()
+            time.sleep(0.3)
+
+        ledger._submit(hold, True, False)
+        assert started.wait(5)
+        for i in range(50):  # one group: merged into one INSERT
+            rows = [Prediction("digits", f"r{i}/{j}", "2", j, True) for j in range(3)]
+            ledger.record_predictions_behind(rows)
+        ledger.record_predictions_behind([Prediction("digits", "taken", "2", 0, True)])
+        ledger.record_predictions_behind([Prediction("digits", "last", "2", 4, True)])
+        assert ledger.requests("digits") == {"1": 1, "2": 151}  # queued after them: in order
+        assert ledger.record_feedback("digits", "r49/2", 2)["correct"]
+        assert ledger.record_feedback("digits", "taken", 1)["version"] == "1"  # not overwritten
+
+
+def test_feedback_for_a_young_server_id_waits_for_its_prediction() -> None:
+    """Another replica may not have committed a prediction yet when its feedback arrives."""
+    with FeedbackLedger() as ledger:
+        young, label = uuid7(), 3
+
+        async def scenario() -> dict[str, Any]:
+            feedback = asyncio.create_task(ledger.record_feedback_async("digits", young, label))
+            await asyncio.sleep(0.3)  # the "other replica" commits late
+            ledger.record_predictions_behind([Prediction("digits", young, "1", label, True)])
+            return await feedback
+
+        assert asyncio.run(scenario())["correct"]
+        with pytest.raises(LedgerError) as info:  # a client's own id is not waited for
+            asyncio.run(ledger.record_feedback_async("digits", "never-made", 1))
+        assert info.value.status == 404
 
 
 def test_a_cancelled_request_neither_records_nor_stops_the_ledger() -> None:

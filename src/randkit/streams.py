@@ -11,6 +11,7 @@ This module imports nothing else of randkit.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 import random  # global-rng-ok: read by global_rng_guard; seeded and restored around user code
@@ -36,6 +37,7 @@ SOURCES: tuple[str, ...] = (
 _SEED_MAX = 2**63 - 1
 
 
+@functools.lru_cache(maxsize=4096)  # a few names, asked for once per stream (per request)
 def _name_code(name: str) -> int:
     """A stable 32-bit code for a name (Python's ``hash`` is salted per process)."""
     return int.from_bytes(hashlib.blake2b(name.encode("utf-8"), digest_size=4).digest(), "big")

@@ -90,6 +90,7 @@ class _Operation:
     write: bool
     durable: bool
     future: Future[Any]
+    behind: list[Prediction] | None = None  # written-behind predictions: merged per group
 
 
 def policy_fingerprint(model: ServedModel) -> str:
@@ -104,6 +105,31 @@ def policy_fingerprint(model: ServedModel) -> str:
     }
     text = json.dumps(state, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _insert_parts(parts: list[list[Prediction]], now: float) -> Callable[[Database], None]:
+    """Insert several requests' predictions in one statement; if an id collides (then
+    nothing of the statement is kept), each request's rows on their own, so that only the
+    colliding request's are refused."""
+
+    def run(db: Database) -> None:
+        db.rows("SAVEPOINT merged")
+        try:
+            insert_predictions(db, [row for part in parts for row in part], now)
+        except LedgerError:
+            db.rows("ROLLBACK TO SAVEPOINT merged")
+            for part in parts:
+                db.rows("SAVEPOINT one")
+                try:
+                    insert_predictions(db, part, now)
+                except LedgerError as exc:
+                    db.rows("ROLLBACK TO SAVEPOINT one")
+                    log.warning("ledger: %s", exc)
+                db.rows("RELEASE SAVEPOINT one")
+        db.rows("RELEASE SAVEPOINT merged")
+
+    run.parts = parts  # type: ignore[attr-defined]  # what a later merge adds to
+    return run
 
 
 def _made_at(request_id: str) -> float:
@@ -153,12 +179,18 @@ class FeedbackLedger:
 
     # -- the ledger thread ----------------------------------------------------------------
 
-    def _submit(self, run: Callable[[Database], T], write: bool, durable: bool) -> Future[T]:
+    def _submit(
+        self,
+        run: Callable[[Database], T],
+        write: bool,
+        durable: bool,
+        behind: list[Prediction] | None = None,
+    ) -> Future[T]:
         future: Future[T] = Future()
         if self._closed:
             future.set_exception(LedgerError(503, "ledger", "closed (the server is stopping)"))
         else:
-            self._queue.put(_Operation(run, write, durable, future))
+            self._queue.put(_Operation(run, write, durable, future, behind))
         return future
 
     def _call(self, run: Callable[[Database], T], write: bool = True, durable: bool = False) -> T:
@@ -201,7 +233,7 @@ class FeedbackLedger:
         (``LedgerError``) is undone alone; a database failure fails them all."""
         # A caller that went away (a cancelled request) cancelled its future: skip it, and
         # no later set_result can raise on it and stop this thread.
-        group = [op for op in group if op.future.set_running_or_notify_cancel()]
+        group = self._merge_behind([op for op in group if op.future.set_running_or_notify_cancel()])
         if not group:
             return
         outcomes: list[tuple[bool, Any]] = []
@@ -233,6 +265,21 @@ class FeedbackLedger:
                 op.future.set_result(value)
             else:
                 op.future.set_exception(value)
+
+    def _merge_behind(self, group: list[_Operation]) -> list[_Operation]:
+        """Consecutive written-behind inserts as one operation: one multi-row INSERT for a
+        group rather than a statement and a savepoint per request."""
+        merged: list[_Operation] = []
+        for op in group:
+            last = merged[-1] if merged else None
+            if op.behind is None or last is None or last.behind is None:
+                merged.append(op)
+                continue
+            op.future.set_result(None)  # nobody waits for a written-behind insert
+            parts = [*getattr(last.run, "parts", [last.behind]), op.behind]
+            run = _insert_parts(parts, self.clock())
+            merged[-1] = _Operation(run, True, False, last.future, [*last.behind, *op.behind])
+        return merged
 
     def _expire_when_due(self) -> None:
         if self.retention_s is None or time.monotonic() < self._next_expiry:
@@ -287,7 +334,7 @@ class FeedbackLedger:
         """Queue predictions whose ids the server made (UUIDv7) for the next group commit and
         return at once (see the module's guarantees). A database failure is logged."""
         rows = list(predictions)
-        self._submit(lambda db: insert_predictions(db, rows, self.clock()), True, False)
+        self._submit(lambda db: insert_predictions(db, rows, self.clock()), True, False, rows)
 
     # -- feedback -------------------------------------------------------------------------
 
