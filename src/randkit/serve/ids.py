@@ -85,3 +85,13 @@ def uuid7() -> str:
 def uuid7_millis(value: str) -> int:
     """The Unix time in milliseconds stored in a UUIDv7 string."""
     return uuid.UUID(value).int >> 80
+
+
+def made_at(request_id: str) -> float:
+    """The Unix time a server-made id (a UUIDv7, or ``UUID/i`` for instance i) was made;
+    0 for any other id."""
+    try:
+        made = uuid.UUID(request_id.split("/", 1)[0])
+    except ValueError:
+        return 0.0
+    return (made.int >> 80) / 1000 if made.version == 7 else 0.0

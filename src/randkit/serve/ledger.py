@@ -50,13 +50,13 @@ import math
 import queue
 import threading
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from randkit.serve.ids import made_at
 from randkit.serve.ledger_db import Database, shown_location
 from randkit.serve.ledger_ops import (
     EXPIRE_CHUNK,
@@ -65,6 +65,7 @@ from randkit.serve.ledger_ops import (
     attach_label,
     epoch_for,
     expire_before,
+    insert_prediction_parts,
     insert_predictions,
     read_counts,
     read_outcomes,
@@ -105,41 +106,6 @@ def policy_fingerprint(model: ServedModel) -> str:
     }
     text = json.dumps(state, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
-
-
-def _insert_parts(parts: list[list[Prediction]], now: float) -> Callable[[Database], None]:
-    """Insert several requests' predictions in one statement; if an id collides (then
-    nothing of the statement is kept), each request's rows on their own, so that only the
-    colliding request's are refused."""
-
-    def run(db: Database) -> None:
-        db.rows("SAVEPOINT merged")
-        try:
-            insert_predictions(db, [row for part in parts for row in part], now)
-        except LedgerError:
-            db.rows("ROLLBACK TO SAVEPOINT merged")
-            for part in parts:
-                db.rows("SAVEPOINT one")
-                try:
-                    insert_predictions(db, part, now)
-                except LedgerError as exc:
-                    db.rows("ROLLBACK TO SAVEPOINT one")
-                    log.warning("ledger: %s", exc)
-                db.rows("RELEASE SAVEPOINT one")
-        db.rows("RELEASE SAVEPOINT merged")
-
-    run.parts = parts  # type: ignore[attr-defined]  # what a later merge adds to
-    return run
-
-
-def _made_at(request_id: str) -> float:
-    """The Unix time a server-made id (a UUIDv7, or ``UUID/i`` for instance i) was made;
-    0 for any other id."""
-    try:
-        made = uuid.UUID(request_id.split("/", 1)[0])
-    except ValueError:
-        return 0.0
-    return (made.int >> 80) / 1000 if made.version == 7 else 0.0
 
 
 class FeedbackLedger:
@@ -277,7 +243,7 @@ class FeedbackLedger:
                 continue
             op.future.set_result(None)  # nobody waits for a written-behind insert
             parts = [*getattr(last.run, "parts", [last.behind]), op.behind]
-            run = _insert_parts(parts, self.clock())
+            run = insert_prediction_parts(parts, self.clock())
             merged[-1] = _Operation(run, True, False, last.future, [*last.behind, *op.behind])
         return merged
 
@@ -353,7 +319,7 @@ class FeedbackLedger:
     ) -> dict[str, Any]:
         """As ``record_feedback``; an unknown id that a server made in the last
         ``WRITE_BEHIND_WINDOW_S`` is looked up again until the window ends."""
-        young_until = _made_at(request_id) + WRITE_BEHIND_WINDOW_S
+        young_until = made_at(request_id) + WRITE_BEHIND_WINDOW_S
         while True:
             try:
                 return await self._await(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,6 +79,33 @@ def insert_predictions(db: Database, predictions: list[Prediction], now: float) 
     routed = Counter((p.model, p.epoch, p.version) for p in predictions if p.routed)
     for (model, epoch, version), n in routed.items():
         db.rows(_COUNT, (model, epoch, version, n, 0, 0))
+
+
+def insert_prediction_parts(
+    parts: list[list[Prediction]], now: float
+) -> Callable[[Database], None]:
+    """Insert several requests' predictions in one statement; if an id collides (then
+    nothing of the statement is kept), each request's rows on their own, so that only the
+    colliding request's are refused."""
+
+    def run(db: Database) -> None:
+        db.rows("SAVEPOINT merged")
+        try:
+            insert_predictions(db, [row for part in parts for row in part], now)
+        except LedgerError:
+            db.rows("ROLLBACK TO SAVEPOINT merged")
+            for part in parts:
+                db.rows("SAVEPOINT one")
+                try:
+                    insert_predictions(db, part, now)
+                except LedgerError as exc:
+                    db.rows("ROLLBACK TO SAVEPOINT one")
+                    log.warning("ledger: %s", exc)
+                db.rows("RELEASE SAVEPOINT one")
+        db.rows("RELEASE SAVEPOINT merged")
+
+    run.parts = parts  # type: ignore[attr-defined]  # what a later merge adds to
+    return run
 
 
 def attach_label(
