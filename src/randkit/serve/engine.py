@@ -93,7 +93,9 @@ class Engine:
 def _finite_or_refused(outputs: Outputs) -> Outputs | RequestError:
     """Finite inputs can still overflow inside the model (values far outside the training
     range); such a request gets a 400, never a response with nulls in it."""
-    if all(np.isfinite(v).all() for v in outputs.values() if v.dtype.kind == "f"):
+    # Every other float output (entropy, mutual information, radius) is computed from the
+    # probabilities or from vote counts, so finite probabilities make them finite too.
+    if np.isfinite(outputs["probabilities"]).all():
         return outputs
     return RequestError(
         400, "inputs: the model's outputs overflow for these values (far outside its range)"
