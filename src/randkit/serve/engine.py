@@ -38,7 +38,8 @@ class Job:
 
 
 class Engine:
-    """Runs batches of jobs for one bundle (in one worker thread: it toggles layer modes)."""
+    """Runs batches of jobs for one bundle, one batch at a time (it toggles layer modes): its
+    batcher runs each on the event loop or in the worker thread, never two at once."""
 
     def __init__(self, bundle: LoadedBundle, max_rows: int = PASS_ROWS) -> None:
         self.bundle = bundle
