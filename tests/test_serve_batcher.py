@@ -83,3 +83,38 @@ def test_a_batch_slower_than_measured_sends_the_next_to_the_thread() -> None:
         asyncio.run(scenario())
     assert engine.threads[-2] == threading.main_thread().name  # it was expected short
     assert engine.threads[-1].startswith("forward")  # the estimate learned
+
+
+def test_requests_a_turn_of_the_loop_behind_join_the_batch() -> None:
+    """Calls the server has read but not yet handed to a handler (gRPC's) reach the queue a
+    turn or two later; the batch waits those few turns, not the batching window."""
+    engine = FakeEngine(0.0)
+    sizes: list[int] = []
+    engine_run = engine.run
+
+    def run(jobs: list[FakeJob]) -> list[Any]:
+        sizes.append(len(jobs))
+        return engine_run(jobs)
+
+    engine.run = run  # type: ignore[method-assign]
+
+    async def scenario() -> float:
+        with ThreadPoolExecutor(1) as executor:
+            batcher = Batcher(engine, executor, 64, 10.0, others_coming=lambda: False)  # type: ignore[arg-type]
+            batcher.start()
+
+            async def late(value: int, turns: int) -> int:
+                for _ in range(turns):
+                    await asyncio.sleep(0)
+                return (await batcher.submit(FakeJob(value)))["value"]  # type: ignore[arg-type]
+
+            started = time.perf_counter()
+            values = await asyncio.gather(late(1, 0), late(2, 1), late(3, 2))
+            elapsed = time.perf_counter() - started
+            await batcher.stop()
+        assert values == [2, 4, 6]
+        return elapsed
+
+    elapsed = asyncio.run(scenario())
+    assert sizes == [3]  # one batch
+    assert elapsed < 5.0  # not the 10 s window: nothing else was on its way

@@ -2,8 +2,9 @@
 (Monte-Carlo samples count as rows), then run in one forward pass in the worker thread.
 
 A batch waits only while another request is on its way (``others_coming``: the server has
-accepted a request that has not reached a batcher yet). A request alone runs at once, so the
-batching window costs a lone client nothing.
+accepted a request that has not reached a batcher yet), and for a few turns of the event loop
+(requests the loop has read but not yet handed to a handler, as gRPC's calls are). A request
+alone runs at once, so the batching window costs a lone client nothing.
 
 A long forward pass runs in the server's one worker thread (PyTorch already uses all cores
 inside an operation, so a second concurrent forward would only fight it for them); while it
@@ -28,6 +29,7 @@ from randkit.serve.engine import Engine, Job, Outputs
 
 BatchHook = Callable[[int, list[float]], None]  # (rows in the batch, queue seconds per job)
 INLINE_MAX_S = 0.02  # a batch expected to take less runs on the event loop (module docstring)
+SETTLE_TURNS = 3  # event-loop turns a batch waits for requests already read (_quiet)
 LEARNING_RATE = 0.3  # weight of the newest batch in the seconds-per-row estimate
 
 
@@ -125,7 +127,9 @@ class Batcher:
         deadline = time.perf_counter() + self.max_delay_s
         while rows < self.max_rows:
             if self._held is None and not self._queue and not self.others_coming():
-                break  # nothing queued and nothing on its way: waiting only adds latency
+                if await self._quiet():
+                    break  # nothing queued and nothing on its way: waiting only adds latency
+                continue
             pending = await self._next(deadline - time.perf_counter())
             if pending is None:
                 break
@@ -135,6 +139,16 @@ class Batcher:
             batch.append(pending)
             rows += pending.rows
         return batch
+
+    async def _quiet(self) -> bool:
+        """Whether nothing arrives within a few turns of the event loop. Requests already
+        read by the server but not yet handed to a handler (gRPC's calls wait in its core
+        until the loop runs their handler) reach the queue within them."""
+        for _ in range(SETTLE_TURNS):
+            await asyncio.sleep(0)
+            if self._queue or self.others_coming():
+                return False
+        return True
 
     def _short(self, rows: int) -> bool:
         """Whether a batch of ``rows`` should take under ``INLINE_MAX_S`` (run it inline)."""
