@@ -51,7 +51,7 @@ class ServerSettings:
     device: str = "cpu"
     ledger: str | None = None  # a SQLite file or postgresql:// URL; None: REPO/.randkit/...
     ledger_retention_days: float = 30.0  # predictions older than this are deleted
-    threads: int | None = None  # torch intra-op threads of the inference thread; None: as is
+    threads: int | None = None  # torch intra-op threads for inference; None: as is
 
 
 @dataclass
