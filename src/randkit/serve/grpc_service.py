@@ -37,6 +37,7 @@ from randkit.serve.protocol import (
     OUTPUT_TYPES,
     checked_input,
 )
+from randkit.serve.refusals import count_refused_inference
 from randkit.serve.server import Answer, Server
 from randkit.serve.stats import stats_of
 from randkit.serve.tensors import NUMPY_TYPES, array_from_bytes, bytes_of, checked_shape
@@ -186,7 +187,8 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
                 answer = await self._infer(request, key)
             response = _response(answer, request)
         except RequestError as exc:
-            _count_refused(server, request.model_name, request.model_version, exc.status)
+            asked = request.model_version or None
+            count_refused_inference(server, "grpc", request.model_name, asked, exc.status)
             raise
         finally:
             server.metrics.in_flight.dec()
@@ -210,19 +212,6 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
             lambda bundle: _input(request, bundle),
             request.id or None,
         )
-
-
-def _count_refused(server: Server, name: str, asked: str, status: int) -> None:
-    """A refused request in the Prometheus counters, labelled only with names the server
-    knows (a client's string would make a new series per request)."""
-    model = server.repository.models.get(name)
-    version = ""
-    if asked:
-        version = asked if model is not None and asked in model.versions else "unknown"
-    server.metrics.requests.labels(
-        model.name if model else "unknown", version, "grpc", str(status)
-    ).inc()
-    server.metrics.refuse(status, "grpc")
 
 
 def _parameter_values(parameters: Mapping[str, Any], where: str) -> dict[str, Any]:

@@ -91,7 +91,8 @@ class _Operation:
     write: bool
     durable: bool
     future: Future[Any]
-    behind: list[Prediction] | None = None  # written-behind predictions: merged per group
+    # Written-behind predictions, one list per request: merged per group commit.
+    behind: list[list[Prediction]] | None = None
 
 
 def policy_fingerprint(model: ServedModel) -> str:
@@ -150,7 +151,7 @@ class FeedbackLedger:
         run: Callable[[Database], T],
         write: bool,
         durable: bool,
-        behind: list[Prediction] | None = None,
+        behind: list[list[Prediction]] | None = None,
     ) -> Future[T]:
         future: Future[T] = Future()
         if self._closed:
@@ -242,9 +243,9 @@ class FeedbackLedger:
                 merged.append(op)
                 continue
             op.future.set_result(None)  # nobody waits for a written-behind insert
-            parts = [*getattr(last.run, "parts", [last.behind]), op.behind]
+            parts = [*last.behind, *op.behind]
             run = insert_prediction_parts(parts, self.clock())
-            merged[-1] = _Operation(run, True, False, last.future, [*last.behind, *op.behind])
+            merged[-1] = _Operation(run, True, False, last.future, parts)
         return merged
 
     def _expire_when_due(self) -> None:
@@ -300,7 +301,7 @@ class FeedbackLedger:
         """Queue predictions whose ids the server made (UUIDv7) for the next group commit and
         return at once (see the module's guarantees). A database failure is logged."""
         rows = list(predictions)
-        self._submit(lambda db: insert_predictions(db, rows, self.clock()), True, False, rows)
+        self._submit(lambda db: insert_predictions(db, rows, self.clock()), True, False, [rows])
 
     # -- feedback -------------------------------------------------------------------------
 

@@ -104,7 +104,6 @@ def insert_prediction_parts(
                 db.rows("RELEASE SAVEPOINT one")
         db.rows("RELEASE SAVEPOINT merged")
 
-    run.parts = parts  # type: ignore[attr-defined]  # what a later merge adds to
     return run
 
 
@@ -179,10 +178,15 @@ def epoch_for(db: Database, model: str, fingerprint: str, now: float) -> int:
     raise LedgerError(503, "ledger", f"could not open a policy epoch for model {model!r}")
 
 
+def _epoch_or_latest(db: Database, model: str, epoch: int | None) -> int:
+    if epoch is not None:
+        return epoch
+    latest = latest_epoch(db, model)
+    return latest[0] if latest else 0
+
+
 def read_counts(db: Database, model: str, epoch: int | None) -> list[tuple[str, int, int, int]]:
-    if epoch is None:
-        latest = latest_epoch(db, model)
-        epoch = latest[0] if latest else 0
+    epoch = _epoch_or_latest(db, model, epoch)
     rows = db.rows(
         "SELECT version, requests, labelled, correct FROM randkit_counts "
         "WHERE model = ? AND epoch = ? ORDER BY version",
@@ -193,9 +197,7 @@ def read_counts(db: Database, model: str, epoch: int | None) -> list[tuple[str, 
 
 def read_outcomes(db: Database, model: str, epoch: int | None, version: str) -> list[int]:
     """A version's routed outcomes (1 correct, 0 wrong) in label order."""
-    if epoch is None:
-        latest = latest_epoch(db, model)
-        epoch = latest[0] if latest else 0
+    epoch = _epoch_or_latest(db, model, epoch)
     rows = db.rows(
         "SELECT correct FROM randkit_outcomes WHERE model = ? AND epoch = ? AND version = ? "
         "ORDER BY seq",

@@ -66,9 +66,19 @@ def count_refused(
 ) -> None:
     """Count a refusal by reason, and a refused inference request by model and version."""
     protocol = protocol_of(path)
-    server.metrics.refuse(status, protocol, parse)
     if path.endswith(INFERENCE_SUFFIXES):
-        model = server.repository.models.get(name)
-        version = known_version(model, asked)
-        label = model.name if model else "unknown"
-        server.metrics.requests.labels(label, version, protocol, str(status)).inc()
+        count_refused_inference(server, protocol, name, asked, status, parse)
+    else:
+        server.metrics.refuse(status, protocol, parse)
+
+
+def count_refused_inference(
+    server: Server, protocol: str, name: str, asked: str | None, status: int, parse: bool = False
+) -> None:
+    """Count a refused inference request by reason, and by model and version labelled only
+    with names the server knows (a client's string would make a new series per request)."""
+    server.metrics.refuse(status, protocol, parse)
+    model = server.repository.models.get(name)
+    version = known_version(model, asked)
+    label = model.name if model else "unknown"
+    server.metrics.requests.labels(label, version, protocol, str(status)).inc()

@@ -215,15 +215,15 @@ class Server:
             if len(predicted) == 1
             else [f"{request_id}/{i}" for i in range(len(predicted))]
         )
-        rows = [
+        predictions = [
             Prediction(name, i, served.version, int(p), routed, model.epoch)
             for i, p in zip(ids, predicted, strict=True)
         ]
         if not chosen_id:  # ids made here cannot collide: the answer need not wait for it
-            self.ledger.record_predictions_behind(rows)
+            self.ledger.record_predictions_behind(predictions)
         else:
             try:  # committed before the client sees the id: a reused id is a 409
-                await self.ledger.record_predictions_async(rows)
+                await self.ledger.record_predictions_async(predictions)
             except LedgerError as exc:
                 raise RequestError(exc.status, str(exc)) from None
         arrays = output_arrays(outputs, bundle.classes)

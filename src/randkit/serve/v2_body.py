@@ -183,11 +183,8 @@ class EncodedAnswer:
         return "application/json" if self.header_length is None else "application/octet-stream"
 
     def raw_headers(self) -> list[tuple[bytes, bytes]]:
-        """The headers an ASGI ``http.response.start`` message carries."""
-        headers = [
-            (b"content-type", self.media_type.encode()),
-            (b"content-length", str(len(self.body)).encode()),
-        ]
+        """The headers of an ASGI ``http.response.start`` message, but its length."""
+        headers = [(b"content-type", self.media_type.encode())]
         if self.header_length is not None:
             headers.append((HEADER_LENGTH.encode(), str(self.header_length).encode()))
         return headers

@@ -128,7 +128,6 @@ async def _refuse(
 
 
 async def _send(send: Send, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
-    if not any(k == b"content-length" for k, _ in headers):
-        headers = [*headers, (b"content-length", str(len(body)).encode())]
+    headers = [*headers, (b"content-length", str(len(body)).encode())]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
