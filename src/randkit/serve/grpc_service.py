@@ -14,7 +14,7 @@ import hmac
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from functools import wraps
 from typing import Any, TypeVar
 
@@ -70,18 +70,23 @@ CONTENTS = {
 MAX_ID = 256  # characters of a client's request id, as over HTTP
 UNAUTHENTICATED = "authorization: a valid bearer token is required"
 Reply = TypeVar("Reply")
+Metadata = Mapping[str, Any]  # a call's invocation metadata
+OnMain = Callable[[Coroutine[Any, Any, Any]], Awaitable[Any]]  # runs it on the server's loop
 
 
 def _answers(
-    method: Callable[[Any, Any, aio.ServicerContext], Awaitable[Reply]],
+    method: Callable[[Any, Any, Metadata], Awaitable[Reply]],
 ) -> Callable[[Any, Any, aio.ServicerContext], Awaitable[Reply]]:
-    """A user's mistake ends the call with the status matching its HTTP one and the same
-    one-line message; anything else is a bug, logged, and INTERNAL."""
+    """The method runs on the server's event loop (with the batchers and the repository)
+    while the call itself lives on gRPC's thread. A user's mistake ends the call with the
+    status matching its HTTP one and the same one-line message; anything else is a bug,
+    logged, and INTERNAL."""
 
     @wraps(method)
     async def call(self: Any, request: Any, context: aio.ServicerContext) -> Reply:
+        metadata = dict(context.invocation_metadata() or ())
         try:
-            return await method(self, request, context)
+            return await self.on_main(method(self, request, metadata))
         except RequestError as exc:
             code = CODES.get(exc.status, grpc.StatusCode.FAILED_PRECONDITION)
             await context.abort(code, exc.message)
@@ -96,19 +101,19 @@ def _answers(
 
 
 class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, server: Server) -> None:
-        self.server = server
+    def __init__(self, server: Server, on_main: OnMain) -> None:
+        self.server, self.on_main = server, on_main
 
     @_answers
-    async def ServerLive(self, request: Any, context: Any) -> pb.ServerLiveResponse:
+    async def ServerLive(self, request: Any, metadata: Metadata) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)
 
     @_answers
-    async def ServerReady(self, request: Any, context: Any) -> pb.ServerReadyResponse:
+    async def ServerReady(self, request: Any, metadata: Metadata) -> pb.ServerReadyResponse:
         return pb.ServerReadyResponse(ready=self.server.ready)
 
     @_answers
-    async def ModelReady(self, request: Any, context: Any) -> pb.ModelReadyResponse:
+    async def ModelReady(self, request: Any, metadata: Metadata) -> pb.ModelReadyResponse:
         """Not ready (rather than NOT_FOUND) for an unknown model or version, as Triton says:
         clients poll this."""
         repository = self.server.repository
@@ -121,11 +126,11 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         return pb.ModelReadyResponse(ready=True)
 
     @_answers
-    async def ServerMetadata(self, request: Any, context: Any) -> pb.ServerMetadataResponse:
+    async def ServerMetadata(self, request: Any, metadata: Metadata) -> pb.ServerMetadataResponse:
         return json_format.ParseDict(await server_metadata(), pb.ServerMetadataResponse())
 
     @_answers
-    async def ModelMetadata(self, request: Any, context: Any) -> pb.ModelMetadataResponse:
+    async def ModelMetadata(self, request: Any, metadata: Metadata) -> pb.ModelMetadataResponse:
         repository = self.server.repository
         model = repository.model(request.name)
         served = repository.version(model, request.version) if request.version else None
@@ -135,7 +140,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         )
 
     @_answers
-    async def ModelConfig(self, request: Any, context: Any) -> pb.ModelConfigResponse:
+    async def ModelConfig(self, request: Any, metadata: Metadata) -> pb.ModelConfigResponse:
         repository, settings = self.server.repository, self.server.settings
         model = repository.model(request.name)
         served = repository.version(model, request.version) if request.version else None
@@ -145,7 +150,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         return response
 
     @_answers
-    async def ModelStatistics(self, request: Any, context: Any) -> pb.ModelStatisticsResponse:
+    async def ModelStatistics(self, request: Any, metadata: Metadata) -> pb.ModelStatisticsResponse:
         """One model (all its versions unless one is named), or every model for no name."""
         server = self.server
         names = [request.name] if request.name else sorted(server.repository.models)
@@ -156,7 +161,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         return json_format.ParseDict({"model_stats": entries}, pb.ModelStatisticsResponse())
 
     @_answers
-    async def RepositoryIndex(self, request: Any, context: Any) -> pb.RepositoryIndexResponse:
+    async def RepositoryIndex(self, request: Any, metadata: Metadata) -> pb.RepositoryIndexResponse:
         entries = self.server.repository.index()
         if request.ready:
             entries = [e for e in entries if e["state"] == "READY"]
@@ -164,22 +169,21 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     @_answers
     async def RepositoryModelLoad(
-        self, request: Any, context: Any
+        self, request: Any, metadata: Metadata
     ) -> pb.RepositoryModelLoadResponse:
         await self.server.repository.load(request.model_name)
         return pb.RepositoryModelLoadResponse()
 
     @_answers
     async def RepositoryModelUnload(
-        self, request: Any, context: Any
+        self, request: Any, metadata: Metadata
     ) -> pb.RepositoryModelUnloadResponse:
         await self.server.repository.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
 
     @_answers
-    async def ModelInfer(self, request: Any, context: Any) -> pb.ModelInferResponse:
+    async def ModelInfer(self, request: Any, metadata: Metadata) -> pb.ModelInferResponse:
         server, start = self.server, time.perf_counter()
-        metadata = dict(context.invocation_metadata() or ())
         key = metadata.get("x-request-key")
         server.metrics.in_flight.inc()
         try:
@@ -349,8 +353,11 @@ class _TokenCheck(aio.ServerInterceptor):
         return grpc.unary_unary_rpc_method_handler(refuse)
 
 
-async def start_grpc(server: Server, host: str, port: int) -> tuple[aio.Server, int]:
-    """The gRPC server on ``host:port`` (0: a free port), started; and the port it bound."""
+async def start_grpc(
+    server: Server, host: str, port: int, on_main: OnMain
+) -> tuple[aio.Server, int]:
+    """The gRPC server on ``host:port`` (0: a free port), started on the running event loop
+    (gRPC's own), its methods run through ``on_main``; and the port it bound."""
     limit = int(server.settings.max_body_mb * 1024 * 1024)
     token = server.settings.token
     grpc_server = aio.server(
@@ -361,7 +368,7 @@ async def start_grpc(server: Server, host: str, port: int) -> tuple[aio.Server, 
         ],
     )
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-        InferenceService(server), grpc_server
+        InferenceService(server, on_main), grpc_server
     )
     bound = grpc_server.add_insecure_port(f"{host}:{port}")
     await grpc_server.start()

@@ -98,7 +98,7 @@ class Server:
             ledger_location(settings.ledger, settings.repository), settings.ledger_retention_days
         )
         self.stats = StatsCollector()
-        self.grpc: Any = None  # the grpc.aio server, when settings.grpc_port is set
+        self.grpc: Any = None  # the gRPC server's thread, when settings.grpc_port is set
         self.grpc_port: int | None = None  # the port it bound
         self.ready = False
         self._requests = itertools.count()
@@ -106,12 +106,11 @@ class Server:
     async def start(self) -> None:
         await self.repository.load_all()
         settle_memory()
-        if self.settings.grpc_port is not None:  # on this event loop: one set of batchers
-            from randkit.serve.grpc_service import start_grpc
+        if self.settings.grpc_port is not None:  # its calls run here: one set of batchers
+            from randkit.serve.grpc_thread import GrpcThread
 
-            self.grpc, self.grpc_port = await start_grpc(
-                self, self.settings.host, self.settings.grpc_port
-            )
+            self.grpc = GrpcThread(self)
+            self.grpc_port = await self.grpc.start(self.settings.host, self.settings.grpc_port)
         self.ready = True
 
     @contextmanager
