@@ -420,6 +420,9 @@ def serve(
     threads: Annotated[
         int | None, typer.Option(help="Torch threads for inference [default: torch's]")
     ] = None,
+    workers: Annotated[
+        int, typer.Option(help="Server processes sharing the port(s), each with the models.")
+    ] = 1,
     seed: Annotated[int, typer.Option(help="Root seed of streams deploy and traffic.")] = 0,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto.")] = "cpu",
     ledger: Annotated[
@@ -451,6 +454,7 @@ def serve(
         max_body_mb=max_body_mb,
         body_timeout_s=body_timeout_s,
         threads=threads,
+        workers=workers,
         seed=seed,
         device=device,
         ledger=ledger or os.environ.get("RANDKIT_LEDGER") or None,

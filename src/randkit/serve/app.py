@@ -28,6 +28,7 @@ from randkit.serve.refusals import (
 )
 from randkit.serve.server import Server, ServerSettings
 from randkit.serve.v2_direct import infer_target, serve_infer
+from randkit.serve.workers import WorkerSlot
 
 # A handler of a request whose body the guard has read: (scope, body, send).
 BodyHandler = Callable[[Scope, bytes, Send], Awaitable[None]]
@@ -207,12 +208,13 @@ class _App(FastAPI):
         await self.guard.guard(scope, receive, send, direct)
 
 
-def create_app(settings: ServerSettings) -> FastAPI:
-    """The server's ASGI application (run it with uvicorn, or ``randkit serve``)."""
+def create_app(settings: ServerSettings, slot: WorkerSlot | None = None) -> FastAPI:
+    """The server's ASGI application (run it with uvicorn, or ``randkit serve``); ``slot``:
+    this process is one of ``--workers`` (``workers.py``)."""
     from randkit.serve.tfserving import router as tf_router
     from randkit.serve.v2 import router as v2_router
 
-    server = Server(settings)
+    server = Server(settings, slot)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

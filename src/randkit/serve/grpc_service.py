@@ -171,14 +171,14 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
     async def RepositoryModelLoad(
         self, request: Any, metadata: Metadata
     ) -> pb.RepositoryModelLoadResponse:
-        await self.server.repository.load(request.model_name)
+        await self.server.load_model(request.model_name)
         return pb.RepositoryModelLoadResponse()
 
     @_answers
     async def RepositoryModelUnload(
         self, request: Any, metadata: Metadata
     ) -> pb.RepositoryModelUnloadResponse:
-        await self.server.repository.unload(request.model_name)
+        await self.server.unload_model(request.model_name)
         return pb.RepositoryModelUnloadResponse()
 
     @_answers

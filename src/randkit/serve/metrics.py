@@ -1,8 +1,10 @@
 """Prometheus metrics of one server (its own registry, so several servers in one process,
-as in the tests, do not collide)."""
+as in the tests, do not collide); with ``--workers``, of all the workers: each writes its
+values to files in ``prometheus_client``'s multi-process folder and ``/metrics`` sums them."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from prometheus_client import (
@@ -14,6 +16,7 @@ from prometheus_client import (
     Gauge,
     Histogram,
     generate_latest,
+    multiprocess,
 )
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
@@ -26,7 +29,8 @@ REFUSAL_REASONS = ("auth", "size", "parse", "validation", "not_found", "conflict
 
 
 class ServerMetrics:
-    def __init__(self) -> None:
+    def __init__(self, multiprocess_dir: Path | None = None) -> None:
+        self.multiprocess_dir = multiprocess_dir
         self.registry = CollectorRegistry()
         self._answered: dict[tuple[str, str, str, int], tuple[Any, Any]] = {}
         self.requests = Counter(
@@ -64,7 +68,10 @@ class ServerMetrics:
             registry=self.registry,
         )
         self.in_flight = Gauge(
-            "randkit_requests_in_flight", "Requests being handled.", registry=self.registry
+            "randkit_requests_in_flight",
+            "Requests being handled.",
+            registry=self.registry,
+            multiprocess_mode="livesum",  # with --workers: the live workers' sum
         )
         self.refused = Counter(
             "randkit_refused_requests",
@@ -78,6 +85,11 @@ class ServerMetrics:
                 self.refused.labels(reason, protocol)
         # The process's CPU, memory, file descriptors and garbage collections, in this registry
         # (the default collectors live in the global one, which this server does not expose).
+        # Not with --workers: they would describe whichever worker answers the scrape.
+        if multiprocess_dir is None:
+            self._process_collectors()
+
+    def _process_collectors(self) -> None:
         if PROCESS_COLLECTOR is not None:
             ProcessCollector(registry=self.registry)
         if PLATFORM_COLLECTOR is not None:
@@ -120,4 +132,8 @@ class ServerMetrics:
         self.refused.labels(reason, protocol).inc()
 
     def exposition(self) -> bytes:
-        return generate_latest(self.registry)
+        if self.multiprocess_dir is None:
+            return generate_latest(self.registry)
+        every_worker = CollectorRegistry()
+        multiprocess.MultiProcessCollector(every_worker, str(self.multiprocess_dir))
+        return generate_latest(every_worker)

@@ -33,6 +33,10 @@ def check_settings(settings: ServerSettings) -> ServerSettings:
         raise UserError("--max-body-mb", f"must be > 0, got {settings.max_body_mb}")
     if not (math.isfinite(settings.body_timeout_s) and settings.body_timeout_s > 0):
         raise UserError("--body-timeout-s", f"must be > 0, got {settings.body_timeout_s}")
+    if not 1 <= settings.workers <= 64:
+        raise UserError("--workers", f"must be in [1, 64], got {settings.workers}")
+    if settings.workers > 1 and settings.grpc_port == 0:
+        raise UserError("--grpc-port", "give a port, not 0, with --workers: every worker binds it")
     if settings.threads is not None and not 1 <= settings.threads <= 1024:
         raise UserError("--threads", f"must be in [1, 1024], got {settings.threads}")
     if settings.token is not None and len(settings.token) < 8:
@@ -86,6 +90,12 @@ def serve_forever(repository: Path, quiet: bool = False, **options: object) -> N
     check_ledger_opens(settings)
     check_grpc_installed(settings)
     keep_freed_memory()
+    log_level = "warning" if quiet else "info"
+    if settings.workers > 1:
+        from randkit.serve.workers import serve_workers
+
+        serve_workers(settings, log_level, not quiet, GRACEFUL_SHUTDOWN_S)
+        return
     if settings.threads is not None:
         import torch
 
@@ -94,7 +104,7 @@ def serve_forever(repository: Path, quiet: bool = False, **options: object) -> N
         create_app(settings),
         host=settings.host,
         port=settings.port,
-        log_level="warning" if quiet else "info",
+        log_level=log_level,
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
         access_log=not quiet,
     )

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -29,6 +29,9 @@ from randkit.serve.protocol import output_arrays
 from randkit.serve.repository import BatchSettings, Repository, ServedModel, ServedVersion
 from randkit.serve.stats import RequestTimes, StatsCollector
 from randkit.streams import Streams
+
+if TYPE_CHECKING:
+    from randkit.serve.workers import WorkerSlot
 
 GRPC_GRACE_S = 30  # as uvicorn's graceful shutdown
 MAX_ELEMENTS = 1 << 26  # input values times samples per request (256 MB of float32)
@@ -52,6 +55,7 @@ class ServerSettings:
     ledger: str | None = None  # a SQLite file or postgresql:// URL; None: REPO/.randkit/...
     ledger_retention_days: float = 30.0  # predictions older than this are deleted
     threads: int | None = None  # torch intra-op threads for inference; None: as is
+    workers: int = 1  # server processes sharing the port (workers.py)
 
 
 @dataclass
@@ -75,9 +79,9 @@ class Answer:
 
 
 class Server:
-    def __init__(self, settings: ServerSettings) -> None:
-        self.settings = settings
-        self.metrics = ServerMetrics()
+    def __init__(self, settings: ServerSettings, slot: WorkerSlot | None = None) -> None:
+        self.settings, self.slot = settings, slot
+        self.metrics = ServerMetrics(slot.metrics_dir if slot else None)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="randkit-forward")
         self.repository = Repository(
             settings.repository,
@@ -97,11 +101,13 @@ class Server:
         self.ledger = FeedbackLedger(
             ledger_location(settings.ledger, settings.repository), settings.ledger_retention_days
         )
-        self.stats = StatsCollector()
+        self.stats = StatsCollector(slot)
         self.grpc: Any = None  # the gRPC server's thread, when settings.grpc_port is set
         self.grpc_port: int | None = None  # the port it bound
         self.ready = False
-        self._requests = itertools.count()
+        self._sharing: asyncio.Task[None] | None = None  # with --workers: stats for siblings
+        # Request numbers (they drive seeds and traffic draws) interleaved between workers.
+        self._requests = itertools.count(slot.index, slot.count) if slot else itertools.count()
 
     async def start(self) -> None:
         await self.repository.load_all()
@@ -111,7 +117,27 @@ class Server:
 
             self.grpc = GrpcThread(self)
             self.grpc_port = await self.grpc.start(self.settings.host, self.settings.grpc_port)
+        if self.slot is not None:
+            self._sharing = asyncio.create_task(self.stats.share_forever())
         self.ready = True
+
+    async def load_model(self, name: str) -> ServedModel:
+        """``repository/models/NAME/load`` (HTTP and gRPC)."""
+        self._one_process("load")
+        return await self.repository.load(name)
+
+    async def unload_model(self, name: str) -> None:
+        self._one_process("unload")
+        await self.repository.unload(name)
+
+    def _one_process(self, action: str) -> None:
+        """Loading or unloading in one worker would leave its siblings serving other models."""
+        if self.slot is not None:
+            raise RequestError(
+                409,
+                f"repository: {action} needs a server of one process (this one runs "
+                f"--workers {self.slot.count}); restart it to load new versions",
+            )
 
     @contextmanager
     def arrival(self) -> Iterator[None]:
@@ -135,6 +161,9 @@ class Server:
         self.ready = False
         if self.grpc is not None:
             await self.grpc.stop(GRPC_GRACE_S)  # lets the calls in flight finish
+        if self._sharing is not None:
+            self._sharing.cancel()
+            self.stats.share()
         await self.repository.close()
         self.executor.shutdown(wait=True)
         await asyncio.to_thread(self.ledger.close)

@@ -10,17 +10,27 @@ start (the batcher's hook); ``compute_infer`` the rest of its time in the batche
 forward pass counts once for each request in it, as in Triton); ``compute_output`` turning
 the result into output arrays. perf_analyzer insists the three compute counts are equal.
 ``batch_stats`` stays empty: the batcher does not time batches per size.
+
+With ``--workers``, each worker writes its counts to a JSON file every ``SHARE_EVERY_S``
+(``share``) and reports its own plus its siblings' last files: the others' part of a report
+is at most that old. A replacement worker starts from its dead predecessor's file.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
+import os
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from randkit.serve.repository import Repository
+    from randkit.serve.workers import WorkerSlot
+
+SHARE_EVERY_S = 0.25
 
 DURATIONS = (
     "success",
@@ -70,6 +80,24 @@ class VersionStats:
     batched: Duration = field(default_factory=Duration)  # queue + compute_infer
     compute_output: Duration = field(default_factory=Duration)
 
+    def counts(self) -> dict[str, Any]:
+        """Every field as JSON values (durations as ``[count, ns]``)."""
+        return {
+            f.name: [v.count, v.ns] if isinstance(v := getattr(self, f.name), Duration) else v
+            for f in fields(self)
+        }
+
+    def add(self, counts: dict[str, Any]) -> None:
+        """Add another worker's ``counts()``."""
+        for name, value in counts.items():
+            mine = getattr(self, name, None)
+            if isinstance(mine, Duration):
+                mine.count, mine.ns = mine.count + int(value[0]), mine.ns + int(value[1])
+            elif name == "last_inference_ms":
+                self.last_inference_ms = max(self.last_inference_ms, int(value))
+            elif isinstance(mine, int):
+                setattr(self, name, mine + int(value))
+
     def as_dict(self, name: str, version: str) -> dict[str, Any]:
         durations = {name: Duration() for name in DURATIONS}
         durations.update(
@@ -97,11 +125,17 @@ class StatsCollector:
     """Counters per (model, version), fed by the server (requests) and the batchers
     (batches); both run on the event loop, the lock guards reads from other threads."""
 
-    def __init__(self) -> None:
+    def __init__(self, slot: WorkerSlot | None = None) -> None:
         self._stats: dict[tuple[str, str], VersionStats] = {}
         self._lock = threading.Lock()
+        self._changes, self._shared = 0, 0  # updates made, and made when last shared
+        self.slot = slot
+        if slot is not None:  # a replacement worker goes on from its predecessor's counts
+            for entry in _read_counts(slot.stats_file(slot.index)):
+                self._of(entry["model"], entry["version"]).add(entry["counts"])
 
     def _of(self, model: str, version: str) -> VersionStats:
+        self._changes += 1
         return self._stats.setdefault((model, version), VersionStats())
 
     def _finish(self, stats: VersionStats, times: RequestTimes, now: int) -> int:
@@ -141,11 +175,55 @@ class StatsCollector:
         """Triton's ``{"model_stats": [...]}`` for these versions of ``model`` (zeros for a
         version that has not answered yet)."""
         with self._lock:
-            return {
-                "model_stats": [
-                    self._stats.get((model, v), VersionStats()).as_dict(model, v) for v in versions
-                ]
-            }
+            mine = {v: self._stats.get((model, v), VersionStats()) for v in versions}
+            merged = {v: VersionStats(**_copy(s)) for v, s in mine.items()}
+        for entry in self._siblings_counts():
+            if entry["model"] == model and entry["version"] in merged:
+                merged[entry["version"]].add(entry["counts"])
+        return {"model_stats": [merged[v].as_dict(model, v) for v in versions]}
+
+    def share(self) -> None:
+        """Write this worker's counts for its siblings (atomically: a reader never sees half
+        a file)."""
+        if self.slot is None or self._shared == self._changes:
+            return
+        with self._lock:
+            self._shared = self._changes
+            entries = [
+                {"model": model, "version": version, "counts": stats.counts()}
+                for (model, version), stats in self._stats.items()
+            ]
+        path = self.slot.stats_file(self.slot.index)
+        partial = path.with_suffix(f".{os.getpid()}.tmp")
+        partial.write_text(json.dumps(entries))
+        os.replace(partial, path)
+
+    async def share_forever(self) -> None:
+        """``share`` every ``SHARE_EVERY_S`` (a task of a worker's server)."""
+        while True:
+            await asyncio.sleep(SHARE_EVERY_S)
+            self.share()
+
+    def _siblings_counts(self) -> list[dict[str, Any]]:
+        slot = self.slot
+        if slot is None:
+            return []
+        others = (slot.stats_file(i) for i in range(slot.count) if i != slot.index)
+        return [entry for path in others for entry in _read_counts(path)]
+
+
+def _copy(stats: VersionStats) -> dict[str, Any]:
+    return {
+        f.name: Duration(v.count, v.ns) if isinstance(v := getattr(stats, f.name), Duration) else v
+        for f in fields(stats)
+    }
+
+
+def _read_counts(path: Any) -> list[dict[str, Any]]:
+    try:
+        return list(json.loads(path.read_text()))
+    except FileNotFoundError:  # that worker has not answered yet
+        return []
 
 
 def stats_of(

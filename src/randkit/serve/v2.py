@@ -194,13 +194,13 @@ async def repository_index(request: Request) -> list[dict[str, Any]]:
 
 @router.post("/repository/models/{name}/load")
 async def load_model(name: str, request: Request) -> dict[str, Any]:
-    model = await _server(request).repository.load(name)
+    model = await _server(request).load_model(name)
     return {"name": name, "versions": sorted(model.versions), "failed": model.failed}
 
 
 @router.post("/repository/models/{name}/unload")
 async def unload_model(name: str, request: Request) -> dict[str, Any]:
-    await _server(request).repository.unload(name)
+    await _server(request).unload_model(name)
     return {"name": name, "unloaded": True}
 
 
