@@ -356,6 +356,42 @@ def test_grpc_port_setting_is_checked(tmp_path: Path, monkeypatch: pytest.Monkey
         check_grpc_installed(ServerSettings(repository=tmp_path, grpc_port=0))
 
 
+def _batch_requests(server: RunningServer) -> tuple[float, float]:
+    """``randkit_batch_requests`` of digits version 1: (requests, batches) so far."""
+    with server.client() as http:
+        text = http.get("/metrics").text
+    prefix = 'randkit_batch_requests_{}{{model="digits",version="1"}} '
+    values = {part: 0.0 for part in ("sum", "count")}  # no series before the first batch
+    for line in text.splitlines():
+        for part in values:
+            if line.startswith(prefix.format(part)):
+                values[part] = float(line.rsplit(" ", 1)[1])
+    return values["sum"], values["count"]
+
+
+def test_concurrent_calls_on_one_channel_share_batches(
+    server: RunningServer, stub: service_pb2_grpc.GRPCInferenceServiceStub
+):
+    """gRPC takes calls in on its own thread while the server's loop computes, so calls in
+    flight together meet in the batcher (on the server's loop, they reached it one by one)."""
+    requests = []
+    for i in range(96):
+        request = pb.ModelInferRequest(model_name="digits", model_version="1")
+        request.inputs.add(name="input", datatype="FP32", shape=[1, 1, 8, 8])
+        request.raw_input_contents.append(_inputs(1, seed=i).tobytes())
+        request.parameters["mode"].string_param = "mc_dropout"
+        request.parameters["samples"].int64_param = 16
+        requests.append(request)
+    before = _batch_requests(server)
+    for start in range(0, 96, 32):  # 32 calls in flight at a time
+        calls = [stub.ModelInfer.future(r, timeout=60) for r in requests[start : start + 32]]
+        assert all(len(call.result().raw_output_contents) > 0 for call in calls)
+    after = _batch_requests(server)
+    answered, batches = after[0] - before[0], after[1] - before[1]
+    assert answered == 96
+    assert answered / batches >= 2, f"{batches} batches for 96 requests"
+
+
 # -- Triton's perf_analyzer ------------------------------------------------------------------------
 
 
