@@ -81,14 +81,17 @@ def serving(
     max_delay_ms: float,
     log: Path,
     grpc: bool = False,
+    workers: int = 1,
 ) -> Iterator[Server]:
-    """``python -m randkit serve`` on 127.0.0.1:free port (and a gRPC port when ``grpc``)
-    until the block ends."""
+    """``python -m randkit serve`` on 127.0.0.1:free port (and a gRPC port when ``grpc``),
+    ``--workers`` processes, until the block ends."""
     port = free_port()
     grpc_port = free_port() if grpc else None
     command = [sys.executable, "-m", "randkit", "serve", str(repo), "--host", "127.0.0.1"]
     command += ["--port", str(port), "--quiet", "--max-batch", str(max_batch)]
     command += ["--max-delay-ms", str(max_delay_ms)]
+    if workers > 1:
+        command += ["--workers", str(workers)]
     if grpc_port is not None:
         command += ["--grpc-port", str(grpc_port)]
     with open(log, "wb") as sink:

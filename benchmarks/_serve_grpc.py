@@ -1,6 +1,8 @@
 """A KServe V2 gRPC load generator with binary tensors: ``ModelInfer`` requests whose input
 travels as ``raw_input_contents`` (little-endian float32 bytes), as ``tritonclient.grpc``
-sends it, over one ``grpc.aio`` channel (HTTP/2 multiplexes the requests in flight).
+sends it, over ``channels`` ``grpc.aio`` channels, each its own connection, as that many
+clients would hold (HTTP/2 multiplexes the requests in flight on each; with ``--workers``
+each connection talks to one server process).
 
 Each request is serialized once, before the phase, and sent as bytes (a ``unary_unary`` call
 without a serializer); each answer is parsed with ``ModelInferResponse.FromString`` and
@@ -16,7 +18,7 @@ from typing import Any
 
 import grpc
 import numpy as np
-from _serve_common import NAME, Checker, Load, drive
+from _serve_common import NAME, Checker, Load, Sender, drive
 from grpc import aio
 from tritonclient.grpc import service_pb2 as pb
 
@@ -60,10 +62,16 @@ def grpc_checker(mode: str, rows: int) -> Checker:
 
 
 async def _grpc_load(
-    port: int, requests: Sequence[bytes], args: tuple[int, int, float], check: Checker
+    port: int, requests: Sequence[bytes], args: tuple[int, int, float, int], check: Checker
 ) -> Load:
-    count, concurrency, max_seconds = args
-    async with aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+    count, concurrency, max_seconds, channels = args
+    # A local subchannel pool each: channels to one address would otherwise share a connection.
+    opened = [
+        aio.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)])
+        for _ in range(channels)
+    ]
+
+    def sender(channel: aio.Channel) -> Sender:
         infer = channel.unary_unary(METHOD)  # bytes in, bytes out
 
         async def send(index: int) -> tuple[int, bytes]:
@@ -73,7 +81,14 @@ async def _grpc_load(
                 code = exc.code()
                 return 500 if code != grpc.StatusCode.OK else OK, str(exc.details()).encode()
 
-        return await drive([send] * concurrency, check, count, max_seconds)
+        return send
+
+    try:
+        senders = [sender(opened[i % channels]) for i in range(concurrency)]
+        return await drive(senders, check, count, max_seconds)
+    finally:
+        for channel in opened:
+            await channel.close()
 
 
 def grpc_generate(
@@ -83,6 +98,8 @@ def grpc_generate(
     concurrency: int,
     max_seconds: float,
     check: Checker,
+    channels: int = 1,
 ) -> Load:
-    """One load phase of pre-serialized gRPC infer requests."""
-    return asyncio.run(_grpc_load(port, requests, (count, concurrency, max_seconds), check))
+    """One load phase of pre-serialized gRPC infer requests over ``channels`` connections."""
+    args = (count, concurrency, max_seconds, channels)
+    return asyncio.run(_grpc_load(port, requests, args, check))

@@ -102,6 +102,8 @@ class Setup:
     calibration: dict[int, float]
     samples: int
     server_rows: int = 0  # randkit server's --max-batch
+    workers: int = 1  # randkit server's --workers
+    grpc_channels: int = 1  # connections of the gRPC load
 
 
 def prepare(folder: Path, samples: int, epochs: int, limit: int) -> Setup:
@@ -133,6 +135,7 @@ def servers(setup: Setup, args: Any, grpc: bool) -> Iterator[dict[str, Server]]:
                     args.max_delay_ms,
                     folder / "randkit-cnn.log",
                     grpc=grpc,
+                    workers=args.workers,
                 )
             )
         }
@@ -236,7 +239,9 @@ class GrpcPart:
         port = self.server.grpc_port
         assert port is not None
         count = 2 * args.concurrency if warm else args.peer_requests
-        load = self.generate(port, self.requests, count, args.concurrency, seconds, self.check)
+        load = self.generate(
+            port, self.requests, count, args.concurrency, seconds, self.check, args.grpc_channels
+        )
         if warm and load.errors:
             raise SystemExit(f"warm-up of randkit gRPC: {load.errors[0]}")
         if not warm:
@@ -305,6 +310,9 @@ def summarize(result: dict, setup: Setup, concurrency: int) -> dict[str, Any]:
         "p99": "p99 latency MLServer / randkit, deterministic, 1 image, c32",
         "grpc": f"randkit gRPC (binary) / in-process, MC dropout {setup.samples} samples",
     }
+    print(
+        f"randkit serve --workers {setup.workers}; gRPC load over {setup.grpc_channels} channel(s)"
+    )
     for key, text in lines.items():
         print(f"ratio {text}: {figures[key]:.2f} ({_verdict(figures[key], GOALS[key])})")
     print(
@@ -353,6 +361,8 @@ def _record(
         "peer_inprocess_rows": setup.max_batch,
         "peer_calibration": {str(k): round(v, 1) for k, v in setup.calibration.items()},
         "peer_errors": errors,
+        "workers": setup.workers,
+        "grpc_channels": setup.grpc_channels,
     }
 
 
@@ -360,6 +370,7 @@ def run(args: Any, folder: Path) -> dict[str, Any]:
     """The whole peer comparison; its JSON fields (``peer_errors`` counts bad answers)."""
     setup = prepare(folder, args.samples, args.epochs, args.calibrate_limit)
     setup.server_rows = args.peer_max_batch or args.concurrency * setup.samples
+    setup.workers, setup.grpc_channels = args.workers, args.grpc_channels
     grpc = grpc_available()
     if not grpc:
         print("randkit serve has no --grpc-port here: the gRPC phases are SKIPPED")

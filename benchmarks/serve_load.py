@@ -138,6 +138,8 @@ def parse_args() -> argparse.Namespace:
         help="peers: randkit's rows per forward [concurrency x samples]",
     )
     add("--concurrency", type=int, default=32, help="requests in flight")
+    add("--workers", type=int, default=2, help="peers: randkit serve --workers")
+    add("--grpc-channels", type=int, default=1, help="peers: gRPC channels (connections)")
     add("--samples", type=int, default=32, help="Monte-Carlo samples")
     add("--max-batch", type=int, default=None, help="ratio part: rows per forward [calibrated]")
     add("--calibrate-limit", type=int, default=4096, help="largest forward size calibrated")
