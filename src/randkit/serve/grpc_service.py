@@ -1,6 +1,7 @@
 """The Open Inference Protocol over gRPC: ``inference.GRPCInferenceService`` as Triton and
-KServe define it, served by ``grpc.aio`` on the server's own event loop, so it shares the
-HTTP routes' batchers, seeds, traffic routing, feedback ledger, metrics and token.
+KServe define it, served by ``grpc.aio`` on a thread of its own (``grpc_thread.py``) with
+each method run on the server's event loop, so it shares the HTTP routes' batchers, seeds,
+traffic routing, feedback ledger, metrics and token.
 
 The message classes are the ones ``tritonclient.grpc`` ships (Triton's wire definitions, a
 superset of KServe's): the server and Triton's clients cannot drift apart, and there is no

@@ -135,5 +135,6 @@ def _set_threads(settings: ServerSettings) -> None:
     taking them all would oversubscribe the machine)."""
     import torch
 
-    cores = len(os.sched_getaffinity(0))
+    affinity = getattr(os, "sched_getaffinity", None)  # Linux; elsewhere every core
+    cores = len(affinity(0)) if affinity else os.cpu_count() or 1
     torch.set_num_threads(settings.threads or max(1, cores // settings.workers))
