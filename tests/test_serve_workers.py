@@ -55,9 +55,19 @@ def workers(serve_repository: Path, tmp_path_factory: pytest.TempPathFactory) ->
     args = ("--workers", "2", "--grpc-port", str(grpc_port), "--seed", str(SEED))
     with serve_process(repo, *args) as server:
         server.grpc_url = f"127.0.0.1:{grpc_port}"  # type: ignore[attr-defined]
+        wait_for_both_workers(server.url)
         yield server
     assert server.popen.returncode == 0, server.log.read_text()[-2000:]  # a graceful stop
     assert worker_pids(server.popen.pid) == []
+
+
+def wait_for_both_workers(url: str, seconds: float = 120) -> None:
+    """Until both workers answer (``serve_process`` waits for one: the other may still be
+    loading its models, and until then the first takes every connection)."""
+    deadline, seen = time.monotonic() + seconds, set()
+    while seen != {0, 1}:
+        assert time.monotonic() < deadline, f"only worker(s) {seen} answered"
+        seen |= {n % 2 for n in request_numbers(infer_on_fresh_connections(url, 8, start=0))}
 
 
 def infer_on_fresh_connections(url: str, count: int, start: int) -> list[dict[str, Any]]:
@@ -139,6 +149,7 @@ def test_a_killed_worker_is_replaced(workers: Process) -> None:
             break
         time.sleep(0.2)
     assert len(pids) == 2 and victim not in pids
+    wait_for_both_workers(workers.url)  # the replacement serves
     answers = infer_on_fresh_connections(workers.url, 40, start=2000)
     assert len({a["id"] for a in answers}) == 40
 
