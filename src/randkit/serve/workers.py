@@ -61,7 +61,8 @@ def serve_workers(settings: ServerSettings, log_level: str, access_log: bool, gr
         run_dir = Path(folder)
         (run_dir / METRICS_DIR).mkdir()
         fields = dataclasses.asdict(settings) | {"repository": str(settings.repository)}
-        (run_dir / SETTINGS_FILE).write_text(json.dumps(fields))
+        with os.fdopen(os.open(run_dir / SETTINGS_FILE, os.O_CREAT | os.O_WRONLY, 0o600), "w") as f:
+            json.dump(fields, f)  # the token is in it: readable by this user only
         os.environ[RUN_DIR_ENV] = str(run_dir)
         # Read by prometheus_client when a worker imports it: the metrics go to files there.
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(run_dir / METRICS_DIR)
