@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
+import re
+import shutil
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -32,6 +35,12 @@ CNN: dict[str, Any] = {
         "input_noise": {"kind": "gaussian", "level": 0.25},
     },
 }
+ROOT = Path(__file__).resolve().parents[1]
+PERF_ANALYZER = ROOT / ".tools" / "perf_analyzer"  # `make tools`: a wrapper that finds libcudart
+# Two clients, windows of 1 s until 3 in a row agree (10 at most): a few seconds. The
+# stability threshold is loose because the test machine's cores are shared; the tests check
+# that perf_analyzer can measure the server, not how fast it is.
+PERF_ARGS = ["--concurrency-range", "2", "-p", "1000", "-r", "10", "-s", "1000"]
 POLICY = "labels: {stable: '1', canary: '2'}\nweights: {stable: 90, canary: 10}\n"
 
 
@@ -129,3 +138,28 @@ def v2_body(x: Any, **parameters: Any) -> dict[str, Any]:
     if parameters:
         body["parameters"] = parameters
     return body
+
+
+def measure_with_perf_analyzer(url: str, protocol: str, model: str = "digits") -> str:
+    """Triton's perf_analyzer (installed by ``make tools``, here when missing) on ``url``
+    (``host:port``) over ``protocol``; checks that it measured the server and its own split
+    of the latency (from the model statistics); its output."""
+    import pytest
+
+    if not PERF_ANALYZER.exists() and shutil.which("make"):
+        subprocess.run(["make", "tools"], cwd=ROOT, capture_output=True, timeout=900, check=False)
+    if not PERF_ANALYZER.exists():
+        pytest.skip("perf_analyzer is absent and `make tools` could not install it")
+    done = subprocess.run(
+        [str(PERF_ANALYZER), "-m", model, "-x", "1", "-u", url, "-i", protocol, *PERF_ARGS],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    throughput = re.search(r"Throughput: ([0-9.]+) infer/sec", done.stdout)
+    assert throughput and float(throughput.group(1)) > 0, done.stdout[-2000:]
+    assert re.search(r"Server:\s+Inference count: [1-9]", done.stdout), done.stdout[-2000:]
+    assert "compute infer" in done.stdout
+    return done.stdout

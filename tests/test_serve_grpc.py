@@ -7,7 +7,6 @@ from __future__ import annotations
 import math
 import re
 import shutil
-import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,15 +25,9 @@ from randkit.serve.run import check_grpc_installed, check_settings
 from randkit.serve.server import ServerSettings
 from randkit.serve.tensors import array_from_bytes
 from randkit.streams import Streams
-from serve_support import RunningServer, running_server, v2_body
+from serve_support import RunningServer, measure_with_perf_analyzer, running_server, v2_body
 
 TOKEN = "grpc-secret-token"
-ROOT = Path(__file__).resolve().parents[1]
-PERF_ANALYZER = ROOT / ".tools" / "perf_analyzer"  # `make tools`: a wrapper that finds libcudart
-# Two clients, windows of 1 s until 3 in a row agree (10 at most): a few seconds. The
-# stability threshold is loose because the test machine's cores are shared; the test checks
-# that perf_analyzer can measure the server, not how fast it is.
-PERF_ARGS = ["--concurrency-range", "2", "-p", "1000", "-r", "10", "-s", "1000"]
 
 
 def _inputs(n: int, seed: int = 0) -> np.ndarray:
@@ -395,30 +388,8 @@ def test_concurrent_calls_on_one_channel_share_batches(
 # -- Triton's perf_analyzer ------------------------------------------------------------------------
 
 
-def _perf_analyzer() -> Path:
-    """The perf_analyzer that ``make tools`` installs; installed here when missing."""
-    if not PERF_ANALYZER.exists() and shutil.which("make"):
-        subprocess.run(["make", "tools"], cwd=ROOT, capture_output=True, timeout=900, check=False)
-    if not PERF_ANALYZER.exists():
-        pytest.skip("perf_analyzer is absent and `make tools` could not install it")
-    return PERF_ANALYZER
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
 def test_perf_analyzer_measures_the_server(server: RunningServer, protocol: str):
-    binary = _perf_analyzer()
     url = server.url.removeprefix("http://") if protocol == "http" else server.grpc_url
-    done = subprocess.run(
-        [str(binary), "-m", "digits", "-x", "1", "-u", str(url), "-i", protocol, *PERF_ARGS],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    throughput = re.search(r"Throughput: ([0-9.]+) infer/sec", done.stdout)
-    assert throughput and float(throughput.group(1)) > 0, done.stdout[-2000:]
-    # The server's own split of the latency, from the model statistics.
-    assert re.search(r"Server:\s+Inference count: [1-9]", done.stdout), done.stdout[-2000:]
-    assert "compute infer" in done.stdout
+    measure_with_perf_analyzer(str(url), protocol)

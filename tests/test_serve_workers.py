@@ -5,6 +5,7 @@ Triton statistics summed over both, a killed worker replaced, and a graceful sto
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import time
@@ -24,7 +25,7 @@ from randkit.errors import UserError
 from randkit.serve.run import check_settings
 from randkit.serve.server import ServerSettings
 from randkit.streams import Streams
-from serve_support import free_port, v2_body
+from serve_support import free_port, measure_with_perf_analyzer, v2_body
 
 pytestmark = pytest.mark.slow  # two servers' worth of start-up (torch and the models, twice)
 SEED = 5  # the server's --seed
@@ -137,6 +138,15 @@ def test_grpc_port_is_served_by_the_workers_and_reloads_are_refused(workers: Pro
     response = httpx.post(workers.url + "/v2/repository/models/digits/unload")
     assert response.status_code == 409
     assert "unload needs a server of one process" in response.json()["error"]
+
+
+def test_perf_analyzer_reads_both_workers_statistics(workers: Process) -> None:
+    """perf_analyzer reads the statistics before and after each window: the server's count
+    must follow the requests it sent, whichever worker answers the statistics request."""
+    output = measure_with_perf_analyzer(workers.url.removeprefix("http://"), "http")
+    sent = int(re.findall(r"Client:\s+Request count: (\d+)", output)[-1])
+    counted = int(re.findall(r"Server:\s+Inference count: (\d+)", output)[-1])
+    assert abs(counted - sent) <= 0.1 * sent, output[-2000:]  # siblings' counts lag 0.25 s
 
 
 def test_a_killed_worker_is_replaced(workers: Process) -> None:
