@@ -174,9 +174,11 @@ class StatsCollector:
     def report(self, model: str, versions: list[str]) -> dict[str, Any]:
         """Triton's ``{"model_stats": [...]}`` for these versions of ``model`` (zeros for a
         version that has not answered yet)."""
+        merged = {v: VersionStats() for v in versions}
         with self._lock:
-            mine = {v: self._stats.get((model, v), VersionStats()) for v in versions}
-            merged = {v: VersionStats(**_copy(s)) for v, s in mine.items()}
+            for version, stats in merged.items():
+                if (mine := self._stats.get((model, version))) is not None:
+                    stats.add(mine.counts())
         for entry in self._siblings_counts():
             if entry["model"] == model and entry["version"] in merged:
                 merged[entry["version"]].add(entry["counts"])
@@ -210,13 +212,6 @@ class StatsCollector:
             return []
         others = (slot.stats_file(i) for i in range(slot.count) if i != slot.index)
         return [entry for path in others for entry in _read_counts(path)]
-
-
-def _copy(stats: VersionStats) -> dict[str, Any]:
-    return {
-        f.name: Duration(v.count, v.ns) if isinstance(v := getattr(stats, f.name), Duration) else v
-        for f in fields(stats)
-    }
 
 
 def _read_counts(path: Any) -> list[dict[str, Any]]:
