@@ -24,6 +24,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -214,7 +215,7 @@ class StatsCollector:
         return [entry for path in others for entry in _read_counts(path)]
 
 
-def _read_counts(path: Any) -> list[dict[str, Any]]:
+def _read_counts(path: Path) -> list[dict[str, Any]]:
     try:
         return list(json.loads(path.read_text()))
     except FileNotFoundError:  # that worker has not answered yet

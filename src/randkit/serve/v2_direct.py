@@ -88,12 +88,11 @@ async def serve_infer(
     name, version = target
     headers = dict(scope["headers"])
     try:
-        key = headers.get(b"x-request-key")
         encoded = await infer_v2(
             server,
             name,
             version,
-            request_key(None if key is None else key.decode("latin-1")),
+            request_key(_text(headers.get(b"x-request-key"))),
             body,
             _text(headers.get(b"inference-header-content-length")),
         )
